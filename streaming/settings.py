@@ -1,0 +1,197 @@
+"""The one settings object of streamrec.
+
+Every knob lives here, read once from the environment (and an optional `.env` file) and
+validated at start: a bad value fails with a message that names the variable and the value
+(see `load_settings`). Variables carry the `STREAMREC_` prefix, except the three that name
+external infrastructure the way SREs expect: `KAFKA_BOOTSTRAP_SERVERS`, `REDIS_URL` and
+`RAY_ADDRESS`. When `KAFKA_BOOTSTRAP_SERVERS` / `REDIS_URL` are unset the CLI starts the
+embedded stack (services/stack.py) and uses its addresses.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import SettingsError as _SourceError
+
+ENV_PREFIX = "STREAMREC_"
+
+TopicName = Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")]
+
+DEFAULT_EVENT_TYPES = ("view", "click", "like", "add_to_cart", "purchase", "rate", "share")
+
+
+class SettingsError(ValueError):
+    """A configuration value is invalid; the message names the variable and the value."""
+
+
+class Settings(BaseSettings):
+    """streamrec configuration. Frozen: derive a changed copy with `model_copy(update=...)`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+        populate_by_name=True,
+    )
+
+    # --- infrastructure -------------------------------------------------------------------
+    kafka_bootstrap_servers: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "STREAMREC_KAFKA_BOOTSTRAP_SERVERS"),
+        description="Kafka bootstrap servers (host:port[,host:port]). Unset: use the embedded broker.",
+    )
+    redis_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("REDIS_URL", "STREAMREC_REDIS_URL"),
+        description="Redis URL (redis://host:port/db). Unset: use the embedded Redis server.",
+    )
+    ray_address: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("RAY_ADDRESS", "STREAMREC_RAY_ADDRESS"),
+        description="Ray cluster address (ray://... or auto). Unset: start Ray on this machine.",
+    )
+    data_dir: Path = Field(
+        default=Path("streamrec-data"),
+        description="Directory for the offline log, feature tables, datasets and the embedded "
+        "stack's state file.",
+    )
+
+    # --- topics ---------------------------------------------------------------------------
+    events_topic: TopicName = Field(default="events", description="Click/interaction events, keyed by user_id.")
+    items_topic: TopicName = Field(default="items", description="Item catalog events, keyed by item_id.")
+    dlq_topic: TopicName = Field(default="events.dlq", description="Dead-letter topic for malformed records of both topics.")
+    topic_partitions: int = Field(default=4, ge=1, le=1024, description="Partitions when streamrec creates a topic.")
+    topic_replication: int = Field(default=1, ge=1, le=16, description="Replication factor when streamrec creates a topic.")
+
+    # --- event contract -------------------------------------------------------------------
+    event_types: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=DEFAULT_EVENT_TYPES,
+        description="Accepted values of an event's `type` (comma-separated in the environment); others go to the DLQ.",
+    )
+    max_payload_bytes: int = Field(
+        default=64 * 1024, ge=256, le=16 * 1024 * 1024,
+        description="Records larger than this many bytes go to the DLQ unread.",
+    )
+
+    # --- consumer -------------------------------------------------------------------------
+    consumer_group: str = Field(default="streamrec-ingest", min_length=1, description="Kafka consumer group of `streamrec ingest`.")
+    poll_timeout_ms: int = Field(default=100, ge=1, le=60_000, description="Longest wait of one poll for records.")
+    max_poll_records: int = Field(default=5000, ge=1, le=1_000_000, description="Most records one poll returns.")
+    max_poll_interval_ms: int = Field(
+        default=10_000, ge=1000, le=3_600_000,
+        description="Kafka max.poll.interval.ms. Kept low because the embedded broker delays a new "
+        "member's first assignment by a fraction of it.",
+    )
+    session_timeout_ms: int = Field(default=6000, ge=1000, le=300_000, description="Kafka group session timeout.")
+    log_flush_records: int = Field(
+        default=50_000, ge=1, le=10_000_000,
+        description="Write a partition's buffered events to the offline log at this many records...",
+    )
+    log_flush_interval_s: float = Field(
+        default=2.0, gt=0, le=3600,
+        description="...or when its oldest buffered record is this old. Offsets are committed right after.",
+    )
+
+    # --- online store ---------------------------------------------------------------------
+    redis_prefix: str = Field(default="sr:", max_length=64, description="Prefix of every Redis key streamrec writes.")
+    recent_items_max: int = Field(default=50, ge=1, le=10_000, description="Recent items kept per user in Redis (newest first).")
+
+    # --- features -------------------------------------------------------------------------
+    features_interval_s: float = Field(
+        default=60.0, ge=0, le=86_400,
+        description="`streamrec ingest` runs the incremental feature job this often; 0 turns that off.",
+    )
+    user_buckets: int = Field(default=16, ge=1, le=4096, description="Hash buckets of the per-user sequence table.")
+    trending_half_life_s: float = Field(default=6 * 3600, gt=0, description="Half-life of the decayed 'trending' popularity.")
+    covisit_window: int = Field(default=5, ge=1, le=100, description="Two items co-visit when at most this many positions apart in a user's sequence.")
+    covisit_topk: int = Field(default=50, ge=1, le=1000, description="Neighbours kept per item in the co-visitation table.")
+    popular_push_n: int = Field(default=1000, ge=1, le=1_000_000, description="Top items pushed to Redis for the serving fallback.")
+
+    @field_validator("event_types", mode="before")
+    @classmethod
+    def _split_types(cls, v: object) -> object:
+        if isinstance(v, str):
+            return tuple(t.strip() for t in v.split(",") if t.strip())
+        return v
+
+    @field_validator("event_types")
+    @classmethod
+    def _types_nonempty(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("at least one event type is required")
+        return v
+
+    @field_validator("kafka_bootstrap_servers")
+    @classmethod
+    def _bootstrap_format(cls, v: str | None) -> str | None:
+        if v is None or v.strip() == "":
+            return None
+        for hp in v.split(","):
+            if not re.fullmatch(r"[A-Za-z0-9.\-_\[\]:]+:\d{1,5}", hp.strip()):
+                raise ValueError(f"expected host:port[,host:port], got {hp.strip()!r}")
+        return v
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, v: str | None) -> str | None:
+        if v is None or v.strip() == "":
+            return None
+        if not re.match(r"^(redis|rediss|unix)://", v):
+            raise ValueError("expected a redis://, rediss:// or unix:// URL")
+        return v
+
+    @model_validator(mode="after")
+    def _distinct_topics(self) -> "Settings":
+        names = [self.events_topic, self.items_topic, self.dlq_topic]
+        if len(set(names)) != 3:
+            raise ValueError(f"events, items and DLQ topics must differ, got {names}")
+        return self
+
+    # --- derived paths --------------------------------------------------------------------
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "log"
+
+    @property
+    def features_dir(self) -> Path:
+        return self.data_dir / "features"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.data_dir / "datasets"
+
+
+def _env_name(field: str) -> str:
+    info = Settings.model_fields[field]
+    alias = info.validation_alias
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    return ENV_PREFIX + field.upper()
+
+
+def env_var_names() -> dict[str, str]:
+    """Field name -> the environment variable that sets it (for docs and error messages)."""
+    return {name: _env_name(name) for name in Settings.model_fields}
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read and validate the settings; raise `SettingsError` naming each bad variable and value."""
+    try:
+        return Settings(**overrides)
+    except _SourceError as exc:
+        raise SettingsError(f"invalid configuration: {exc}") from None
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = [str(p) for p in err.get("loc", ())]
+            field = loc[0] if loc else ""
+            var = _env_name(field) if field in Settings.model_fields else (field or "settings")
+            lines.append(f"{var}={err.get('input')!r}: {err.get('msg')}")
+        raise SettingsError("invalid configuration:\n  " + "\n  ".join(lines)) from None
