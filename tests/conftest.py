@@ -22,3 +22,17 @@ def ray_local():
         ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def embedded_stack(tmp_path_factory):
+    """One private embedded stack (Tansu broker + Redis) shared by the session's integration tests.
+
+    Yields a `services.stack.StackInfo`: use `.kafka_bootstrap` and `.redis_url`. Shared by
+    every test, so use unique topic names, consumer groups and Redis key prefixes per test.
+    The broker keeps data in memory only; everything is gone when the session ends.
+    """
+    from services.stack import EmbeddedStack
+
+    with EmbeddedStack(tmp_path_factory.mktemp("embedded-stack")) as info:
+        yield info

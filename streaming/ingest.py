@@ -1,0 +1,320 @@
+"""`streamrec ingest`: Kafka `events` + `items` -> Redis (online) + Parquet log (offline).
+
+    streamrec ingest                    # runs until Ctrl-C / SIGTERM (commits what it ingested)
+    streamrec ingest --until-idle 5     # drains what is there, then exits
+
+Several `streamrec ingest` processes with the same `STREAMREC_CONSUMER_GROUP` split the
+partitions between them. The guarantee is the *effect* of exactly once: every good record
+is counted once in Redis and written once to the log, across crashes, restarts and
+rebalances, because
+
+* Redis writes are idempotent: one transaction per partition batch, guarded by a per-partition
+  offset watermark (`streaming.online_store`);
+* log files are named by their offset range and the writer skips offsets the log already holds
+  (`streaming.offline_log`);
+* offsets are committed only after both outputs are durable (`Ingestor.commit_durable`).
+
+Bad records go to the DLQ topic with the reason and source topic/partition/offset in headers;
+the DLQ is at-least-once (a replay after a crash may repeat an entry: deduplicate on the
+source headers).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pyarrow as pa
+import redis
+from kafka import ConsumerRebalanceListener, TopicPartition
+from kafka.errors import CommitFailedError, KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from streaming import kafka_io
+from streaming.events import BadRecord, Event, Item, parse_event, parse_item
+from streaming.offline_log import EVENT_SCHEMA, ITEM_SCHEMA, OfflineLog
+from streaming.online_store import OnlineStore
+from streaming.settings import Settings
+
+log = logging.getLogger(__name__)
+
+STATUS_EVERY_S = 5.0
+CLOSE_TIMEOUT_S = 10.0
+DLQ_HEADER_PREFIX = "dlq."
+
+
+@dataclass
+class IngestStats:
+    """Running totals of one ingest process (also what `run` returns)."""
+
+    consumed: int = 0
+    events: int = 0
+    items: int = 0
+    bad: int = 0
+    skipped_replays: int = 0
+    log_files: int = 0
+    commits: int = 0
+    bad_by_reason: Counter = field(default_factory=Counter)
+
+
+@dataclass
+class _PartitionState:
+    """What this process holds for one assigned partition between commits."""
+
+    logged_upto: int  # last offset already in the log (read from the log itself at assignment)
+    next_offset: int | None = None  # offset after the last record processed
+    rows: list[dict] = field(default_factory=list)  # good records waiting for the next log file
+    pending_since: float | None = None  # monotonic time of the oldest uncommitted record
+
+
+class ErrorHandler:
+    """The one typed handler for per-record stream errors: every bad record goes to the DLQ.
+
+    Headers carry `dlq.reason` (a stable code from `streaming.events`), `dlq.detail`,
+    `dlq.source.topic`, `dlq.source.partition`, `dlq.source.offset`, `dlq.consumer.group`.
+    """
+
+    def __init__(self, producer, settings: Settings, stats: IngestStats):
+        self.producer = producer
+        self.settings = settings
+        self.stats = stats
+
+    def __call__(self, record, bad: BadRecord) -> None:
+        headers = [
+            (DLQ_HEADER_PREFIX + "reason", bad.reason.encode()),
+            (DLQ_HEADER_PREFIX + "detail", bad.detail.encode("utf-8", "replace")),
+            (DLQ_HEADER_PREFIX + "source.topic", record.topic.encode()),
+            (DLQ_HEADER_PREFIX + "source.partition", str(record.partition).encode()),
+            (DLQ_HEADER_PREFIX + "source.offset", str(record.offset).encode()),
+            (DLQ_HEADER_PREFIX + "consumer.group", self.settings.consumer_group.encode()),
+        ]
+        # An oversize payload is kept out of the DLQ body too (it may exceed the topic's limit).
+        value = record.value if bad.reason != "payload_too_large" else None
+        self.producer.send(self.settings.dlq_topic, key=record.key, value=value, headers=headers)
+        self.stats.bad += 1
+        self.stats.bad_by_reason[bad.reason] += 1
+        log.debug("DLQ %s[%d]@%d: %s %s", record.topic, record.partition, record.offset, bad.reason, bad.detail)
+
+
+def _event_row(e: Event, partition: int, offset: int, now_ms: int) -> dict:
+    return {
+        "event_id": e.event_id,
+        "user_id": e.user_id,
+        "item_id": e.item_id,
+        "type": e.type,
+        "ts": e.ts,
+        "scene": e.scene,
+        "context": json.dumps(e.context, separators=(",", ":")) if e.context is not None else None,
+        "partition": partition,
+        "offset": offset,
+        "ingest_ts": now_ms,
+    }
+
+
+def _item_row(it: Item, partition: int, offset: int, now_ms: int) -> dict:
+    return {
+        "item_id": it.item_id,
+        "title": it.title,
+        "text": it.text,
+        "attributes": json.dumps(it.attributes, separators=(",", ":")) if it.attributes is not None else None,
+        "ts": it.ts,
+        "deleted": it.deleted,
+        "partition": partition,
+        "offset": offset,
+        "ingest_ts": now_ms,
+    }
+
+
+class Ingestor(ConsumerRebalanceListener):
+    """One ingestion consumer. `run()` polls until stopped; `process()` handles one poll."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        redis_client: redis.Redis | None = None,
+        on_commit: Callable[["Ingestor"], None] | None = None,
+        stop_event: threading.Event | None = None,
+    ):
+        self.settings = settings
+        self.stats = IngestStats()
+        self.redis = redis_client or redis.Redis.from_url(settings.redis_url)
+        self.store = OnlineStore(self.redis, settings.redis_prefix, settings.recent_items_max)
+        self.log = OfflineLog(settings.log_dir)
+        self.producer = kafka_io.make_producer(settings)
+        self.handle_error = ErrorHandler(self.producer, settings, self.stats)
+        self.consumer = kafka_io.make_consumer(settings)
+        self.consumer.subscribe([settings.events_topic, settings.items_topic], listener=self)
+        self.partitions: dict[TopicPartition, _PartitionState] = {}
+        self.on_commit = on_commit
+        self._stop = stop_event or threading.Event()
+        self._event_types = frozenset(settings.event_types)
+
+    # --- rebalance listener (called inside poll) -------------------------------------------
+    def on_partitions_revoked(self, revoked):
+        # Leave nothing half-done for the next owner: write what we hold and commit it.
+        mine = [tp for tp in revoked if tp in self.partitions]
+        if mine:
+            self.commit_durable(mine, force=True)
+        for tp in mine:
+            self.partitions.pop(tp, None)
+
+    def on_partitions_assigned(self, assigned):
+        for tp in assigned:
+            # The log itself says what is already written: a previous owner may have written a file
+            # and crashed before committing. Records up to here are skipped, not written again.
+            self.partitions[tp] = _PartitionState(logged_upto=self.log.logged_upto(tp.topic, tp.partition))
+        if assigned:
+            log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
+
+    # --- the work ---------------------------------------------------------------------------
+    def process(self, polled: dict[TopicPartition, list]) -> None:
+        """Validate one poll's records, route bad ones to the DLQ, apply good ones to Redis and
+        buffer them for the log. Nothing is committed here (see `commit_durable`)."""
+        now = time.monotonic()
+        now_ms = int(time.time() * 1000)
+        for tp, records in polled.items():
+            state = self.partitions.get(tp)
+            if state is None:  # revoked while we were polling; the new owner will read these
+                continue
+            is_items = tp.topic == self.settings.items_topic
+            good: list[tuple[int, Event | Item]] = []
+            for rec in records:
+                self.stats.consumed += 1
+                if is_items:
+                    parsed = parse_item(rec.value, self.settings.max_payload_bytes)
+                else:
+                    parsed = parse_event(rec.value, self._event_types, self.settings.max_payload_bytes)
+                if isinstance(parsed, BadRecord):
+                    self.handle_error(rec, parsed)
+                else:
+                    good.append((rec.offset, parsed))
+            if is_items:
+                self.store.apply_items(tp.topic, tp.partition, good)
+                self.stats.items += len(good)
+            else:
+                self.store.apply_events(tp.topic, tp.partition, good)
+                self.stats.events += len(good)
+            to_row = _item_row if is_items else _event_row
+            for offset, rec in good:
+                if offset <= state.logged_upto:
+                    self.stats.skipped_replays += 1
+                    continue
+                state.rows.append(to_row(rec, tp.partition, offset, now_ms))
+            if records:
+                state.next_offset = records[-1].offset + 1
+                if state.pending_since is None:
+                    state.pending_since = now
+
+    def _due(self, state: _PartitionState, now: float) -> bool:
+        if state.pending_since is None:
+            return False
+        return (
+            len(state.rows) >= self.settings.log_flush_records
+            or now - state.pending_since >= self.settings.log_flush_interval_s
+        )
+
+    def commit_durable(self, partitions: list[TopicPartition] | None = None, *, force: bool = False) -> int:
+        """Make the processed records durable, then commit their offsets. The order is the guarantee:
+
+        1. Redis: already written by `process`, one watermark-guarded transaction per partition
+           batch (idempotent, so writing before the commit is safe).
+        2. DLQ: `producer.flush()` -- every bad record's DLQ copy is acknowledged by the broker.
+        3. Offline log: each due partition's buffered rows become one Parquet file (fsync, then an
+           atomic rename), named by its offset range.
+        4. Commit: only now the offset after the last processed record of those partitions.
+
+        A crash before step 4 replays from the last commit: Redis skips offsets at or below its
+        watermark, the log writer skips offsets at or below the log's last offset, the DLQ may
+        repeat an entry. Returns the number of partitions committed.
+        """
+        now = time.monotonic()
+        targets = partitions if partitions is not None else list(self.partitions)
+        due = [
+            tp
+            for tp in targets
+            if tp in self.partitions and (self._due(self.partitions[tp], now) or (force and self.partitions[tp].pending_since is not None))
+        ]
+        if not due:
+            return 0
+        self.producer.flush()
+        offsets = {}
+        for tp in due:
+            state = self.partitions[tp]
+            if state.rows:
+                schema = ITEM_SCHEMA if tp.topic == self.settings.items_topic else EVENT_SCHEMA
+                written = self.log.write(tp.topic, tp.partition, pa.Table.from_pylist(state.rows, schema=schema))
+                state.logged_upto = written.end
+                state.rows = []
+                self.stats.log_files += 1
+            offsets[tp] = OffsetAndMetadata(state.next_offset, "", -1)
+        try:
+            self.consumer.commit(offsets)
+        except (CommitFailedError, KafkaError) as exc:
+            # The group moved on (rebalance). Outputs are durable and idempotent; the next owner
+            # replays from the last successful commit and skips what is already written.
+            log.warning("commit of %d partitions failed (%s); the next owner will skip the replay", len(offsets), exc)
+            return 0
+        for tp in due:
+            self.partitions[tp].pending_since = None
+        self.stats.commits += 1
+        if self.on_commit is not None:
+            self.on_commit(self)
+        return len(due)
+
+    # --- lifecycle --------------------------------------------------------------------------
+    def stop(self, *_args) -> None:
+        self._stop.set()
+
+    def run(
+        self,
+        *,
+        max_records: int | None = None,
+        until_idle_s: float | None = None,
+        progress: Callable[[IngestStats], None] | None = None,
+    ) -> IngestStats:
+        """Poll, process and commit until `stop()`, `max_records` consumed, or `until_idle_s`
+        seconds without a record (after the first assignment); then commit everything and close."""
+        last_record = time.monotonic()
+        last_status = last_record
+        assigned_once = False
+        try:
+            while not self._stop.is_set():
+                polled = self.consumer.poll(
+                    timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.max_poll_records
+                )
+                now = time.monotonic()
+                if polled:
+                    self.process(polled)
+                    last_record = now
+                if self.partitions and not assigned_once:
+                    assigned_once, last_record = True, now
+                self.commit_durable()
+                if progress is not None:
+                    progress(self.stats)
+                if now - last_status >= STATUS_EVERY_S:
+                    last_status = now
+                    log.info(
+                        "consumed=%d events=%d items=%d bad=%d files=%d commits=%d",
+                        self.stats.consumed, self.stats.events, self.stats.items,
+                        self.stats.bad, self.stats.log_files, self.stats.commits,
+                    )
+                if max_records is not None and self.stats.consumed >= max_records:
+                    break
+                if until_idle_s is not None and assigned_once and now - last_record >= until_idle_s:
+                    break
+            self.commit_durable(force=True)
+        finally:
+            self.close()
+        return self.stats
+
+    def close(self) -> None:
+        try:
+            self.consumer.close(autocommit=False)
+        finally:
+            self.producer.close(timeout=CLOSE_TIMEOUT_S)
