@@ -840,9 +840,7 @@ def _run_locked(settings: Settings, features_dir: Path, full: bool, rlock: Any, 
         version = int(current["version"]) if current else 0
         msg = (f"no new log files since {version_dir_name(version)}: nothing to do" if current
                else "the offline log is empty and no features were published: nothing to do")
-        logger.info(msg)
-        if progress:
-            tqdm.write(f"streamrec features: {msg}", file=sys.stderr)
+        logger.info(msg)  # and the result says noop=True (the CLI prints it)
         return FeatureRunResult(version, 0, 0, 0, True, manifest_path)
 
     # Never reuse a directory number: a crashed run's leftovers stay unreferenced until collected.

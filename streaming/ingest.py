@@ -31,7 +31,8 @@ from typing import Callable
 
 import pyarrow as pa
 import redis
-from kafka import ConsumerRebalanceListener, TopicPartition
+from kafka import TopicPartition
+from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
@@ -130,7 +131,21 @@ def _item_row(it: Item, partition: int, offset: int, now_ms: int) -> dict:
     }
 
 
-class Ingestor(ConsumerRebalanceListener):
+class _Rebalance(AsyncConsumerRebalanceListener):
+    """kafka-python 3 calls rebalance hooks on its IO thread, where a blocking consumer call
+    (commit) would deadlock; so the hooks only do local work and never commit."""
+
+    def __init__(self, ingestor: "Ingestor"):
+        self.ingestor = ingestor
+
+    async def on_partitions_revoked(self, revoked):
+        self.ingestor.release(revoked)
+
+    async def on_partitions_assigned(self, assigned):
+        self.ingestor.adopt(assigned)
+
+
+class Ingestor:
     """One ingestion consumer. `run()` polls until stopped; `process()` handles one poll."""
 
     def __init__(
@@ -149,25 +164,26 @@ class Ingestor(ConsumerRebalanceListener):
         self.producer = kafka_io.make_producer(settings)
         self.handle_error = ErrorHandler(self.producer, settings, self.stats)
         self.consumer = kafka_io.make_consumer(settings)
-        self.consumer.subscribe([settings.events_topic, settings.items_topic], listener=self)
+        self.consumer.subscribe([settings.events_topic, settings.items_topic], listener=_Rebalance(self))
         self.partitions: dict[TopicPartition, _PartitionState] = {}
         self.on_commit = on_commit
         self._stop = stop_event or threading.Event()
         self._event_types = frozenset(settings.event_types)
 
-    # --- rebalance listener (called inside poll) -------------------------------------------
-    def on_partitions_revoked(self, revoked):
-        # Leave nothing half-done for the next owner: write what we hold and commit it.
+    # --- rebalance (called inside poll) ---------------------------------------------------
+    def release(self, revoked) -> None:
+        """Partitions go to another member: make what we hold durable (DLQ, log file) without
+        committing. The next owner replays from the last commit and skips what is written."""
         mine = [tp for tp in revoked if tp in self.partitions]
         if mine:
-            self.commit_durable(mine, force=True)
+            self._persist([tp for tp in mine if self.partitions[tp].pending_since is not None])
         for tp in mine:
             self.partitions.pop(tp, None)
 
-    def on_partitions_assigned(self, assigned):
+    def adopt(self, assigned) -> None:
         for tp in assigned:
             # The log itself says what is already written: a previous owner may have written a file
-            # and crashed before committing. Records up to here are skipped, not written again.
+            # and crashed (or lost the partition) before committing. Those records are skipped.
             self.partitions[tp] = _PartitionState(logged_upto=self.log.logged_upto(tp.topic, tp.partition))
         if assigned:
             log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
@@ -242,17 +258,8 @@ class Ingestor(ConsumerRebalanceListener):
         ]
         if not due:
             return 0
-        self.producer.flush()
-        offsets = {}
-        for tp in due:
-            state = self.partitions[tp]
-            if state.rows:
-                schema = ITEM_SCHEMA if tp.topic == self.settings.items_topic else EVENT_SCHEMA
-                written = self.log.write(tp.topic, tp.partition, pa.Table.from_pylist(state.rows, schema=schema))
-                state.logged_upto = written.end
-                state.rows = []
-                self.stats.log_files += 1
-            offsets[tp] = OffsetAndMetadata(state.next_offset, "", -1)
+        self._persist(due)
+        offsets = {tp: OffsetAndMetadata(self.partitions[tp].next_offset, "", -1) for tp in due}
         try:
             self.consumer.commit(offsets)
         except (CommitFailedError, KafkaError) as exc:
@@ -266,6 +273,18 @@ class Ingestor(ConsumerRebalanceListener):
         if self.on_commit is not None:
             self.on_commit(self)
         return len(due)
+
+    def _persist(self, partitions: list[TopicPartition]) -> None:
+        """Steps 2 and 3 of `commit_durable`: DLQ acknowledged, then the buffered rows as log files."""
+        self.producer.flush()
+        for tp in partitions:
+            state = self.partitions[tp]
+            if state.rows:
+                schema = ITEM_SCHEMA if tp.topic == self.settings.items_topic else EVENT_SCHEMA
+                written = self.log.write(tp.topic, tp.partition, pa.Table.from_pylist(state.rows, schema=schema))
+                state.logged_upto = written.end
+                state.rows = []
+                self.stats.log_files += 1
 
     # --- lifecycle --------------------------------------------------------------------------
     def stop(self, *_args) -> None:

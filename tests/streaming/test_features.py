@@ -6,7 +6,6 @@ import fcntl
 import json
 import math
 import random
-import shutil
 import socket
 import subprocess
 import time
@@ -56,7 +55,7 @@ def write(settings: Settings, topic: str, rows: list[dict]) -> None:
 
 
 def canonical(tables) -> dict[str, list[dict]]:
-    """Tables as sorted row lists, with trending split off for a tolerant comparison."""
+    """Every table as a list of rows in key order (file and bucket layout may differ)."""
     key = {"sequences": "user_id", "items": "item_id", "popularity": "item_id",
            "covisit_topk": "item_id", "covisit_counts": ("item_a", "item_b")}
     out = {}
@@ -80,7 +79,7 @@ def assert_same_tables(a, b) -> None:
     assert a.manifest["counts"] == b.manifest["counts"]
 
 
-def snapshot(features_dir: Path) -> dict[str, float]:
+def snapshot(features_dir: Path) -> dict[str, int]:
     return {str(p.relative_to(features_dir)): p.stat().st_mtime_ns for p in features_dir.rglob("*") if p.is_file()}
 
 
