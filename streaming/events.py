@@ -10,7 +10,7 @@
     {"item_id": "i42", "title": "Alien", "text": "A space horror classic",
      "attributes": {"genre": "sci-fi"}, "ts": 1732350000000, "deleted": false}
 
-Ids may be JSON strings or integers (stored as strings); `ts` is epoch milliseconds.
+Ids may be JSON strings or numbers (stored as text); `ts` is epoch milliseconds.
 Unknown fields are accepted and dropped (kept out of features). Anything else wrong
 -- not UTF-8, not JSON, not an object, a missing or ill-typed field, an unknown event
 type, a payload over the size limit -- is a `BadRecord` with a reason code and a
@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 # Inclusive bounds on `ts` (epoch ms): 1970-01-01 .. 2200-01-01. Seconds instead of
 # milliseconds (a common producer bug) still pass for recent dates, so the producer library
@@ -34,23 +34,14 @@ ID_MAX_LEN = 256
 TITLE_MAX_LEN = 1024
 TEXT_MAX_LEN = 16_384
 
-Id = Union[StrictStr, StrictInt]
+
+# A JSON string or number, stored as text; blank or over-long ids are refused. (Numbers are
+# turned into text by pydantic-core itself: a Python validator here cost half the parse time.)
+Id = Annotated[str, Field(min_length=1, max_length=ID_MAX_LEN, pattern=r"\S")]
 
 
 class _Record(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    @field_validator("*", mode="after")
-    @classmethod
-    def _ids_to_str(cls, v: Any, info: Any) -> Any:
-        if info.field_name.endswith("_id"):
-            s = str(v)
-            if not s.strip():
-                raise ValueError("must not be empty")
-            if len(s) > ID_MAX_LEN:
-                raise ValueError(f"longer than {ID_MAX_LEN} characters")
-            return s
-        return v
+    model_config = ConfigDict(extra="ignore", frozen=True, coerce_numbers_to_str=True)
 
 
 class Event(_Record):
@@ -130,15 +121,31 @@ def _decode(payload: bytes | None, max_bytes: int) -> Any | BadRecord:
     return obj
 
 
-def parse_event(payload: bytes | None, event_types: frozenset[str] | set[str], max_bytes: int) -> Event | BadRecord:
-    """Decode and validate one `events` record."""
+def _parse(model: type[_Record], payload: bytes | None, max_bytes: int) -> _Record | BadRecord:
+    if not payload:
+        return BadRecord(EMPTY_PAYLOAD, "record has no value")
+    if len(payload) > max_bytes:
+        return BadRecord(PAYLOAD_TOO_LARGE, f"{len(payload)} bytes > limit {max_bytes}")
+    try:
+        # The fast path parses and validates in one pass (pydantic-core); only a failure pays
+        # for the slower decoding below, which tells not-UTF-8 / not-JSON / not-an-object apart.
+        return model.model_validate_json(payload)
+    except ValidationError:
+        pass
     obj = _decode(payload, max_bytes)
     if isinstance(obj, BadRecord):
         return obj
     try:
-        event = Event.model_validate(obj)
+        return model.model_validate(obj)
     except ValidationError as exc:
         return _classify_validation(exc)
+
+
+def parse_event(payload: bytes | None, event_types: frozenset[str] | set[str], max_bytes: int) -> Event | BadRecord:
+    """Decode and validate one `events` record."""
+    event = _parse(Event, payload, max_bytes)
+    if isinstance(event, BadRecord):
+        return event
     if event.type not in event_types:
         return BadRecord(UNKNOWN_EVENT_TYPE, f"type={event.type!r} is not one of {sorted(event_types)}")
     return event
@@ -146,13 +153,7 @@ def parse_event(payload: bytes | None, event_types: frozenset[str] | set[str], m
 
 def parse_item(payload: bytes | None, max_bytes: int) -> Item | BadRecord:
     """Decode and validate one `items` record."""
-    obj = _decode(payload, max_bytes)
-    if isinstance(obj, BadRecord):
-        return obj
-    try:
-        return Item.model_validate(obj)
-    except ValidationError as exc:
-        return _classify_validation(exc)
+    return _parse(Item, payload, max_bytes)
 
 
 def encode(record: Event | Item | dict[str, Any]) -> bytes:

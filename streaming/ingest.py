@@ -25,7 +25,8 @@ import json
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -45,6 +46,8 @@ from streaming.settings import Settings
 log = logging.getLogger(__name__)
 
 STATUS_EVERY_S = 5.0
+# Redis batches handed to the writer thread and not yet acknowledged; past this, `process` waits.
+MAX_PENDING_REDIS_BATCHES = 8
 CLOSE_TIMEOUT_S = 10.0
 DLQ_HEADER_PREFIX = "dlq."
 
@@ -69,7 +72,7 @@ class _PartitionState:
 
     logged_upto: int  # last offset already in the log (read from the log itself at assignment)
     next_offset: int | None = None  # offset after the last record processed
-    rows: list[dict] = field(default_factory=list)  # good records waiting for the next log file
+    rows: list[tuple] = field(default_factory=list)  # good records waiting for the next log file
     pending_since: float | None = None  # monotonic time of the oldest uncommitted record
 
 
@@ -102,33 +105,23 @@ class ErrorHandler:
         log.debug("DLQ %s[%d]@%d: %s %s", record.topic, record.partition, record.offset, bad.reason, bad.detail)
 
 
-def _event_row(e: Event, partition: int, offset: int, now_ms: int) -> dict:
-    return {
-        "event_id": e.event_id,
-        "user_id": e.user_id,
-        "item_id": e.item_id,
-        "type": e.type,
-        "ts": e.ts,
-        "scene": e.scene,
-        "context": json.dumps(e.context, separators=(",", ":")) if e.context is not None else None,
-        "partition": partition,
-        "offset": offset,
-        "ingest_ts": now_ms,
-    }
+def _json_or_none(value) -> str | None:
+    return json.dumps(value, separators=(",", ":")) if value is not None else None
 
 
-def _item_row(it: Item, partition: int, offset: int, now_ms: int) -> dict:
-    return {
-        "item_id": it.item_id,
-        "title": it.title,
-        "text": it.text,
-        "attributes": json.dumps(it.attributes, separators=(",", ":")) if it.attributes is not None else None,
-        "ts": it.ts,
-        "deleted": it.deleted,
-        "partition": partition,
-        "offset": offset,
-        "ingest_ts": now_ms,
-    }
+# Log rows are tuples in the column order of EVENT_SCHEMA / ITEM_SCHEMA (the hot loop builds
+# hundreds of thousands per second; a dict per row cost more than the Parquet write).
+def _event_row(e: Event, partition: int, offset: int, now_ms: int) -> tuple:
+    return (e.event_id, e.user_id, e.item_id, e.type, e.ts, e.scene, _json_or_none(e.context), partition, offset, now_ms)
+
+
+def _item_row(it: Item, partition: int, offset: int, now_ms: int) -> tuple:
+    return (it.item_id, it.title, it.text, _json_or_none(it.attributes), it.ts, it.deleted, partition, offset, now_ms)
+
+
+def _rows_to_table(rows: list[tuple], schema: pa.Schema) -> pa.Table:
+    columns = zip(*rows)
+    return pa.Table.from_arrays([pa.array(col, type=f.type) for col, f in zip(columns, schema)], schema=schema)
 
 
 class _Rebalance(AsyncConsumerRebalanceListener):
@@ -167,6 +160,10 @@ class Ingestor:
         self.consumer.subscribe([settings.events_topic, settings.items_topic], listener=_Rebalance(self))
         self.partitions: dict[TopicPartition, _PartitionState] = {}
         self.on_commit = on_commit
+        # One writer thread applies Redis batches in submission order (per-partition order is what
+        # the watermark needs) while the main thread polls and validates the next batch.
+        self._redis_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="redis-writer")
+        self._pending: deque[Future] = deque()
         self._stop = stop_event or threading.Event()
         self._event_types = frozenset(settings.event_types)
 
@@ -199,33 +196,47 @@ class Ingestor:
             if state is None:  # revoked while we were polling; the new owner will read these
                 continue
             is_items = tp.topic == self.settings.items_topic
+            max_bytes = self.settings.max_payload_bytes
             good: list[tuple[int, Event | Item]] = []
+            self.stats.consumed += len(records)
             for rec in records:
-                self.stats.consumed += 1
                 if is_items:
-                    parsed = parse_item(rec.value, self.settings.max_payload_bytes)
+                    parsed = parse_item(rec.value, max_bytes)
                 else:
-                    parsed = parse_event(rec.value, self._event_types, self.settings.max_payload_bytes)
-                if isinstance(parsed, BadRecord):
+                    parsed = parse_event(rec.value, self._event_types, max_bytes)
+                if parsed.__class__ is BadRecord:
                     self.handle_error(rec, parsed)
                 else:
                     good.append((rec.offset, parsed))
+            apply = self.store.apply_items if is_items else self.store.apply_events
+            self._submit_redis(apply, tp.topic, tp.partition, good)
             if is_items:
-                self.store.apply_items(tp.topic, tp.partition, good)
                 self.stats.items += len(good)
             else:
-                self.store.apply_events(tp.topic, tp.partition, good)
                 self.stats.events += len(good)
             to_row = _item_row if is_items else _event_row
+            upto, partition, rows = state.logged_upto, tp.partition, state.rows
             for offset, rec in good:
-                if offset <= state.logged_upto:
+                if offset > upto:
+                    rows.append(to_row(rec, partition, offset, now_ms))
+                else:
                     self.stats.skipped_replays += 1
-                    continue
-                state.rows.append(to_row(rec, tp.partition, offset, now_ms))
             if records:
                 state.next_offset = records[-1].offset + 1
                 if state.pending_since is None:
                     state.pending_since = now
+
+    def _submit_redis(self, apply, topic: str, partition: int, records: list) -> None:
+        if not records:
+            return
+        while len(self._pending) >= MAX_PENDING_REDIS_BATCHES:
+            self._pending.popleft().result()
+        self._pending.append(self._redis_writer.submit(apply, topic, partition, records))
+
+    def _wait_redis(self) -> None:
+        """Block until every submitted Redis batch is applied; re-raise the first failure."""
+        while self._pending:
+            self._pending.popleft().result()
 
     def _due(self, state: _PartitionState, now: float) -> bool:
         if state.pending_since is None:
@@ -238,8 +249,9 @@ class Ingestor:
     def commit_durable(self, partitions: list[TopicPartition] | None = None, *, force: bool = False) -> int:
         """Make the processed records durable, then commit their offsets. The order is the guarantee:
 
-        1. Redis: already written by `process`, one watermark-guarded transaction per partition
-           batch (idempotent, so writing before the commit is safe).
+        1. Redis: wait until the writer thread has applied every batch `process` handed it (one
+           watermark-guarded atomic script per partition batch: idempotent, so writing before the
+           commit is safe). A Redis failure raises here, before anything is committed.
         2. DLQ: `producer.flush()` -- every bad record's DLQ copy is acknowledged by the broker.
         3. Offline log: each due partition's buffered rows become one Parquet file (fsync, then an
            atomic rename), named by its offset range.
@@ -275,13 +287,14 @@ class Ingestor:
         return len(due)
 
     def _persist(self, partitions: list[TopicPartition]) -> None:
-        """Steps 2 and 3 of `commit_durable`: DLQ acknowledged, then the buffered rows as log files."""
+        """Steps 1-3 of `commit_durable`: Redis applied, DLQ acknowledged, buffered rows as log files."""
+        self._wait_redis()
         self.producer.flush()
         for tp in partitions:
             state = self.partitions[tp]
             if state.rows:
                 schema = ITEM_SCHEMA if tp.topic == self.settings.items_topic else EVENT_SCHEMA
-                written = self.log.write(tp.topic, tp.partition, pa.Table.from_pylist(state.rows, schema=schema))
+                written = self.log.write(tp.topic, tp.partition, _rows_to_table(state.rows, schema))
                 state.logged_upto = written.end
                 state.rows = []
                 self.stats.log_files += 1
@@ -336,4 +349,5 @@ class Ingestor:
         try:
             self.consumer.close(autocommit=False)
         finally:
+            self._redis_writer.shutdown(wait=True)
             self.producer.close(timeout=CLOSE_TIMEOUT_S)
