@@ -201,7 +201,7 @@ class _PeriodicFeatures:
 
     def __init__(self, settings: Settings, redis_client, interval_s: float):
         self.settings, self.redis, self.interval_s = settings, redis_client, interval_s
-        self.last = time.monotonic()
+        self.last = -float("inf")  # the first commit starts the first run
         self.thread: threading.Thread | None = None
         self.failures = 0
 
@@ -228,6 +228,12 @@ class _PeriodicFeatures:
     def join(self) -> None:
         if self.thread is not None:
             self.thread.join()
+
+    def final_run(self) -> None:
+        """One last run over everything ingested (for `--until-idle` / `--max-records` runs)."""
+        self.join()
+        if self.interval_s > 0:
+            self._run()
 
 
 @app.command()
@@ -273,10 +279,13 @@ def ingest(
             bar.set_postfix_str(f"events={stats.events} items={stats.items} dlq={stats.bad} files={stats.log_files}", refresh=False)
 
         try:
-            return ingestor.run(max_records=max_records, until_idle_s=until_idle, progress=show)
+            stats = ingestor.run(max_records=max_records, until_idle_s=until_idle, progress=show)
         finally:
             bar.close()
             features.join()
+        if (until_idle or max_records) and not stop.is_set():
+            features.final_run()
+        return stats
 
     stats = _guard(run)
     reasons = ", ".join(f"{k}={v}" for k, v in sorted(stats.bad_by_reason.items())) or "none"
@@ -329,13 +338,21 @@ def dlq(
 
 # --- config --------------------------------------------------------------------------------
 @app.command()
-def config() -> None:
+def config(
+    markdown: bool = typer.Option(False, "--markdown", help="Print the reference table (variable, default, meaning) in Markdown."),
+) -> None:
     """Print every setting: its environment variable, current value and meaning."""
     settings = _settings()
     names = env_var_names()
+    if markdown:
+        typer.echo("| variable | default | meaning |\n| --- | --- | --- |")
     for field, info in Settings.model_fields.items():
-        typer.echo(f"{names[field]}={getattr(settings, field)!s}")
-        typer.echo(f"    {info.description}")
+        if markdown:
+            default = "(unset)" if info.default is None else ",".join(info.default) if isinstance(info.default, tuple) else info.default
+            typer.echo(f"| `{names[field]}` | `{default}` | {info.description} |")
+        else:
+            typer.echo(f"{names[field]}={getattr(settings, field)!s}")
+            typer.echo(f"    {info.description}")
 
 
 def main() -> None:  # pragma: no cover - console entry point
