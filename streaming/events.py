@@ -129,7 +129,7 @@ def _parse(model: type[_Record], payload: bytes | None, max_bytes: int) -> _Reco
     try:
         # The fast path parses and validates in one pass (pydantic-core); only a failure pays
         # for the slower decoding below, which tells not-UTF-8 / not-JSON / not-an-object apart.
-        return model.model_validate_json(payload)
+        return model.__pydantic_validator__.validate_json(payload)
     except ValidationError:
         pass
     obj = _decode(payload, max_bytes)

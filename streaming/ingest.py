@@ -21,8 +21,10 @@ source headers).
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -48,6 +50,15 @@ log = logging.getLogger(__name__)
 STATUS_EVERY_S = 5.0
 # Redis batches handed to the writer thread and not yet acknowledged; past this, `process` waits.
 MAX_PENDING_REDIS_BATCHES = 8
+# Cyclic-GC thresholds while ingesting. The log buffers hold hundreds of thousands of tuples
+# between flushes, and with CPython's defaults (700, 10, 10) the frequent collections keep
+# re-traversing them: measured here, that halved the ingest rate. Nothing the loop allocates
+# forms reference cycles, so collecting rarely is safe.
+GC_THRESHOLDS = (50_000, 20, 100)
+# GIL switch interval while ingesting: the Redis writer and kafka-python's IO thread mostly
+# wait on sockets; with the default 5 ms the batch loop was handed off mid-batch far more
+# often than they had work (measured: ~+20% rate at 20 ms, freshness unchanged).
+GIL_SWITCH_INTERVAL_S = 0.02
 CLOSE_TIMEOUT_S = 10.0
 DLQ_HEADER_PREFIX = "dlq."
 
@@ -315,6 +326,9 @@ class Ingestor:
         last_record = time.monotonic()
         last_status = last_record
         assigned_once = False
+        saved_gc, saved_switch = gc.get_threshold(), sys.getswitchinterval()
+        gc.set_threshold(*GC_THRESHOLDS)
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         try:
             while not self._stop.is_set():
                 polled = self.consumer.poll(
@@ -342,6 +356,8 @@ class Ingestor:
                     break
             self.commit_durable(force=True)
         finally:
+            gc.set_threshold(*saved_gc)
+            sys.setswitchinterval(saved_switch)
             self.close()
         return self.stats
 
