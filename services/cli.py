@@ -229,12 +229,6 @@ class _PeriodicFeatures:
         if self.thread is not None:
             self.thread.join()
 
-    def final_run(self) -> None:
-        """One last run over everything ingested (for `--until-idle` / `--max-records` runs)."""
-        self.join()
-        if self.interval_s > 0:
-            self._run()
-
 
 @app.command()
 def ingest(
@@ -283,8 +277,6 @@ def ingest(
         finally:
             bar.close()
             features.join()
-        if (until_idle or max_records) and not stop.is_set():
-            features.final_run()
         return stats
 
     stats = _guard(run)
