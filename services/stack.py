@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterator
 
 import psutil
 
+from streaming.file_lock import flock_exclusive
 from streaming.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -172,18 +173,11 @@ def _locked(data_dir: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]
     except OSError as exc:
         raise StackError(f"cannot use {sdir} for the embedded stack: {exc}") from exc
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise StackError(
-                        f"another streamrec command has held the embedded stack lock "
-                        f"{sdir / LOCK_FILENAME} for more than {timeout_s:.0f} s"
-                    ) from None
-                time.sleep(LOCK_POLL_S)
+        if not flock_exclusive(fd, timeout_s, LOCK_POLL_S):
+            raise StackError(
+                f"another streamrec command has held the embedded stack lock "
+                f"{sdir / LOCK_FILENAME} for more than {timeout_s:.0f} s"
+            )
         try:
             yield
         finally:

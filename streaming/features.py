@@ -116,6 +116,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from streaming.file_lock import flock_exclusive
 from streaming.offline_log import ITEM_SCHEMA, LogFile, OfflineLog
 from streaming.offline_log import read_table as read_log_table
 from streaming.settings import Settings
@@ -698,15 +699,8 @@ def _run_lock(features_dir: Path, redis_client: Any, settings: Settings) -> Iter
             stack.callback(_release_redis_lock, rlock, _renew_in_background(rlock))
         path = features_dir / LOCK_FILE_NAME
         fh = stack.enter_context(open(path, "a+"))
-        deadline = time.monotonic() + LOCK_WAIT_S
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise FeaturesBusyError(f"another feature run holds {path}") from None
-                time.sleep(LOCK_POLL_S)
+        if not flock_exclusive(fh, LOCK_WAIT_S, LOCK_POLL_S):
+            raise FeaturesBusyError(f"another feature run holds {path}")
         stack.callback(fcntl.flock, fh, fcntl.LOCK_UN)
         yield rlock
 
