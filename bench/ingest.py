@@ -40,7 +40,8 @@ from streaming.events import encode  # noqa: E402
 from streaming.ingest import Ingestor  # noqa: E402
 from streaming.kafka_io import ensure_topics, make_consumer, make_producer  # noqa: E402
 from streaming.online_store import OnlineStore  # noqa: E402
-from streaming.settings import Settings, env_var_names, load_settings  # noqa: E402
+from streaming.producer import Pacer  # noqa: E402
+from streaming.settings import Settings, load_settings, settings_env  # noqa: E402
 
 WATERMARK_POLL_S = 0.005
 FRESHNESS_WARMUP_S = 2.0
@@ -54,12 +55,10 @@ def _encoded_events(n: int, seed: int) -> list[tuple[bytes, bytes]]:
 
 def _produce(settings: Settings, records, rate: float | None = None, on_sent=None) -> float:
     producer = make_producer(settings)
+    pacer = Pacer(rate)
     t0 = time.monotonic()
-    for i, (key, value) in enumerate(records):
-        if rate:
-            due = t0 + i / rate
-            while (ahead := due - time.monotonic()) > 0:
-                time.sleep(min(ahead, 0.001))
+    for key, value in records:
+        pacer.wait()
         sent = time.monotonic()
         fut = producer.send(settings.events_topic, key=key, value=value)
         if on_sent is not None:
@@ -109,12 +108,7 @@ def freshness(settings: Settings, rate: float, seconds: float) -> dict:
     """Produce at `rate`/s while a `streamrec ingest` process runs; time each event until visible."""
     fresh = settings.model_copy(update={"events_topic": settings.events_topic + "-fresh", "consumer_group": settings.consumer_group + "-fresh"})
     ensure_topics(fresh)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    names = env_var_names()
-    for field in Settings.model_fields:
-        value = getattr(fresh, field)
-        if value is not None:
-            env[names[field]] = ",".join(value) if isinstance(value, tuple) else str(value)
+    env = {**os.environ, **settings_env(fresh), "PYTHONUNBUFFERED": "1"}
     log_path = Path(fresh.data_dir) / "freshness-ingest.log"
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(

@@ -181,6 +181,17 @@ def env_var_names() -> dict[str, str]:
     return {name: _env_name(name) for name in Settings.model_fields}
 
 
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment variables that make another process (`streamrec ...`) load these settings."""
+    names = env_var_names()
+    out = {}
+    for field in Settings.model_fields:
+        value = getattr(settings, field)
+        if value is not None:
+            out[names[field]] = ",".join(value) if isinstance(value, tuple) else str(value)
+    return out
+
+
 def load_settings(**overrides: object) -> Settings:
     """Read and validate the settings; raise `SettingsError` naming each bad variable and value."""
     try:

@@ -11,7 +11,8 @@ import redis
 from typer.testing import CliRunner
 
 from services.cli import app
-from tests.streaming.helpers import env_for, isolated_settings, popularity_total, read_log
+from streaming.settings import settings_env
+from tests.streaming.helpers import isolated_settings, popularity_total, read_log
 
 runner = CliRunner()
 
@@ -58,7 +59,7 @@ def test_unknown_dataset_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def _streamrec(settings, *args, timeout=240):
-    env = {**os.environ, **env_for(settings)}
+    env = {**os.environ, **settings_env(settings)}
     proc = subprocess.run(
         [sys.executable, "-m", "services.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
     )

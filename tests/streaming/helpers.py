@@ -39,22 +39,6 @@ def isolated_settings(stack, data_dir: Path, **overrides) -> Settings:
     return settings
 
 
-def env_for(settings: Settings) -> dict[str, str]:
-    """The environment that makes a `streamrec` subprocess see the same settings."""
-    from streaming.settings import env_var_names
-
-    names = env_var_names()
-    out = {}
-    for field in Settings.model_fields:
-        value = getattr(settings, field)
-        if value is None:
-            continue
-        if isinstance(value, tuple):
-            value = ",".join(value)
-        out[names[field]] = str(value)
-    return out
-
-
 def wait_for(condition, timeout_s: float, what: str):
     """Poll `condition()` until it returns something truthy; fail naming `what` on timeout."""
     deadline = time.monotonic() + timeout_s

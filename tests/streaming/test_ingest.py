@@ -19,9 +19,9 @@ from streaming.dlq import read_dlq
 from streaming.ingest import Ingestor
 from streaming.online_store import OnlineStore
 from streaming.producer import EventProducer, replay
+from streaming.settings import settings_env
 from tests.streaming.helpers import (
     assert_no_overlap,
-    env_for,
     isolated_settings,
     popularity_total,
     read_log,
@@ -149,7 +149,7 @@ def test_bad_records_go_to_dlq_and_the_stream_goes_on(embedded_stack, tmp_path):
 
 
 def _spawn_ingest(settings, tmp_path, n: int):
-    env = {**os.environ, **env_for(settings), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **settings_env(settings), "PYTHONUNBUFFERED": "1"}
     path = tmp_path / f"ingest-{n}.log"
     cmd = [sys.executable, "-m", "services.cli", "ingest", "--no-progress", "--features-every", "0"]
     with open(path, "wb") as out:
