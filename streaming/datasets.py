@@ -89,29 +89,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from streaming.offline_log import EVENT_FIELDS, ITEM_FIELDS
+
 # --- contract -------------------------------------------------------------------------------
 
-# Same names and types as the first columns of `offline_log.EVENT_SCHEMA` / `ITEM_SCHEMA`.
-EVENT_SCHEMA = pa.schema(
-    [
-        ("event_id", pa.string()),
-        ("user_id", pa.string()),
-        ("item_id", pa.string()),
-        ("type", pa.string()),
-        ("ts", pa.int64()),  # epoch ms
-        ("scene", pa.string()),
-        ("context", pa.string()),  # JSON text
-    ]
-)
-ITEM_SCHEMA = pa.schema(
-    [
-        ("item_id", pa.string()),
-        ("title", pa.string()),
-        ("text", pa.string()),
-        ("attributes", pa.string()),  # JSON text
-        ("ts", pa.int64()),  # epoch ms
-    ]
-)
+# The contract's columns, shared with the offline log (whose rows add where they were read).
+EVENT_SCHEMA = EVENT_FIELDS
+ITEM_SCHEMA = ITEM_FIELDS
 
 DEFAULT_BATCH_SIZE = 10_000
 CATALOG_TS_MS = 0  # item `ts` of loaded catalogs: known before any event

@@ -27,34 +27,35 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-EVENT_SCHEMA = pa.schema(
+# The contract's fields (streaming.events) as columns: what a dataset yields and a log row starts with.
+EVENT_FIELDS = pa.schema(
     [
         ("event_id", pa.string()),
         ("user_id", pa.string()),
         ("item_id", pa.string()),
         ("type", pa.string()),
-        ("ts", pa.int64()),
+        ("ts", pa.int64()),  # epoch ms
         ("scene", pa.string()),
         ("context", pa.string()),  # JSON text
-        ("partition", pa.int32()),
-        ("offset", pa.int64()),
-        ("ingest_ts", pa.int64()),  # epoch ms when the consumer read it
     ]
 )
-
-ITEM_SCHEMA = pa.schema(
+ITEM_FIELDS = pa.schema(
     [
         ("item_id", pa.string()),
         ("title", pa.string()),
         ("text", pa.string()),
         ("attributes", pa.string()),  # JSON text
-        ("ts", pa.int64()),
-        ("deleted", pa.bool_()),
-        ("partition", pa.int32()),
-        ("offset", pa.int64()),
-        ("ingest_ts", pa.int64()),
+        ("ts", pa.int64()),  # epoch ms
     ]
 )
+# Where the consumer read the record.
+_PROVENANCE = [
+    ("partition", pa.int32()),
+    ("offset", pa.int64()),
+    ("ingest_ts", pa.int64()),  # epoch ms when the consumer read it
+]
+EVENT_SCHEMA = pa.schema([*EVENT_FIELDS, *_PROVENANCE])
+ITEM_SCHEMA = pa.schema([*ITEM_FIELDS, ("deleted", pa.bool_()), *_PROVENANCE])
 
 _NAME = re.compile(r"^(?P<topic>[A-Za-z0-9._-]+)\+(?P<partition>\d+)\+(?P<start>\d+)\+(?P<end>\d+)\.parquet$")
 
