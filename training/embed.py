@@ -1,0 +1,107 @@
+"""Catalog item embeddings with Ray Data batch inference (`map_batches` over an actor pool).
+
+Each actor loads the adapter once (`ItemEmbedder.__init__`: base LM + LoRA + heads) and embeds
+batches of item texts; warm items add their ID embedding, exactly like the item tower in
+training (`Recommender.item_table`). With a GPU, each actor takes one (`num_gpus=1`).
+
+Output: `item_embeddings.parquet` with `item_id`, `warm` and `embedding`
+(fixed-size list of float32, L2-normalized) in catalog order -- what serving loads instead of
+re-encoding the catalog.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+EMBEDDINGS_FILE = "item_embeddings.parquet"
+EMBED_BATCH_ROWS = 256
+ACTOR_CPUS = 0.5
+
+
+class ItemEmbedder:
+    """Ray Data callable class: rows (row, text) -> rows (row, embedding)."""
+
+    def __init__(self, adapter_path: str, threads: int = 1) -> None:
+        from training.trainer import load_adapter_model
+
+        torch.set_num_threads(threads)
+        adapter = torch.load(adapter_path, weights_only=False)
+        # The model needs no catalog texts here (batches bring them): build it over an empty text list
+        # of the right length, so ID embeddings keep their rows.
+        n = len(adapter["item_ids"])
+        self.model = load_adapter_model(adapter, [""] * n)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model.to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        model = self.model
+        rows = torch.as_tensor(batch["row"].astype(np.int64), device=self.device)
+        parts = torch.zeros(len(rows), model.cfg.dim, device=self.device)
+        if model.text is not None:
+            tok = model.text.tokenize([str(t) for t in batch["text"]])
+            feats = model.encode_texts(tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device))
+            parts = parts + model.text_proj(feats.float())
+        if model.id_emb is not None:
+            parts = parts + model.id_emb.weight[rows + 1] * model.warm[rows + 1].unsqueeze(1)
+        emb = parts / parts.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+        return {"row": batch["row"], "embedding": emb.float().cpu().numpy()}
+
+
+def embed_catalog(adapter_path: Path, item_ids: list[str], texts: list[str], warm: np.ndarray, *,
+                  actors: int = 2, use_gpu: bool = False, batch_rows: int = EMBED_BATCH_ROWS) -> np.ndarray:
+    """(n_items, dim) normalized embeddings of the whole catalog, computed on the Ray cluster."""
+    import ray.data
+
+    n = len(item_ids)
+    ds = ray.data.from_arrow(pa.table({"row": pa.array(np.arange(n, dtype=np.int64)), "text": pa.array(texts)}))
+    ds = ds.repartition(max(actors, 1) * 2)
+    out = ds.map_batches(
+        ItemEmbedder,
+        fn_constructor_kwargs={"adapter_path": str(adapter_path)},
+        batch_size=batch_rows,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=max(actors, 1)),
+        num_gpus=1 if use_gpu else 0,
+        # Fractional: on a 2-core machine the actors must fit beside whatever Ray Train still holds.
+        num_cpus=ACTOR_CPUS,
+    )
+    rows, embs = [], []
+    for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
+        rows.append(batch["row"])
+        embs.append(np.stack(batch["embedding"]) if batch["embedding"].dtype == object else batch["embedding"])
+    order = np.argsort(np.concatenate(rows))
+    result = np.concatenate(embs)[order].astype(np.float32)
+    if result.shape[0] != n:
+        raise RuntimeError(f"embedding job returned {result.shape[0]} rows for {n} items")
+    return result
+
+
+def write_embeddings(path: Path, item_ids: list[str], warm: np.ndarray, embeddings: np.ndarray) -> Path:
+    dim = embeddings.shape[1]
+    table = pa.table({
+        "item_id": pa.array(item_ids, pa.string()),
+        "warm": pa.array(np.asarray(warm, dtype=bool)),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1), pa.float32()), dim),
+    })
+    pq.write_table(table, path)
+    return path
+
+
+def read_embeddings(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(item_ids, warm, embeddings (n, dim) float32) from `write_embeddings`'s file."""
+    table = pq.read_table(path)
+    col = table.column("embedding").combine_chunks()
+    dim = col.type.list_size
+    emb = col.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32)
+    return table.column("item_id").to_pylist(), table.column("warm").to_numpy(zero_copy_only=False), emb
+
+
+def describe(emb: np.ndarray) -> dict[str, Any]:
+    return {"items": int(emb.shape[0]), "dim": int(emb.shape[1])}

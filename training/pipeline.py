@@ -1,0 +1,293 @@
+"""`streamrec train` and `streamrec evaluate`: from feature tables to a published adapter.
+
+    streamrec train                          # scene "default": all events; full run
+    streamrec train --incremental            # from the live adapter: new data + a replay sample
+    streamrec train --scene home --workers 2 # one scene's adapter, DDP over 2 workers
+    streamrec evaluate                       # the whole evaluation table (all models, both protocols)
+
+A training run (`run_training`):
+
+1. reads the live feature tables (`sequences`, `items`) into a `Corpus`; splits leave-one-out;
+2. `--incremental`: loads the scene's live adapter as the parent; targets are the events past
+   the parent's data window (per-partition offsets) plus `replay_fraction` of the older ones;
+3. trains with Ray Train (`training.trainer.fit`), checkpoints every epoch;
+4. evaluates the candidate -- and the live adapter, on the same validation cases -- plus the
+   popular and ItemKNN baselines on the test cases; writes the loss curve and the evaluation
+   table (PNG, JSON, Markdown) into the run directory;
+5. embeds the catalog with Ray Data (`training.embed`), stages adapter + embeddings, and
+   publishes through the registry's gate (validation NDCG@10 not below the live adapter's minus
+   `gate_tolerance`) with compare-and-swap on the parent version.
+
+Scenes: the adapter of scene S learns to predict the events whose `scene` is S (all events of
+the user still form the history it reads); scene `default` uses every event.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from training.corpus import Corpus, CorpusError, Split, leave_one_out, popularity_log_q, training_windows
+from training.embed import EMBEDDINGS_FILE, embed_catalog, write_embeddings
+from training.inference import ModelScorer
+from training.lm import model_hash, resolve_base_model
+from training.loop import TrainConfig, build_model
+from training.model import ModelConfig
+from training.trainer import FitResult, fit
+
+logger = logging.getLogger(__name__)
+
+ADAPTER_FILE = "adapter.pt"
+DEFAULT_SCENE = "default"
+REPLAY_SEED = 1234
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    scene: str = DEFAULT_SCENE
+    workers: int = 1
+    use_gpu: bool = False
+    incremental: bool = False
+    force: bool = False
+    model_config: ModelConfig = field(default_factory=ModelConfig)
+    train_config: TrainConfig = field(default_factory=TrainConfig)
+    max_failures: int = 2
+    embed_actors: int = 2
+    progress: bool = True
+    publish: bool = True
+
+
+@dataclass
+class TrainOutcome:
+    run_dir: Path
+    published: Any  # registry.VersionInfo | None
+    gate_message: str
+    metrics: dict[str, float]
+    fit: FitResult
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+def scene_masks(corpus: Corpus, scene: str) -> list[np.ndarray] | None:
+    """Per user, which events belong to `scene` (None: every event, the default scene)."""
+    if scene == DEFAULT_SCENE:
+        return None
+    if corpus.scenes is None:
+        raise CorpusError(f"scene {scene!r}: the events carry no scene field")
+    masks = [np.asarray([s == scene for s in sc], dtype=bool) for sc in corpus.scenes]
+    if not any(m.any() for m in masks):
+        raise CorpusError(f"scene {scene!r}: no event has this scene")
+    return masks
+
+
+def new_event_masks(corpus: Corpus, data_window: dict) -> list[np.ndarray]:
+    """Per user, which events are past a parent's data window (offsets when known, else timestamps)."""
+    wms = (data_window.get("watermarks") or {})
+    events_wm = next(iter(wms.values()), None) if len(wms) == 1 else wms.get("events")
+    if corpus.offsets is not None and events_wm:
+        out = []
+        for parts, offs in zip(corpus.partitions, corpus.offsets):
+            wm = np.array([int(events_wm.get(str(int(p)), -1)) for p in parts], dtype=np.int64)
+            out.append(offs > wm)
+        return out
+    max_ts = data_window.get("max_ts")
+    if max_ts is None:
+        return [np.ones(len(s), dtype=bool) for s in corpus.items]
+    return [t > int(max_ts) for t in corpus.ts]
+
+
+def _cut_like(masks: list[np.ndarray], split: Split) -> list[np.ndarray]:
+    return [m[: len(s)] for m, s in zip(masks, split.train_items)]
+
+
+def data_window(corpus: Corpus) -> dict[str, Any]:
+    return {"watermarks": corpus.watermarks, "max_ts": corpus.max_ts(), "events": corpus.n_events,
+            "users": len(corpus.user_ids), "items": len(corpus.catalog)}
+
+
+# --- training on a split ---------------------------------------------------------------------
+
+
+def train_on_split(split: Split, model_config: ModelConfig, train_config: TrainConfig, run_dir: Path, *,
+                   workers: int = 1, use_gpu: bool = False, parent: dict | None = None,
+                   target_masks: list[np.ndarray] | None = None, max_failures: int = 2, progress: bool = True,
+                   ray_address: str | None = None) -> FitResult:
+    corpus = split.corpus
+    counts = split.train_counts()
+    warm = counts > 0
+    if parent is not None:  # items the parent learned stay warm
+        known = set(i for i, w in zip(parent["item_ids"], parent["warm"]) if w)
+        warm |= np.array([i in known for i in corpus.catalog.item_ids], dtype=bool)
+    windows = training_windows(split.train_items, split.train_ts, model_config.max_len,
+                               target_masks=_cut_like(target_masks, split) if target_masks is not None else None,
+                               horizon=train_config.horizon)
+    return fit(windows=windows, item_ids=corpus.catalog.item_ids, item_texts=corpus.catalog.texts, warm=warm,
+               model_config=model_config, train_config=train_config, run_dir=run_dir, workers=workers,
+               use_gpu=use_gpu, parent=parent, log_q=popularity_log_q(counts), max_failures=max_failures,
+               progress=progress, ray_address=ray_address)
+
+
+def scorer_for(adapter: dict, corpus: Corpus, name: str, *, device: str = "cpu") -> ModelScorer:
+    """A scorer over `corpus`'s catalog for an adapter (ID embeddings carried over by item id)."""
+    cfg = ModelConfig.from_dict(adapter["model_config"])
+    known = {i for i, w in zip(adapter["item_ids"], adapter["warm"]) if w}
+    warm = np.array([i in known for i in corpus.catalog.item_ids], dtype=bool)
+    same_catalog = list(adapter["item_ids"]) == corpus.catalog.item_ids
+    model = build_model(cfg, corpus.catalog.texts, warm, parent=adapter,
+                        item_index=None if same_catalog else corpus.catalog.index)
+    return ModelScorer(model, name, device=device)
+
+
+def save_loss_curve(run_dir: Path, history: list[dict]) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    json_path = run_dir / "loss.json"
+    json_path.write_text(json.dumps(history, indent=1))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([h["epoch"] + 1 for h in history], [h["loss"] for h in history], marker="o")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss")
+    ax.set_title("next-item loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    png = run_dir / "loss.png"
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return {"json": json_path, "png": png}
+
+
+def new_run_dir(runs_dir: Path, scene: str) -> Path:
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    path = Path(runs_dir) / f"{scene}-{stamp}"
+    n = 1
+    while path.exists():
+        n += 1
+        path = Path(runs_dir) / f"{scene}-{stamp}-{n}"
+    path.mkdir(parents=True)
+    return path
+
+
+# --- streamrec train -------------------------------------------------------------------------
+
+
+def run_training(settings: Any, req: TrainRequest, corpus: Corpus | None = None) -> TrainOutcome:
+    from streaming.features import load_feature_tables
+    from training.baselines import ItemKNNScorer, PopularScorer
+    from training.evaluation import evaluate, save_report
+    from training.registry import Registry
+
+    if corpus is None:
+        tables = load_feature_tables(settings)
+        if tables is None:
+            raise CorpusError("no feature tables yet: run `streamrec ingest` and `streamrec features` first")
+        corpus = Corpus.from_feature_tables(tables)
+    split = leave_one_out(corpus)
+    registry = Registry(settings.registry_uri)
+    current = registry.current(req.scene)
+    masks = scene_masks(corpus, req.scene)
+    parent = None
+    mcfg = req.model_config
+    if not mcfg.base_model:
+        mcfg = dataclasses.replace(mcfg, base_model=resolve_base_model(settings.base_model))
+    if req.incremental:
+        if current is None:
+            logger.warning("--incremental: scene %r has no live adapter yet; training from scratch", req.scene)
+        else:
+            parent = torch.load(registry.open(req.scene, current.version) / ADAPTER_FILE, weights_only=False)
+            mcfg = ModelConfig.from_dict({**parent["model_config"], "base_model": mcfg.base_model})
+            new = new_event_masks(corpus, current.manifest.get("data_window") or {})
+            rng = np.random.default_rng(REPLAY_SEED)
+            replay = [rng.random(len(m)) < req.train_config.replay_fraction for m in new]
+            inc = [n | r for n, r in zip(new, replay)]
+            masks = inc if masks is None else [a & b for a, b in zip(masks, inc)]
+            n_new = int(sum(m.sum() for m in new))
+            logger.info("incremental from %s: %d new events + replay %.0f%% of older", current.version, n_new,
+                        100 * req.train_config.replay_fraction)
+            if n_new == 0 and not req.force:
+                raise CorpusError(f"no events past {current.version}'s data window: nothing new to train on")
+    run_dir = new_run_dir(settings.runs_dir, req.scene)
+    result = train_on_split(split, mcfg, req.train_config, run_dir, workers=req.workers, use_gpu=req.use_gpu,
+                            parent=parent, target_masks=masks, max_failures=req.max_failures,
+                            progress=req.progress, ray_address=settings.ray_address)
+    save_loss_curve(run_dir, result.history)
+
+    # Evaluation: candidate vs live adapter on the same validation cases; baselines on test.
+    valid, test, live = split.valid, split.test, corpus.catalog.live
+    if masks is not None and req.scene != DEFAULT_SCENE:
+        sm = scene_masks(corpus, req.scene)
+        valid = valid.subset(np.array([sm[u][-2] for u in valid.users], dtype=bool))
+        test = test.subset(np.array([sm[u][-1] for u in test.users], dtype=bool))
+    cand = scorer_for(result.adapter, corpus, "candidate")
+    results: dict[str, dict[str, dict[str, float]]] = {
+        "candidate": {"valid": evaluate(cand, valid, live=live), "test": evaluate(cand, test, live=live)}}
+    current_valid = None
+    if current is not None:
+        try:
+            live_adapter = torch.load(registry.open(req.scene, current.version) / ADAPTER_FILE, weights_only=False)
+            cur = scorer_for(live_adapter, corpus, f"live {current.version}")
+            results[f"live {current.version}"] = {"valid": evaluate(cur, valid, live=live),
+                                                  "test": evaluate(cur, test, live=live)}
+            current_valid = results[f"live {current.version}"]["valid"]["ndcg10"]
+        except Exception as exc:  # a live adapter we cannot even score should not block a good one
+            logger.warning("could not evaluate the live adapter %s (%s); gating against none", current.version, exc)
+    counts = split.train_counts()
+    results["popular"] = {"test": evaluate(PopularScorer(counts), test, live=live)}
+    results["itemknn"] = {"test": evaluate(ItemKNNScorer.fit(split.train_items, len(live)), test, live=live)}
+    metrics = {"val_ndcg10": results["candidate"]["valid"]["ndcg10"],
+               "val_recall10": results["candidate"]["valid"]["recall10"],
+               "test_ndcg10": results["candidate"]["test"]["ndcg10"],
+               "test_recall10": results["candidate"]["test"]["recall10"]}
+    save_report(run_dir, results, meta={"scene": req.scene, "data": data_window(corpus),
+                                        "incremental": bool(parent is not None)})
+
+    published, message = None, "not published (--no-publish)"
+    if req.publish:
+        from training.registry import GateRefused, gate_decision
+
+        ok, message = gate_decision(metrics["val_ndcg10"], current_valid, settings.gate_tolerance)
+        staged = Path(tempfile.mkdtemp(prefix="stage-", dir=run_dir))
+        adapter = dict(result.adapter)
+        adapter["extra"] = {**adapter.get("extra", {}), "item_texts": corpus.catalog.texts,
+                            "item_titles": corpus.catalog.titles}
+        torch.save(adapter, staged / ADAPTER_FILE)
+        if ok or req.force:
+            t0 = time.perf_counter()
+            emb = embed_catalog(staged / ADAPTER_FILE, corpus.catalog.item_ids, corpus.catalog.texts, adapter["warm"],
+                                actors=req.embed_actors, use_gpu=req.use_gpu)
+            write_embeddings(staged / EMBEDDINGS_FILE, corpus.catalog.item_ids, adapter["warm"], emb)
+            logger.info("embedded %d items in %.1f s (Ray Data)", len(emb), time.perf_counter() - t0)
+        manifest = {
+            "base_model": mcfg.base_model, "base_model_sha256": model_hash(mcfg.base_model),
+            "model_config": mcfg.to_dict(), "train_config": req.train_config.to_dict(),
+            "data_window": data_window(corpus), "metrics": metrics, "run_dir": str(run_dir),
+            "workers": req.workers, "use_gpu": req.use_gpu, "incremental": parent is not None,
+        }
+        try:
+            published = registry.publish(req.scene, staged, manifest,
+                                         expected_parent=current.version if current else None,
+                                         gate=(metrics["val_ndcg10"], current_valid),
+                                         tolerance=settings.gate_tolerance, force=req.force)
+            message = f"published {req.scene}/{published.version} ({message})"
+        except GateRefused as exc:
+            message = f"gate refused: {exc}"
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+    (run_dir / "outcome.json").write_text(json.dumps({
+        "published": published.version if published else None, "gate": message, "metrics": metrics,
+        "restored_from_epoch": result.restored_from_epoch, "seconds": result.seconds}, indent=1))
+    return TrainOutcome(run_dir, published, message, metrics, result)
