@@ -116,6 +116,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from streaming.durable import fsync_dir
 from streaming.file_lock import flock_exclusive
 from streaming.offline_log import ITEM_SCHEMA, LogFile, OfflineLog
 from streaming.offline_log import read_table as read_log_table
@@ -294,14 +295,6 @@ def _write_parquet(table: pa.Table, path: str) -> None:
 
 def _read_parquet(path: str, schema: pa.Schema) -> pa.Table:
     return pq.read_table(path, schema=schema)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -671,7 +664,7 @@ def _publish_manifest(features_dir: Path, manifest: dict) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     return features_dir / MANIFEST_NAME
 
 

@@ -27,6 +27,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from streaming.durable import fsync_dir
+
 # The contract's fields (streaming.events) as columns: what a dataset yields and a log row starts with.
 EVENT_FIELDS = pa.schema(
     [
@@ -139,19 +141,12 @@ class OfflineLog:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, final)
-            _fsync_dir(directory)
+            fsync_dir(directory)
         else:
             pq.write_table(table, final, filesystem=self.fs, compression="zstd")
         return LogFile(topic, partition, start, end, final)
 
 
-def _fsync_dir(path: str) -> None:
-    # The rename is durable only once the directory entry is.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_table(log: OfflineLog, files: list[LogFile], schema: pa.Schema) -> pa.Table:

@@ -12,8 +12,6 @@ re-encoding the catalog.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -101,7 +99,3 @@ def read_embeddings(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     dim = col.type.list_size
     emb = col.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32)
     return table.column("item_id").to_pylist(), table.column("warm").to_numpy(zero_copy_only=False), emb
-
-
-def describe(emb: np.ndarray) -> dict[str, Any]:
-    return {"items": int(emb.shape[0]), "dim": int(emb.shape[1])}

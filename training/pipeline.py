@@ -199,7 +199,8 @@ def run_training(settings: Any, req: TrainRequest, corpus: Corpus | None = None)
     split = leave_one_out(corpus)
     registry = Registry(settings.registry_uri)
     current = registry.current(req.scene)
-    masks = scene_masks(corpus, req.scene)
+    in_scene = scene_masks(corpus, req.scene)
+    masks = in_scene
     parent = None
     mcfg = req.model_config
     if not mcfg.base_model:
@@ -228,17 +229,17 @@ def run_training(settings: Any, req: TrainRequest, corpus: Corpus | None = None)
 
     # Evaluation: candidate vs live adapter on the same validation cases; baselines on test.
     valid, test, live = split.valid, split.test, corpus.catalog.live
-    if masks is not None and req.scene != DEFAULT_SCENE:
-        sm = scene_masks(corpus, req.scene)
-        valid = valid.subset(np.array([sm[u][-2] for u in valid.users], dtype=bool))
-        test = test.subset(np.array([sm[u][-1] for u in test.users], dtype=bool))
+    if in_scene is not None:
+        valid = valid.subset(np.array([in_scene[u][-2] for u in valid.users], dtype=bool))
+        test = test.subset(np.array([in_scene[u][-1] for u in test.users], dtype=bool))
     cand = scorer_for(result.adapter, corpus, "candidate")
     results: dict[str, dict[str, dict[str, float]]] = {
         "candidate": {"valid": evaluate(cand, valid, live=live), "test": evaluate(cand, test, live=live)}}
     current_valid = None
     if current is not None:
         try:
-            live_adapter = torch.load(registry.open(req.scene, current.version) / ADAPTER_FILE, weights_only=False)
+            live_adapter = parent if parent is not None else torch.load(
+                registry.open(req.scene, current.version) / ADAPTER_FILE, weights_only=False)
             cur = scorer_for(live_adapter, corpus, f"live {current.version}")
             results[f"live {current.version}"] = {"valid": evaluate(cur, valid, live=live),
                                                   "test": evaluate(cur, test, live=live)}

@@ -87,6 +87,7 @@ from typing import IO, Any, Iterator
 
 import pyarrow.fs as pafs
 
+from streaming.durable import fsync_dir
 from streaming.file_lock import flock_exclusive
 
 MANIFEST = "manifest.json"
@@ -234,15 +235,6 @@ def _crash_point(step: str) -> None:
         os._exit(CRASH_EXIT_CODE)
 
 
-def _fsync_dir(path: Path) -> None:
-    # A rename or a new directory entry is durable only once its directory is fsync'd.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _json_bytes(obj: Any, what: str) -> bytes:
     try:
         return (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
@@ -359,7 +351,7 @@ class _LocalStore:
         _crash_point("before_pointer_replace")
         os.replace(tmp, target)
         _crash_point("after_pointer_replace")
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
 
 
 class _ArrowStore:
@@ -754,7 +746,7 @@ class Registry:
             fh.flush()
             os.fsync(fh.fileno())
         for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
-            _fsync_dir(d)
+            fsync_dir(d)
         _crash_point("after_staging")
         target = scene_dir / version
         try:
@@ -762,7 +754,7 @@ class Registry:
         except OSError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             raise RegistryError(f"scene {scene!r}: cannot move the staged version to {target}: {exc}") from None
-        _fsync_dir(scene_dir)
+        fsync_dir(scene_dir)
         _crash_point("after_move")
         return files
 
@@ -897,7 +889,7 @@ class _SceneLock:
         scene_dir = store.path(self.scene)
         if not scene_dir.is_dir():
             scene_dir.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(scene_dir.parent)  # the first version must not outlive its scene's entry
+            fsync_dir(scene_dir.parent)  # the first version must not outlive its scene's entry
         path = scene_dir / LOCK_FILE
         self.fh = open(path, "a+")
         if not flock_exclusive(self.fh, LOCK_TIMEOUT_S, LOCK_POLL_S):

@@ -200,7 +200,6 @@ def fit(*, windows: dict[str, np.ndarray], item_ids: list[str], item_texts: list
     if parent is not None:
         parent_path = run_dir / "parent.pt"
         torch.save(parent, parent_path)
-    cpus = int(ray.available_resources().get("CPU", 1)) if not use_gpu else 1
     threads = threads_per_worker or max(1, (os.cpu_count() or 1) // max(workers, 1))
     config = {
         "run_dir": str(run_dir), "threads": threads, "model_config": model_config.to_dict(),
@@ -210,7 +209,6 @@ def fit(*, windows: dict[str, np.ndarray], item_ids: list[str], item_texts: list
     }
     # One CPU per worker in Ray's books (the data shard readers need the rest); torch threads as set above.
     per_worker = {"CPU": 1} if not use_gpu else {"CPU": 1, "GPU": 1}
-    del cpus
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
