@@ -30,10 +30,8 @@ class ItemEmbedder:
 
         torch.set_num_threads(threads)
         adapter = torch.load(adapter_path, weights_only=False)
-        # The model needs no catalog texts here (batches bring them): build it over an empty text list
-        # of the right length, so ID embeddings keep their rows.
-        n = len(adapter["item_ids"])
-        self.model = load_adapter_model(adapter, [""] * n)
+        # The batches bring the texts: no catalog to tokenize (ID embeddings keep their rows).
+        self.model = load_adapter_model(adapter, catalog=False)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model.to(self.device)
 

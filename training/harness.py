@@ -6,7 +6,8 @@
 Models: `popular`, `itemknn` (co-visitation), `sasrec_id` (the same sequence head as the
 fine-tuned model, ID embeddings only, trained by the same Ray Train loop), `zeroshot_lm` (the
 base LM without adapters: cosine between the user's recent items' text and every item's text)
-and `finetuned` (LM + LoRA + heads). Protocols: `test` (leave-one-out, all items ranked, seen
+and `finetuned` (LM + LoRA + heads + the co-visitation prior of training/covis.py), with
+`finetuned_neural` -- the same adapter without that prior -- as an ablation row. Protocols: `test` (leave-one-out, all items ranked, seen
 excluded) and `cold` (20% of the items and all their interactions held out of training; users
 whose test item is cold) -- the trained models are trained once per protocol.
 """
@@ -61,7 +62,7 @@ def base_lm_embeddings(texts: list[str], base_model: str, max_tokens: int, progr
 
 def default_configs(base_model: str, epochs: int | None = None) -> tuple[ModelConfig, ModelConfig, TrainConfig]:
     finetuned = ModelConfig(base_model=base_model)
-    sasrec = dataclasses.replace(finetuned, use_text=False, lora=False)
+    sasrec = dataclasses.replace(finetuned, use_text=False, lora=False, covis_prior=False)
     tcfg = TrainConfig()
     if epochs is not None:
         tcfg = dataclasses.replace(tcfg, epochs=epochs)
@@ -87,6 +88,8 @@ def run_harness(corpus: Corpus, *, settings: Any, epochs: int | None = None, wor
     live = corpus.catalog.live
     ref = base_lm_embeddings(corpus.catalog.texts, base, ft_cfg.max_text_tokens, progress)
     results: dict[str, dict[str, dict[str, float]]] = {m: {} for m in models}
+    if "finetuned" in models:
+        results["finetuned_neural"] = {}
     timings: dict[str, float] = {}
     for proto, split in splits.items():
         cases = split.test
@@ -107,6 +110,10 @@ def run_harness(corpus: Corpus, *, settings: Any, epochs: int | None = None, wor
                                  ray_address=getattr(settings, "ray_address", None))
             save_loss_curve(sub, fit.history)
             scorers[name] = scorer_for(fit.adapter, corpus, name)
+            if name == "finetuned" and scorers[name].prior is not None:
+                # ablation: the same adapter without its co-visitation prior
+                scorers["finetuned_neural"] = scorer_for({**fit.adapter, "covis": None}, corpus, "finetuned_neural")
+                timings[f"covis_beta_{proto}"] = scorers[name].prior.beta
             timings[f"train_{name}_{proto}_s"] = time.perf_counter() - t0
         for name, scorer in scorers.items():
             results[name][proto] = evaluate(scorer, cases, live=live, ref_embeddings=ref, progress=False)

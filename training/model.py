@@ -68,6 +68,9 @@ class ModelConfig:
     id_dropout: float = field(default=0.3, metadata={"help": "training-time probability of hiding an item's ID embedding"})
     temperature: float = field(default=0.05, metadata={"help": "softmax temperature of the cosine scores"})
     query_weight: float = field(default=0.5, metadata={"help": "weight of a text query blended into the user embedding"})
+    warm_negatives: bool = field(default=True, metadata={"help": "full softmax over warm items only: an item nobody has interacted with yet is no evidence against it"})
+    new_item_calibration: bool = field(default=True, metadata={"help": "scoring: give new items each user's share of new items in their recent history (training/calibration.py)"})
+    covis_prior: bool = field(default=True, metadata={"help": "add the co-visitation prior (training/covis.py), its weight tuned on validation"})
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -90,11 +93,15 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
 class Recommender(nn.Module):
     """Item tower + user tower. Item index i of the catalog is row i + 1 of every table (0 = padding)."""
 
-    def __init__(self, cfg: ModelConfig, item_texts: Sequence[str], warm: np.ndarray, *,
+    def __init__(self, cfg: ModelConfig, item_texts: Sequence[str] | None, warm: np.ndarray, *,
                  text_encoder: TextEncoder | None = None) -> None:
+        """`item_texts=None`: no catalog is tokenized and there is no text cache -- for serving and
+        batch embedding, which bring their own item vectors or texts (`item_table` then fails)."""
         super().__init__()
         self.cfg = cfg
-        n = len(item_texts)
+        n = len(warm)
+        if item_texts is not None and len(item_texts) != n:
+            raise ValueError(f"{len(item_texts)} item texts for {n} items")
         self.n_items = n
         self.text: TextEncoder | None = None
         if cfg.use_text:
@@ -102,12 +109,15 @@ class Recommender(nn.Module):
                 cfg.base_model, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                 lora_layers=cfg.lora_layers, lora_targets=cfg.lora_targets, max_tokens=cfg.max_text_tokens,
                 lora=cfg.lora)
-            tokens = self.text.tokenize(list(item_texts)) if n else {
-                "input_ids": torch.zeros(0, cfg.max_text_tokens, dtype=torch.long),
-                "attention_mask": torch.zeros(0, cfg.max_text_tokens, dtype=torch.long)}
-            self.register_buffer("item_input_ids", tokens["input_ids"], persistent=False)
-            self.register_buffer("item_attention", tokens["attention_mask"], persistent=False)
-            self.register_buffer("text_cache", torch.zeros(n + 1, self.text.hidden_size), persistent=False)
+            if item_texts is not None:
+                tokens = self.text.tokenize(list(item_texts)) if n else {
+                    "input_ids": torch.zeros(0, cfg.max_text_tokens, dtype=torch.long),
+                    "attention_mask": torch.zeros(0, cfg.max_text_tokens, dtype=torch.long)}
+                self.register_buffer("item_input_ids", tokens["input_ids"], persistent=False)
+                self.register_buffer("item_attention", tokens["attention_mask"], persistent=False)
+                self.register_buffer("text_cache", torch.zeros(n + 1, self.text.hidden_size), persistent=False)
+            else:
+                self.item_input_ids = self.item_attention = self.text_cache = None
             self.text_proj = nn.Linear(self.text.hidden_size, cfg.dim)
         self.id_emb = nn.Embedding(n + 1, cfg.dim, padding_idx=0) if cfg.id_embeddings or not cfg.use_text else None
         if self.id_emb is not None:
@@ -135,6 +145,8 @@ class Recommender(nn.Module):
         """Re-encode every item's text with the current LoRA weights (no gradients)."""
         if self.text is None or self.n_items == 0:
             return
+        if self.item_input_ids is None:
+            raise ValueError("this model was built without item texts (serving mode): it has no catalog to encode")
         was_training = self.training
         self.eval()
         for start in range(0, self.n_items, ENCODE_BATCH):
@@ -232,6 +244,10 @@ class Recommender(nn.Module):
         mode = loss if loss != "auto" else ("full" if self.n_items <= FULL_SOFTMAX_MAX_ITEMS else "sampled")
         if mode == "full":
             logits = s @ table.T / self.cfg.temperature
+            if self.cfg.warm_negatives:
+                # Never-interacted items are only ever negatives here; the text path would learn to
+                # bury exactly the items that must work from text alone (cold-start recall ~0).
+                logits = logits.masked_fill(self.warm.unsqueeze(0) == 0, float("-inf"))
             # No logQ term here: the full softmax has no sampling bias to correct, and adding
             # -log p(i) boosted never-seen (cold) items in training, which the model learned to
             # bury -- cold-start recall fell to 0 on MovieLens-100K.

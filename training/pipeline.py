@@ -40,6 +40,7 @@ import torch
 
 from training.corpus import Corpus, CorpusError, Split, leave_one_out, popularity_log_q, training_windows
 from training.embed import EMBEDDINGS_FILE, embed_catalog, write_embeddings
+from training.covis import CovisPrior, tune_beta
 from training.inference import ModelScorer
 from training.lm import model_hash, resolve_base_model
 from training.loop import TrainConfig, build_model
@@ -133,21 +134,60 @@ def train_on_split(split: Split, model_config: ModelConfig, train_config: TrainC
     windows = training_windows(split.train_items, split.train_ts, model_config.max_len,
                                target_masks=_cut_like(target_masks, split) if target_masks is not None else None,
                                horizon=train_config.horizon)
-    return fit(windows=windows, item_ids=corpus.catalog.item_ids, item_texts=corpus.catalog.texts, warm=warm,
-               model_config=model_config, train_config=train_config, run_dir=run_dir, workers=workers,
-               use_gpu=use_gpu, parent=parent, log_q=popularity_log_q(counts), max_failures=max_failures,
-               progress=progress, ray_address=ray_address)
+    result = fit(windows=windows, item_ids=corpus.catalog.item_ids, item_texts=corpus.catalog.texts, warm=warm,
+                 model_config=model_config, train_config=train_config, run_dir=run_dir, workers=workers,
+                 use_gpu=use_gpu, parent=parent, log_q=popularity_log_q(counts), max_failures=max_failures,
+                 progress=progress, ray_address=ray_address)
+    if model_config.covis_prior:
+        attach_covis_prior(result.adapter, split)
+    return result
+
+
+def attach_covis_prior(adapter: dict, split: Split) -> CovisPrior:
+    """Fit the co-visitation prior on `split`'s training sequences, choose its weight on the
+    validation cases (see training/covis.py) and store it in `adapter["covis"]`."""
+    from training.evaluation import candidate_mask, target_ranks
+
+    corpus = split.corpus
+    base = scorer_for({**adapter, "covis": None}, corpus, "tuning")
+    prior = CovisPrior.fit(split.train_items, len(corpus.catalog))
+    valid, live = split.valid, corpus.catalog.live
+    if len(valid) == 0:
+        prior.beta = 0.0
+    else:
+        neural = base.neural_scores(valid.histories, valid.history_ts, valid.target_ts)
+        prior.beta = 1.0
+        boost = prior.boost(valid.histories, valid.history_ts, valid.target_ts)
+        cand = candidate_mask(valid.histories, live, True)
+
+        def full_mrr(beta: float) -> float:
+            ranks = target_ranks(base.finish(neural + beta * boost, valid.histories), valid.targets, cand)
+            return float(np.mean(1.0 / (1.0 + ranks)))
+
+        prior.beta, prior.tuning = tune_beta(full_mrr)
+    logger.info("co-visitation prior: beta %.3g (validation full-ranking MRR by beta: %s)", prior.beta, prior.tuning)
+    adapter["covis"] = prior.to_dict()
+    return prior
 
 
 def scorer_for(adapter: dict, corpus: Corpus, name: str, *, device: str = "cpu") -> ModelScorer:
-    """A scorer over `corpus`'s catalog for an adapter (ID embeddings carried over by item id)."""
+    """A scorer over `corpus`'s catalog for an adapter (ID embeddings and the co-visitation prior
+    carried over by item id)."""
     cfg = ModelConfig.from_dict(adapter["model_config"])
     known = {i for i, w in zip(adapter["item_ids"], adapter["warm"]) if w}
     warm = np.array([i in known for i in corpus.catalog.item_ids], dtype=bool)
     same_catalog = list(adapter["item_ids"]) == corpus.catalog.item_ids
     model = build_model(cfg, corpus.catalog.texts, warm, parent=adapter,
                         item_index=None if same_catalog else corpus.catalog.index)
-    return ModelScorer(model, name, device=device)
+    scorer = ModelScorer(model, name, device=device)
+    if adapter.get("covis"):
+        if same_catalog:
+            prior = CovisPrior.from_dict(adapter["covis"])
+        else:
+            index_map = np.array([corpus.catalog.index.get(i, -1) for i in adapter["item_ids"]], dtype=np.int64)
+            prior = CovisPrior.from_dict(adapter["covis"], index_map, len(corpus.catalog))
+        scorer.prior = prior
+    return scorer
 
 
 def save_loss_curve(run_dir: Path, history: list[dict]) -> dict[str, Path]:

@@ -241,15 +241,21 @@ def fit(*, windows: dict[str, np.ndarray], item_ids: list[str], item_texts: list
     return FitResult(adapter=state["adapter"], history=state["history"], seconds=seconds, restored_from_epoch=restored)
 
 
-def load_adapter_model(adapter: dict, item_texts: list[str] | None = None, *, base_model: str | None = None):
-    """Rebuild a `Recommender` from an adapter dict (for evaluation, embedding and serving)."""
+def load_adapter_model(adapter: dict, item_texts: list[str] | None = None, *, base_model: str | None = None,
+                       catalog: bool = True):
+    """Rebuild a `Recommender` from an adapter dict (for evaluation, embedding and serving).
+
+    `catalog=False`: skip tokenizing the catalog (serving and batch embedding bring their own
+    vectors or texts; at 100,000 items tokenizing alone takes seconds)."""
     from training.model import Recommender
 
     cfg = ModelConfig.from_dict(adapter["model_config"])
     if base_model is not None:
         cfg = ModelConfig.from_dict({**cfg.to_dict(), "base_model": base_model})
     texts = item_texts if item_texts is not None else adapter.get("extra", {}).get("item_texts")
-    if texts is None:
+    if not catalog:
+        texts = None
+    elif texts is None:
         raise ValueError("the item texts are needed to rebuild the model")
     model = Recommender(cfg, texts, np.asarray(adapter["warm"], dtype=bool))
     load_state(model, adapter)
