@@ -9,6 +9,7 @@
     streamrec train [--incremental] [--scene S] [--workers N] [--gpu]   # LoRA fine-tuning -> registry
     streamrec evaluate [--dataset ml-100k]  # every model and baseline, leave-one-out + cold start
     streamrec registry list|show|rollback   # published adapters per scene
+    streamrec serve [--port 8000]           # the HTTP API on Ray Serve, following the registry
     streamrec config                        # every setting, its variable and current value
 
 Every command reads the one settings object (`streaming.settings`); a bad value exits with
@@ -434,6 +435,46 @@ def evaluate(
 
 
 # --- dlq -----------------------------------------------------------------------------------
+@app.command()
+def serve(
+    port: Optional[int] = typer.Option(None, min=1, max=65535, help="HTTP port (default: STREAMREC_SERVE_PORT, 8000)."),
+    host: str = typer.Option("127.0.0.1", help="Address the HTTP proxy binds (0.0.0.0 to expose it)."),
+    host_replicas: int = typer.Option(1, min=1, max=64, help="Replicas of the adapter host deployment."),
+) -> None:
+    """Serve recommendations over HTTP (Ray Serve + FAISS), following the adapter registry.
+
+    Needs a published adapter (`streamrec train`) and the online store (Redis; the embedded one
+    is started when STREAMREC_REDIS_URL is unset). Ctrl-C stops the application.
+    """
+    _setup_logging()
+    settings = _settings(serve_port=port)
+    settings = _with_stack(settings)
+
+    def run() -> None:
+        from ray import serve as ray_serve
+
+        from services.serve_app import build_app
+        from streaming.settings import settings_env
+        from training.registry import Registry
+        from training.trainer import ensure_ray
+
+        if not Registry(settings.registry_uri).scenes():
+            raise _fail(f"no adapter in the registry {settings.registry_uri}: run `streamrec train` first")
+        ensure_ray(settings.ray_address)
+        ray_serve.start(http_options={"host": host, "port": settings.serve_port})
+        ray_serve.run(build_app(settings_env(settings), host_replicas=host_replicas), name="streamrec",
+                      route_prefix="/")
+        typer.echo(f"API: http://{host}:{settings.serve_port}/v1/recommendations  docs: "
+                   f"http://{host}:{settings.serve_port}/docs  (Ctrl-C stops)")
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+        ray_serve.shutdown()
+
+    _guard(run)
+
+
 @app.command()
 def dlq(
     limit: int = typer.Option(20, min=1, help="Show at most this many records."),

