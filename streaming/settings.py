@@ -139,16 +139,9 @@ class Settings(BaseSettings):
     )
     serve_port: int = Field(default=8000, ge=1, le=65535, description="HTTP port of the Ray Serve proxy.")
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("event_types", "api_keys", mode="before")
     @classmethod
-    def _split_keys(cls, v: object) -> object:
-        if isinstance(v, str):
-            return tuple(k.strip() for k in v.split(",") if k.strip())
-        return v
-
-    @field_validator("event_types", mode="before")
-    @classmethod
-    def _split_types(cls, v: object) -> object:
+    def _split_commas(cls, v: object) -> object:
         if isinstance(v, str):
             return tuple(t.strip() for t in v.split(",") if t.strip())
         return v
