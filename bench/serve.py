@@ -24,7 +24,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import sys
 import tempfile
 import threading
@@ -43,12 +42,6 @@ USERS = 1_000
 HISTORY = 20
 CONCURRENCY = (1, 2, 4, 8, 16, 32)
 READY_TIMEOUT_S = 180.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def _closed_loop(url: str, concurrency: int, duration_s: float, params_of) -> tuple[float, np.ndarray, int]:
@@ -136,7 +129,7 @@ def main() -> int:
     from ray import serve
 
     from services.serve_app import build_app
-    from services.stack import EmbeddedStack
+    from services.stack import EmbeddedStack, _free_port
     from services.synthetic_adapter import publish_synthetic_adapter, synthetic_catalog
     from streaming.settings import load_settings, settings_env
     from training.registry import Registry

@@ -10,12 +10,14 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from training.registry import NAME_RE
+
 MAX_K = 100
 DEFAULT_K = 10
 MAX_QUERY_CHARS = 512
 MAX_RECENT_ITEMS = 200
 MAX_ID_CHARS = 256
-SCENE_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
+SCENE_PATTERN = NAME_RE.pattern  # a scene is a registry name
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS, strip_whitespace=True)]
 Scene = Annotated[str, StringConstraints(pattern=SCENE_PATTERN)]
@@ -68,5 +70,5 @@ class ErrorBody(BaseModel):
     detail: object | None = None
 
 
-__all__ = ["DEFAULT_K", "ErrorBody", "Filters", "MAX_K", "MAX_QUERY_CHARS", "MAX_RECENT_ITEMS", "RecommendRequest",
+__all__ = ["DEFAULT_K", "ErrorBody", "Filters", "MAX_ID_CHARS", "MAX_K", "MAX_QUERY_CHARS", "MAX_RECENT_ITEMS", "RecommendRequest",
            "RecommendResponse", "SCENE_PATTERN", "ScoredItem", "SimilarResponse"]

@@ -31,8 +31,7 @@ class SearchResult:
 
 
 class ItemIndex:
-    def __init__(self, item_ids: list[str], vectors: np.ndarray, *, exact_max_items: int = EXACT_MAX_ITEMS,
-                 threads: int | None = None) -> None:
+    def __init__(self, item_ids: list[str], vectors: np.ndarray, *, exact_max_items: int = EXACT_MAX_ITEMS) -> None:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or len(vectors) != len(item_ids):
             raise ValueError(f"embeddings of shape {vectors.shape} do not match {len(item_ids)} item ids")
@@ -40,8 +39,6 @@ class ItemIndex:
             raise ValueError("duplicate item ids in the embeddings")
         if not np.isfinite(vectors).all():
             raise ValueError("embeddings contain NaN or infinite values")
-        if threads:
-            faiss.omp_set_num_threads(threads)
         self.dim = vectors.shape[1]
         self.exact = len(item_ids) <= exact_max_items
         if self.exact:
@@ -103,7 +100,7 @@ class ItemIndex:
         """Top-`k` items by inner product for each query row, skipping tombstones and `exclude[b]`."""
         q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
         with self._lock:
-            extra = int(self.dead.sum()) + max((len(e) for e in exclude), default=0) if exclude else int(self.dead.sum())
+            extra = int(self.dead.sum()) + max((len(e) for e in exclude or ()), default=0)
             fetch = min(k + extra, len(self.item_ids))
             if fetch == 0:
                 return SearchResult([[] for _ in range(len(q))], np.full((len(q), k), -np.inf, dtype=np.float32))

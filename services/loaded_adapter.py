@@ -15,7 +15,6 @@ candidates when the adapter has one (training/covis.py) -> top-k.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +24,9 @@ import numpy as np
 import torch
 
 from services.item_index import ItemIndex
-from training.corpus import gap_bucket
-from training.calibration import HISTORY_ITEMS
-from training.covis import COVIS_SCALE, CovisPrior
+from training.calibration import HISTORY_ITEMS, new_item_lift, new_item_slots
+from training.corpus import history_features
+from training.covis import CovisPrior
 from training.embed import EMBEDDINGS_FILE, read_embeddings
 from training.pipeline import ADAPTER_FILE
 
@@ -47,12 +46,10 @@ class LoadedAdapter:
     model: "torch.nn.Module"
     index: ItemIndex
     titles: dict[str, str]
-    texts: dict[str, str]
     prior: CovisPrior | None
     prior_rows: dict[str, int]  # item id -> row of the prior's catalog
     new_rows: set[int] = field(default_factory=set)  # index rows of items the adapter has no interactions for
     loaded_s: float = 0.0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def model_id(self) -> str:
@@ -60,8 +57,7 @@ class LoadedAdapter:
 
     # --- loading -----------------------------------------------------------------------------
     @classmethod
-    def load(cls, registry, scene: str, version: str, *, base_model: str | None = None,
-             threads: int | None = None) -> "LoadedAdapter":
+    def load(cls, registry, scene: str, version: str, *, base_model: str | None = None) -> "LoadedAdapter":
         from training.registry import RegistryError
         from training.trainer import load_adapter_model
 
@@ -91,18 +87,16 @@ class LoadedAdapter:
             raise AdapterLoadError(f"{scene}/{version}: item embeddings have shape {emb.shape}, the model needs "
                                    f"(n, {dim})")
         try:
-            index = ItemIndex(item_ids, emb, threads=threads)
+            index = ItemIndex(item_ids, emb)
         except ValueError as exc:
             raise AdapterLoadError(f"{scene}/{version}: {exc}") from exc
-        extra = adapter.get("extra", {})
         ids = list(adapter["item_ids"])
-        titles = dict(zip(ids, extra.get("item_titles") or [])) if extra.get("item_titles") else {}
-        texts = dict(zip(ids, extra.get("item_texts") or [])) if extra.get("item_texts") else {}
+        titles = dict(zip(ids, adapter.get("extra", {}).get("item_titles") or []))
         prior = CovisPrior.from_dict(adapter["covis"]) if adapter.get("covis") else None
         if prior is not None and prior.beta <= 0:
             prior = None
         new_rows = {r for r, w in enumerate(np.asarray(warm, dtype=bool)) if not w}
-        return cls(scene, version, model, index, titles, texts, prior, {i: r for r, i in enumerate(ids)},
+        return cls(scene, version, model, index, titles, prior, {i: r for r, i in enumerate(ids)},
                    new_rows=new_rows, loaded_s=time.perf_counter() - t0)
 
     # --- catalog changes ---------------------------------------------------------------------
@@ -116,7 +110,6 @@ class LoadedAdapter:
         vec = self.embed_texts([text])[0]
         self.index.upsert(item_id, vec)
         self.new_rows.add(self.index.row[item_id])
-        self.texts[item_id] = text
         if title:
             self.titles[item_id] = title
 
@@ -128,19 +121,14 @@ class LoadedAdapter:
     def user_vectors(self, histories: Sequence[Sequence[str]], history_ts: Sequence[Sequence[int]],
                      queries: Sequence[str | None]) -> np.ndarray:
         """(B, dim) user embeddings from recent item ids (oldest first) and optional text queries."""
-        cfg = self.model.cfg
         index = self.index
-        b, max_len = len(histories), cfg.max_len
-        inputs = np.zeros((b, max_len), dtype=np.int64)
-        gaps = np.zeros((b, max_len), dtype=np.int64)
-        for r, (h, ts) in enumerate(zip(histories, history_ts)):
-            keep = [j for j, i in enumerate(h) if i in index.row and not index.dead[index.row[i]]][-max_len:]
-            if not keep:
-                continue
-            rr = np.asarray([index.row[h[j]] for j in keep], dtype=np.int64) + 1
-            tt = np.asarray([ts[j] for j in keep], dtype=np.int64)
-            inputs[r, -len(rr):] = rr
-            gaps[r, -len(rr):] = gap_bucket(np.diff(tt, prepend=tt[0]))
+        rows, stamps = [], []
+        for h, ts in zip(histories, history_ts):
+            keep = [j for j, i in enumerate(h) if i in index.row and not index.dead[index.row[i]]]
+            rows.append(np.asarray([index.row[h[j]] for j in keep], dtype=np.int64))
+            stamps.append(np.asarray([ts[j] for j in keep], dtype=np.int64))
+        # the same features as training and evaluation (gaps included), over the index's rows
+        inputs, gaps = history_features(rows, stamps, np.zeros(len(rows), dtype=np.int64), self.model.cfg.max_len)
         table = torch.cat([torch.zeros(1, index.dim), torch.from_numpy(index.vectors)])
         users = self.model.user_embedding(torch.from_numpy(inputs), torch.from_numpy(gaps), table)
         qs = [(r, q) for r, q in enumerate(queries) if q]
@@ -155,11 +143,13 @@ class LoadedAdapter:
         users = self.user_vectors(histories, history_ts, queries)
         fetch = max(k, CANDIDATES) if self.prior is not None else k
         found = self.index.search(users, fetch, exclude)
+        boost = self._prior_boost(histories) if self.prior is not None else None
         out_ids, out_scores = [], []
         for b, (ids, scores) in enumerate(zip(found.item_ids, found.scores)):
             s = scores[:len(ids)].astype(np.float64)
-            if self.prior is not None and ids:
-                s = s + self._prior_boost(histories[b], ids)
+            if boost is not None and ids:
+                rows = np.array([self.prior_rows.get(c, -1) for c in ids])
+                s = s + np.where(rows >= 0, boost[b, rows], 0.0)
             ids, s = self._calibrate_new(users[b], histories[b], ids, s, k, exclude[b])
             order = np.argsort(-s, kind="stable")[:k]
             out_ids.append([ids[j] for j in order])
@@ -173,9 +163,9 @@ class LoadedAdapter:
         New items are scored exhaustively (they are few) so they need not have made FAISS' top-N."""
         index = self.index
         recent = [index.row[i] for i in list(history)[-HISTORY_ITEMS:] if i in index.row]
-        if not recent or not self.new_rows:
+        if not self.new_rows:
             return ids, s
-        m = int(round(k * sum(r in self.new_rows for r in recent) / len(recent)))
+        m = new_item_slots([r in self.new_rows for r in recent], k)
         if m == 0:
             return ids, s
         rows = np.array(sorted(r for r in self.new_rows if not index.dead[r] and index.item_ids[r] not in exclude),
@@ -183,35 +173,22 @@ class LoadedAdapter:
         if len(rows) == 0:
             return ids, s
         new_scores = index.vectors[rows] @ user
-        top = rows[np.argsort(-new_scores)[:m]]
-        top_scores = np.sort(new_scores)[::-1][:m].astype(np.float64)
+        best = np.argsort(-new_scores)[:m]
+        top, top_scores = rows[best], new_scores[best].astype(np.float64)
         new_ids = {index.item_ids[r] for r in top}
         known = [(i, v) for i, v in zip(ids, s) if i not in new_ids and index.row.get(i) not in self.new_rows]
-        known.sort(key=lambda t: -t[1])
-        slots = k - len(top)
-        if slots > 0 and len(known) >= slots:
-            lift = max(0.0, known[slots - 1][1] - top_scores[-1] + 1e-6)
-        elif slots == 0 and known:
-            lift = max(0.0, known[0][1] - top_scores[-1] + 1e-6)
-        else:
-            lift = 0.0
+        lift = new_item_lift(np.array([v for _, v in known], dtype=np.float64), top_scores, m, k)
         merged_ids = [i for i, _ in known] + [index.item_ids[r] for r in top]
         merged = np.array([v for _, v in known] + list(top_scores + lift))
         return merged_ids, merged
 
-    def _prior_boost(self, history: Sequence[str], candidates: list[str]) -> np.ndarray:
+    def _prior_boost(self, histories: Sequence[Sequence[str]]) -> np.ndarray:
+        """(B, n_items of the prior's catalog) the co-visitation prior of each user's recent items."""
         prior = self.prior
         assert prior is not None
-        knn = prior.knn
-        recent = [self.prior_rows[i] for i in list(history)[-knn.last_n:] if i in self.prior_rows]
-        boost = np.zeros(len(candidates))
-        if not recent:
-            return boost
-        cand_rows = np.array([self.prior_rows.get(c, -1) for c in candidates])
-        ok = cand_rows >= 0
-        raw = knn.score([np.asarray(recent)], [np.zeros(len(recent))], np.zeros(1))[0]
-        boost[ok] = prior.beta * np.log1p(COVIS_SCALE * raw[cand_rows[ok]])
-        return boost
+        recent = [np.asarray([self.prior_rows[i] for i in h if i in self.prior_rows], dtype=np.int64)
+                  for h in histories]
+        return prior.boost(recent, [np.zeros(len(r)) for r in recent], np.zeros(len(recent)))
 
     def similar(self, item_id: str, k: int) -> tuple[list[str], list[float]] | None:
         vec = self.index.vector(item_id)

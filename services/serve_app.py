@@ -1,6 +1,6 @@
 """The recommendation API: a Ray Serve application with a FastAPI ingress.
 
-    streamrec serve            # or: serve run services.serve_app:app (settings from the environment)
+    streamrec serve            # or: serve run services.serve_app:app_builder (settings from the environment)
 
 Two deployments:
 
@@ -24,7 +24,6 @@ import logging
 import time
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -32,7 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from ray import serve
 
 from services.api_schema import (
-    DEFAULT_K, MAX_K, RecommendRequest, RecommendResponse, ScoredItem, SimilarResponse,
+    DEFAULT_K, MAX_ID_CHARS, MAX_K, SCENE_PATTERN, RecommendRequest, RecommendResponse, ScoredItem, SimilarResponse,
 )
 
 logger = logging.getLogger(__name__)
@@ -87,7 +86,6 @@ class AdapterHost:
         self.loaded: dict[str, Any] = {}  # model id -> LoadedAdapter (mirrors the multiplex cache)
         self._live: set[str] | None = None
         self._catalog_task = asyncio.get_event_loop().create_task(self._follow_catalog())
-        self._catalog_error: str | None = None
 
     @serve.multiplexed(max_num_models_per_replica=MAX_MODELS_PER_REPLICA)
     async def get_model(self, model_id: str):
@@ -146,10 +144,8 @@ class AdapterHost:
             await asyncio.sleep(CATALOG_POLL_S)
             try:
                 live = await asyncio.to_thread(self._live_items)
-            except Exception as exc:
-                self._catalog_error = f"{type(exc).__name__}: {exc}"
-                continue
-            self._catalog_error = None
+            except Exception:
+                continue  # Redis down: try again next tick
             prev, self._live = self._live, live
             if prev is None:
                 continue
@@ -253,7 +249,6 @@ class Api:
         self.refused: dict[str, set[str]] = {}  # scene -> versions that failed to load
         self.pins: dict[str, str] = {}
         self.popular: list[tuple[str, float]] = []
-        self.titles: dict[str, str] = {}
         self.api_keys = set(getattr(self.settings, "api_keys", ()) or ())
         self._followers = [asyncio.get_event_loop().create_task(self._follow_registry()),
                            asyncio.get_event_loop().create_task(self._follow_popularity())]
@@ -337,9 +332,9 @@ class Api:
                 "refused": {s: sorted(v) for s, v in self.refused.items() if v}}
 
     @api.get("/v1/recommendations", response_model=RecommendResponse)
-    async def recommend_get(self, request: Request, user_id: str = Query(..., min_length=1, max_length=256),
+    async def recommend_get(self, request: Request, user_id: str = Query(..., min_length=1, max_length=MAX_ID_CHARS),
                             k: int = Query(DEFAULT_K, ge=1, le=MAX_K),
-                            scene: str = Query("default", pattern=r"^[A-Za-z0-9._-]{1,64}$"),
+                            scene: str = Query("default", pattern=SCENE_PATTERN),
                             exclude_seen: bool = True) -> Any:
         self._auth(request)
         body = RecommendRequest(user_id=user_id, k=k, scene=scene, exclude_seen=exclude_seen)
@@ -352,7 +347,7 @@ class Api:
 
     @api.get("/v1/items/{item_id}/similar", response_model=SimilarResponse)
     async def similar(self, request: Request, item_id: str, k: int = Query(DEFAULT_K, ge=1, le=MAX_K),
-                      scene: str = Query("default", pattern=r"^[A-Za-z0-9._-]{1,64}$")) -> Any:
+                      scene: str = Query("default", pattern=SCENE_PATTERN)) -> Any:
         self._auth(request)
         t0 = time.perf_counter()
         version = self._version(scene)
@@ -396,16 +391,10 @@ class Api:
                 history = [m.decode() for m, _ in raw]
                 history_ts = [int(s) for _, s in raw]
         except Exception as exc:
-            self.metrics.fallbacks.labels("popular").inc()
             logger.warning("Redis unavailable (%s): popularity fallback", type(exc).__name__)
-            out = self._popular_answer(body, set(), "popular")
-            self._observe(route, 200, t0)
-            return out
+            return self._fallback(route, t0, "popular", self._popular_answer(body, set(), "popular"))
         if not history and not body.query:
-            self.metrics.fallbacks.labels("trending").inc()
-            out = await self._trending_answer(body)
-            self._observe(route, 200, t0)
-            return out
+            return self._fallback(route, t0, "trending", await self._trending_answer(body))
         exclude = set(body.filters.exclude_items) if body.filters else set()
         if body.exclude_seen:
             exclude |= set(history)
@@ -415,16 +404,18 @@ class Api:
                 history, history_ts, body.query, want * (4 if body.filters and body.filters.genres else 1),
                 sorted(exclude))
         except Exception as exc:
-            self.metrics.fallbacks.labels("popular").inc()
             logger.error("model call failed (%s): popularity fallback", exc)
-            out = self._popular_answer(body, exclude, "popular")
-            self._observe(route, 200, t0)
-            return out
+            return self._fallback(route, t0, "popular", self._popular_answer(body, exclude, "popular"))
         items = got["items"]
         if body.filters and body.filters.genres:
             items = [it for it in items if self._matches(it["item_id"], body.filters.genres)]
         self._observe(route, 200, t0)
         return {"items": items[:want], "scene": body.scene, "version": got["version"], "fallback": None}
+
+    def _fallback(self, route: str, t0: float, kind: str, answer: dict) -> dict:
+        self.metrics.fallbacks.labels(kind).inc()
+        self._observe(route, 200, t0)
+        return answer
 
     def _matches(self, item_id: str, genres: list[str]) -> bool:
         try:

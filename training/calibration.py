@@ -24,6 +24,27 @@ TOP_K = 10
 LIFT_EPS = 1e-6
 
 
+def new_item_slots(recent_is_new: Sequence[bool], k: int = TOP_K) -> int:
+    """How many of the top `k` go to new items: round(k * their share of the recent interactions)."""
+    return int(round(k * float(np.mean(recent_is_new)))) if len(recent_is_new) else 0
+
+
+def new_item_lift(known: np.ndarray, new: np.ndarray, m: int, k: int = TOP_K) -> float:
+    """The shift of every new item's score that puts the `m`-th best of `new` just above the
+    (k - m)-th best of `known`, so the top `k` holds the `m` best new items (0 when they are
+    there already, or when every known item fits in the top `k` anyway). -inf scores are ignored."""
+    known = known[np.isfinite(known)]
+    new = new[np.isfinite(new)]
+    m = min(m, len(new))
+    slots_known = k - m
+    if m == 0 or slots_known >= len(known):
+        return 0.0
+    mth_new = -np.partition(-new, m - 1)[m - 1]
+    # the (k - m)-th best known item stays at rank k; with no slots for known items, all go below
+    threshold = known.max() if slots_known == 0 else -np.partition(-known, slots_known - 1)[slots_known - 1]
+    return max(0.0, float(threshold - mth_new + LIFT_EPS))
+
+
 def calibrate_new_items(scores: np.ndarray, histories: Sequence[np.ndarray], new: np.ndarray, *, k: int = TOP_K,
                         history_items: int = HISTORY_ITEMS) -> np.ndarray:
     """Return `scores` (B, n_items) with new items (`new`, bool n_items) shifted per user as above.
@@ -37,31 +58,15 @@ def calibrate_new_items(scores: np.ndarray, histories: Sequence[np.ndarray], new
     out = scores.copy()
     for r, hist in enumerate(histories):
         hist = np.asarray(hist, dtype=np.int64)
-        recent = hist[-history_items:]
-        if len(recent) == 0:
-            continue
-        m = int(round(k * float(new[recent].mean())))
+        m = new_item_slots(new[hist[-history_items:]], k)
         if m == 0:
             continue
         row = scores[r].astype(np.float64, copy=True)
         row[hist] = -np.inf
-        cand_new = row[new]
-        cand_new = cand_new[np.isfinite(cand_new)]
-        cand_old = row[~new]
-        cand_old = cand_old[np.isfinite(cand_old)]
-        if len(cand_new) == 0:
-            continue
-        m = min(m, len(cand_new))
-        slots_old = k - m
-        if slots_old >= len(cand_old) or slots_old < 0:
-            continue  # room for every known item anyway
-        mth_new = -np.partition(-cand_new, m - 1)[m - 1]
-        # the (k - m)-th best known item stays at rank k; with no slots for known items, all go below
-        threshold = cand_old.max() if slots_old == 0 else -np.partition(-cand_old, slots_old - 1)[slots_old - 1]
-        lift = threshold - mth_new + LIFT_EPS
+        lift = new_item_lift(row[~new], row[new], m, k)
         if lift > 0:
             out[r, new] = out[r, new] + lift
     return out
 
 
-__all__ = ["HISTORY_ITEMS", "TOP_K", "calibrate_new_items"]
+__all__ = ["HISTORY_ITEMS", "TOP_K", "calibrate_new_items", "new_item_lift", "new_item_slots"]

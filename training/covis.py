@@ -48,10 +48,15 @@ class CovisPrior:
     def fit(cls, train_items: Sequence[np.ndarray], n_items: int, *, beta: float = 0.0) -> "CovisPrior":
         return cls(ItemKNNScorer.fit(train_items, n_items, max_neighbors=MAX_NEIGHBORS), beta)
 
-    def boost(self, histories: Sequence[np.ndarray], history_ts: Sequence[np.ndarray], now_ts: np.ndarray) -> np.ndarray:
-        """(B, n_items) beta * log1p(COVIS_SCALE * covis); zero when beta is 0."""
+    def feature(self, histories: Sequence[np.ndarray], history_ts: Sequence[np.ndarray], now_ts: np.ndarray
+                ) -> np.ndarray:
+        """(B, n_items) log1p(COVIS_SCALE * covis): the prior before its weight."""
         k = self.knn.score(list(histories), list(history_ts), now_ts)
-        return (self.beta * np.log1p(COVIS_SCALE * k)).astype(np.float32)
+        return np.log1p(COVIS_SCALE * k).astype(np.float32)
+
+    def boost(self, histories: Sequence[np.ndarray], history_ts: Sequence[np.ndarray], now_ts: np.ndarray) -> np.ndarray:
+        """(B, n_items) beta * feature; zero when beta is 0."""
+        return (self.beta * self.feature(histories, history_ts, now_ts)).astype(np.float32)
 
     def to_dict(self) -> dict[str, Any]:
         k = self.knn

@@ -14,6 +14,7 @@ whose test item is cold) -- the trained models are trained once per protocol.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -74,7 +75,7 @@ def run_harness(corpus: Corpus, *, settings: Any, epochs: int | None = None, wor
                 train_config: TrainConfig | None = None, models: tuple[str, ...] = MODEL_NAMES) -> HarnessReport:
     from training.baselines import ItemKNNScorer, PopularScorer, ZeroShotScorer
     from training.evaluation import evaluate, results_table_markdown, save_report
-    from training.pipeline import new_run_dir, save_loss_curve, scorer_for, train_on_split
+    from training.pipeline import new_run_dir, save_loss_curve, train_on_split
 
     t_start = time.perf_counter()
     base = resolve_base_model(getattr(settings, "base_model", None))
@@ -106,14 +107,17 @@ def run_harness(corpus: Corpus, *, settings: Any, epochs: int | None = None, wor
                 continue
             t0 = time.perf_counter()
             sub = run_dir / f"{name}-{proto}"
-            fit = train_on_split(split, cfg, tcfg, sub, workers=workers, use_gpu=use_gpu, progress=progress,
+            fit, scorer = train_on_split(split, cfg, tcfg, sub, workers=workers, use_gpu=use_gpu, progress=progress,
                                  ray_address=getattr(settings, "ray_address", None))
             save_loss_curve(sub, fit.history)
-            scorers[name] = scorer_for(fit.adapter, corpus, name)
-            if name == "finetuned" and scorers[name].prior is not None:
-                # ablation: the same adapter without its co-visitation prior
-                scorers["finetuned_neural"] = scorer_for({**fit.adapter, "covis": None}, corpus, "finetuned_neural")
-                timings[f"covis_beta_{proto}"] = scorers[name].prior.beta
+            scorer.name = name
+            scorers[name] = scorer
+            if name == "finetuned" and scorer.prior is not None:
+                # ablation: the same model without its co-visitation prior
+                neural = copy.copy(scorer)
+                neural.name, neural.prior = "finetuned_neural", None
+                scorers["finetuned_neural"] = neural
+                timings[f"covis_beta_{proto}"] = scorer.prior.beta
             timings[f"train_{name}_{proto}_s"] = time.perf_counter() - t0
         for name, scorer in scorers.items():
             results[name][proto] = evaluate(scorer, cases, live=live, ref_embeddings=ref, progress=False)

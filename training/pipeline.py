@@ -124,7 +124,9 @@ def data_window(corpus: Corpus) -> dict[str, Any]:
 def train_on_split(split: Split, model_config: ModelConfig, train_config: TrainConfig, run_dir: Path, *,
                    workers: int = 1, use_gpu: bool = False, parent: dict | None = None,
                    target_masks: list[np.ndarray] | None = None, max_failures: int = 2, progress: bool = True,
-                   ray_address: str | None = None) -> FitResult:
+                   ray_address: str | None = None) -> tuple[FitResult, ModelScorer]:
+    """Train on `split`; returns the fit and a scorer of the final adapter over the split's catalog
+    (with the co-visitation prior when the config asks for one: it is tuned on that scorer)."""
     corpus = split.corpus
     counts = split.train_counts()
     warm = counts > 0
@@ -138,26 +140,24 @@ def train_on_split(split: Split, model_config: ModelConfig, train_config: TrainC
                  model_config=model_config, train_config=train_config, run_dir=run_dir, workers=workers,
                  use_gpu=use_gpu, parent=parent, log_q=popularity_log_q(counts), max_failures=max_failures,
                  progress=progress, ray_address=ray_address)
+    scorer = scorer_for(result.adapter, corpus, "candidate")
     if model_config.covis_prior:
-        attach_covis_prior(result.adapter, split)
-    return result
+        attach_covis_prior(result.adapter, split, scorer)
+    return result, scorer
 
 
-def attach_covis_prior(adapter: dict, split: Split) -> CovisPrior:
+def attach_covis_prior(adapter: dict, split: Split, base: ModelScorer) -> CovisPrior:
     """Fit the co-visitation prior on `split`'s training sequences, choose its weight on the
-    validation cases (see training/covis.py) and store it in `adapter["covis"]`."""
+    validation cases (see training/covis.py) with `base` (the adapter's scorer, no prior yet),
+    store it in `adapter["covis"]` and give it to `base`."""
     from training.evaluation import candidate_mask, target_ranks
 
     corpus = split.corpus
-    base = scorer_for({**adapter, "covis": None}, corpus, "tuning")
     prior = CovisPrior.fit(split.train_items, len(corpus.catalog))
     valid, live = split.valid, corpus.catalog.live
-    if len(valid) == 0:
-        prior.beta = 0.0
-    else:
+    if len(valid):  # else beta stays 0: no held-out cases to justify the prior
         neural = base.neural_scores(valid.histories, valid.history_ts, valid.target_ts)
-        prior.beta = 1.0
-        boost = prior.boost(valid.histories, valid.history_ts, valid.target_ts)
+        boost = prior.feature(valid.histories, valid.history_ts, valid.target_ts)
         cand = candidate_mask(valid.histories, live, True)
 
         def full_mrr(beta: float) -> float:
@@ -167,6 +167,7 @@ def attach_covis_prior(adapter: dict, split: Split) -> CovisPrior:
         prior.beta, prior.tuning = tune_beta(full_mrr)
     logger.info("co-visitation prior: beta %.3g (validation full-ranking MRR by beta: %s)", prior.beta, prior.tuning)
     adapter["covis"] = prior.to_dict()
+    base.prior = prior
     return prior
 
 
@@ -262,9 +263,10 @@ def run_training(settings: Any, req: TrainRequest, corpus: Corpus | None = None)
             if n_new == 0 and not req.force:
                 raise CorpusError(f"no events past {current.version}'s data window: nothing new to train on")
     run_dir = new_run_dir(settings.runs_dir, req.scene)
-    result = train_on_split(split, mcfg, req.train_config, run_dir, workers=req.workers, use_gpu=req.use_gpu,
-                            parent=parent, target_masks=masks, max_failures=req.max_failures,
-                            progress=req.progress, ray_address=settings.ray_address)
+    result, cand = train_on_split(split, mcfg, req.train_config, run_dir, workers=req.workers,
+                                  use_gpu=req.use_gpu, parent=parent, target_masks=masks,
+                                  max_failures=req.max_failures, progress=req.progress,
+                                  ray_address=settings.ray_address)
     save_loss_curve(run_dir, result.history)
 
     # Evaluation: candidate vs live adapter on the same validation cases; baselines on test.
@@ -272,7 +274,6 @@ def run_training(settings: Any, req: TrainRequest, corpus: Corpus | None = None)
     if in_scene is not None:
         valid = valid.subset(np.array([in_scene[u][-2] for u in valid.users], dtype=bool))
         test = test.subset(np.array([in_scene[u][-1] for u in test.users], dtype=bool))
-    cand = scorer_for(result.adapter, corpus, "candidate")
     results: dict[str, dict[str, dict[str, float]]] = {
         "candidate": {"valid": evaluate(cand, valid, live=live), "test": evaluate(cand, test, live=live)}}
     current_valid = None

@@ -9,16 +9,16 @@ and start it again on the same port without disturbing the session's shared stac
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import threading
 import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import pytest
 import requests
+
+from services.stack import _free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -27,17 +27,11 @@ LOAD_S = 30.0  # the hot-reload test keeps at least MIN_RPS requests/s going thi
 MIN_RPS = 20.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class RedisProcess:
     """A redis-server of this module's own (AOF on, so a restart keeps the data)."""
 
     def __init__(self, directory: Path) -> None:
-        from services.stack import _resolve_redis_bin
+        from services.stack import _resolve_redis_bin  # the stack's redis-server binary
 
         self.binary = _resolve_redis_bin()
         self.dir = directory
