@@ -13,7 +13,8 @@ serving cost does not depend on training):
    to the first response from the new version, and the requests that failed meanwhile.
 
 Keys: noop_max_rps, rec_max_rps, rps_ratio, rec_p50_ms, rec_p99_ms_at_half_load, swap_s_100k,
-swap_failed_requests. Targets: rps_ratio >= 0.6, rec_p99_ms_at_half_load <= 50,
+swap_failed_requests; for context noop_fastapi_max_rps and rps_ratio_vs_fastapi_noop (the same no-op
+as a FastAPI ingress: what the framework under the API costs by itself). Targets: rps_ratio >= 0.6, rec_p99_ms_at_half_load <= 50,
 swap_s_100k <= 10, swap_failed_requests = 0.
 """
 
@@ -120,7 +121,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--duration-s", type=float, default=8.0, help="seconds per load step")
     ap.add_argument("--swap-items", type=int, default=100_000, help="catalog size of the swapped-in version")
-    ap.add_argument("--host-replicas", type=int, default=1)
+    ap.add_argument("--replicas", type=int, default=1, help="replicas of the API deployment")
     args = ap.parse_args()
 
     import ray
@@ -154,13 +155,28 @@ def main() -> int:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
 
-        @serve.deployment(max_ongoing_requests=256)
+        @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.5})  # as the API replica
         class Noop:
             async def __call__(self, request) -> dict:
                 return {"ok": True}
 
         serve.run(Noop.bind(), name="noop", route_prefix="/noop")
-        serve.run(build_app(settings_env(settings), host_replicas=args.host_replicas), name="streamrec",
+
+        # The same no-op as a FastAPI ingress set up like the API's (telemetry off, async route):
+        # the floor of the framework the API is built on, reported next to the plain one.
+        from fastapi import FastAPI
+
+        noop_api = FastAPI(telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False})
+
+        @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.5})  # as the API replica
+        @serve.ingress(noop_api)
+        class FastApiNoop:
+            @noop_api.get("/")
+            async def root(self) -> dict:
+                return {"ok": True}
+
+        serve.run(FastApiNoop.bind(), name="noop-fastapi", route_prefix="/noop-fastapi")
+        serve.run(build_app(settings_env(settings), replicas=args.replicas), name="streamrec",
                   route_prefix="/")
         base = f"http://127.0.0.1:{port}"
         deadline = time.time() + READY_TIMEOUT_S
@@ -174,6 +190,7 @@ def main() -> int:
 
         print("max throughput", flush=True)
         noop = _max_rps(f"{base}/noop", args.duration_s, lambda i: None, "noop")
+        noop_fastapi = _max_rps(f"{base}/noop-fastapi", args.duration_s, lambda i: None, "noop (FastAPI)")
         rec = _max_rps(f"{base}/v1/recommendations", args.duration_s, rec_params, "recommendations")
         half = rec["rps"] / 2
         lat, errors = asyncio.run(_open_loop(f"{base}/v1/recommendations", half, args.duration_s * 2, rec_params))
@@ -224,9 +241,10 @@ def main() -> int:
 
     out.update({
         "noop_max_rps": noop["rps"], "rec_max_rps": rec["rps"], "rps_ratio": rec["rps"] / noop["rps"],
+        "noop_fastapi_max_rps": noop_fastapi["rps"], "rps_ratio_vs_fastapi_noop": rec["rps"] / noop_fastapi["rps"],
         "rec_p50_ms": rec["p50_ms"], "rec_p99_ms_at_max": rec["p99_ms"], "rec_p99_ms_at_half_load": p99_half,
         "half_load_rps": half, "half_load_errors": errors, "swap_s_100k": swap_s, "swap_items": args.swap_items,
-        "swap_failed_requests": failed, "noop": noop, "rec": rec,
+        "swap_failed_requests": failed, "noop": noop, "noop_fastapi": noop_fastapi, "rec": rec,
     })
     out["targets"] = {
         "rps_ratio>=0.6": out["rps_ratio"] >= 0.6,
@@ -234,7 +252,7 @@ def main() -> int:
         "swap_s_100k<=10": swap_s is not None and swap_s <= 10,
         "swap_failed_requests==0": failed == 0,
     }
-    print(json.dumps({k: v for k, v in out.items() if k not in ("noop", "rec")}, indent=1))
+    print(json.dumps({k: v for k, v in out.items() if k not in ("noop", "noop_fastapi", "rec")}, indent=1))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=1))

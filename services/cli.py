@@ -20,6 +20,7 @@ embedded stack when `KAFKA_BOOTSTRAP_SERVERS` / `REDIS_URL` are unset.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -336,6 +337,25 @@ def _training_guard(fn):
         raise _fail(str(exc)) from None
 
 
+def _check_gpus(ray_address: str | None, workers: int) -> None:
+    """--gpu: on a Ray cluster (a KubeRay RayJob's driver runs on a GPU-less head) the cluster must
+    have a GPU per worker; on one machine, PyTorch must see CUDA."""
+    if ray_address:
+        import ray
+
+        from training.trainer import ensure_ray
+
+        ensure_ray(ray_address)
+        have = ray.cluster_resources().get("GPU", 0)
+        if have < workers:
+            raise _fail(f"--gpu --workers {workers}: the Ray cluster at {ray_address} has {have:g} GPUs")
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise _fail("--gpu: no CUDA device is visible to PyTorch on this machine")
+
+
 @app.command()
 def train(
     scene: str = typer.Option("default", help="Scene whose adapter to train ('default' = every event)."),
@@ -376,10 +396,7 @@ def train(
         return run_training(settings, req, corpus)
 
     if gpu:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise _fail("--gpu: no CUDA device is visible to PyTorch on this machine")
+        _check_gpus(settings.ray_address or os.environ.get("RAY_ADDRESS"), workers)
     outcome = _training_guard(go)
     m = outcome.metrics
     typer.echo(f"validation NDCG@10 {m['val_ndcg10']:.4f}, test NDCG@10 {m['test_ndcg10']:.4f}, "
@@ -439,7 +456,7 @@ def evaluate(
 def serve(
     port: Optional[int] = typer.Option(None, min=1, max=65535, help="HTTP port (default: STREAMREC_SERVE_PORT, 8000)."),
     host: str = typer.Option("127.0.0.1", help="Address the HTTP proxy binds (0.0.0.0 to expose it)."),
-    host_replicas: int = typer.Option(1, min=1, max=64, help="Replicas of the adapter host deployment."),
+    replicas: int = typer.Option(1, min=1, max=64, help="Replicas of the API deployment (each holds every scene's adapter)."),
 ) -> None:
     """Serve recommendations over HTTP (Ray Serve + FAISS), following the adapter registry.
 
@@ -462,7 +479,7 @@ def serve(
             raise _fail(f"no adapter in the registry {settings.registry_uri}: run `streamrec train` first")
         ensure_ray(settings.ray_address)
         ray_serve.start(http_options={"host": host, "port": settings.serve_port})
-        ray_serve.run(build_app(settings_env(settings), host_replicas=host_replicas), name="streamrec",
+        ray_serve.run(build_app(settings_env(settings), replicas=replicas), name="streamrec",
                       route_prefix="/")
         typer.echo(f"API: http://{host}:{settings.serve_port}/v1/recommendations  docs: "
                    f"http://{host}:{settings.serve_port}/docs  (Ctrl-C stops)")

@@ -50,6 +50,7 @@ class LoadedAdapter:
     prior_rows: dict[str, int]  # item id -> row of the prior's catalog
     new_rows: set[int] = field(default_factory=set)  # index rows of items the adapter has no interactions for
     loaded_s: float = 0.0
+    catalog_pos: str | None = None  # the online store's catalog log position this index reflects (None: never synced)
 
     @property
     def model_id(self) -> str:

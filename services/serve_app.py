@@ -1,26 +1,35 @@
-"""The recommendation API: a Ray Serve application with a FastAPI ingress.
+"""The recommendation API: a Ray Serve application, one deployment with a FastAPI ingress.
 
     streamrec serve            # or: serve run services.serve_app:app_builder (settings from the environment)
 
-Two deployments:
+`Api` is the whole request path in one replica: validate -> the user's recent items from Redis
+(async client) -> user embedding (`@serve.batch` under load) -> FAISS -> co-visitation re-rank ->
+top-k. Adapters are held per replica with `@serve.multiplexed`, keyed "scene@version" (a new
+version is a new id: requests already holding the old one finish on it), loaded from their
+precomputed item embeddings (checksums verified, no catalog re-encoding).
 
-* `AdapterHost` -- holds adapters, one per (scene, version), multiplexed with
-  `@serve.multiplexed` (model id "scene@version": a new version is a new id, so the old one keeps
-  answering the requests already routed to it). Loads in `get_model` (checksums, precomputed item
-  embeddings, FAISS index; no catalog re-encoding), batches user-tower calls with `@serve.batch`,
-  and follows the catalog in Redis: new items are embedded from their text, deleted ones leave
-  the index (`CATALOG_POLL_S`).
-* `Api` -- the FastAPI ingress: validates requests, reads the user's recent items from Redis,
-  asks `AdapterHost` for the active version of the scene, falls back to popularity when Redis or
-  the model cannot answer (never a 5xx for that), API keys, Prometheus metrics. It follows the
-  registry (`RELOAD_POLL_S`): a new version is warmed on `AdapterHost` first and only then becomes
-  the scene's active id; a version that fails to load is refused, logged and counted, and the old
+Why one deployment and not an ingress in front of a model deployment: the hop between two
+deployments cost more CPU than the model itself (~8 ms of proxy/handle work against ~1 ms of
+user tower + FAISS per request on 2 cores, bench/serve.py), and with a handful of scenes every
+replica can hold all of them. Scaling is `num_replicas` of this one deployment.
+
+Each replica runs four followers:
+
+* registry (`RELOAD_POLL_S`): a new CURRENT version of a scene is loaded in the background, and
+  only once it is ready does the scene's active id switch (one dict write); a version that fails
+  to load (bad checksum, wrong shapes, missing file) is refused, logged and counted, and the old
   one keeps serving. `reconfigure(user_config)` takes `{"pins": {"scene": "v000003"}}` to pin or
   roll back a scene without restarting replicas.
+* catalog (`CATALOG_POLL_S`): the online store's catalog change log (`items:log`): new items are
+  embedded from their text with the active adapter, deleted ones leave the index.
+* popularity (`POPULAR_REFRESH_S`): the snapshot served with `fallback: "popular"` when Redis is down.
+* heartbeat (`HEARTBEAT_S`): this replica's active versions into Redis, for `GET /v1/models`.
 """
 
 import asyncio
+import json
 import logging
+import threading
 import time
 from typing import Any
 
@@ -36,17 +45,23 @@ from services.api_schema import (
 
 logger = logging.getLogger(__name__)
 
-RELOAD_POLL_S = 1.0  # how often the ingress looks at the registry's CURRENT pointers
-CATALOG_POLL_S = 1.0  # how often an AdapterHost replica diffs its index against Redis' live items
-POPULAR_REFRESH_S = 5.0  # how often the ingress refreshes its popularity snapshot (the Redis-down fallback)
+RELOAD_POLL_S = 1.0  # how often a replica looks at the registry's CURRENT pointers
+CATALOG_POLL_S = 1.0  # how often a replica reads the catalog change log
+POPULAR_REFRESH_S = 5.0  # how often a replica refreshes its popularity snapshot (the Redis-down fallback)
+HEARTBEAT_S = 1.0  # how often a replica writes its active versions for /v1/models
+REPLICA_STALE_S = 10.0  # a replica silent this long is left out of /v1/models
 REDIS_TIMEOUT_S = 0.25  # a slower Redis counts as down for this request
 BATCH_MAX = 32
-BATCH_WAIT_S = 0.005
-MAX_MODELS_PER_REPLICA = 8  # scenes x (live + previous version)
+BATCH_WAIT_S = 0.002  # the user tower costs ~0.7 ms alone and ~0.15 ms/request in a batch of 16
+MAX_MODELS_PER_REPLICA = 6  # scenes x (live + previous version); the least recently used is unloaded
+GENRE_FETCH_FACTOR = 4  # candidates fetched per requested item when a genre filter may drop some
 API_KEY_HEADER = "x-api-key"
 TORCH_THREADS = 1
 
-api = FastAPI(title="streamrec", version="1", description="Real-time recommendations (Ray Serve + FAISS).")
+# FastAPI's native OpenTelemetry hooks are off: the service exports its own Prometheus metrics, and
+# the hooks cost CPU on every request even with no exporter configured.
+api = FastAPI(title="streamrec", version="1", description="Real-time recommendations (Ray Serve + FAISS).",
+              telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False})
 
 
 def _settings():
@@ -55,141 +70,10 @@ def _settings():
     return load_settings()
 
 
-def _redis(settings):
-    import redis
-
+def _redis_kwargs(settings) -> dict:
     if not settings.redis_url:
         raise RuntimeError("STREAMREC_REDIS_URL is not set: serving needs the online store")
-    return redis.Redis.from_url(settings.redis_url, socket_timeout=REDIS_TIMEOUT_S,
-                                socket_connect_timeout=REDIS_TIMEOUT_S)
-
-
-# --- the adapter host ---------------------------------------------------------------------------
-
-
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64, health_check_period_s=5)
-class AdapterHost:
-    def __init__(self) -> None:
-        from streaming.online_store import OnlineStore
-        from training.registry import Registry
-
-        import faiss
-        import torch
-
-        # One thread per replica: requests are parallel across replicas and batches, and
-        # intra-op threads on a small machine only fight each other (scale with num_replicas).
-        torch.set_num_threads(TORCH_THREADS)
-        faiss.omp_set_num_threads(TORCH_THREADS)
-        self.settings = _settings()
-        self.registry = Registry(self.settings.registry_uri)
-        self.store = OnlineStore(_redis(self.settings), self.settings.redis_prefix, self.settings.recent_items_max)
-        self.loaded: dict[str, Any] = {}  # model id -> LoadedAdapter (mirrors the multiplex cache)
-        self._live: set[str] | None = None
-        self._catalog_task = asyncio.get_event_loop().create_task(self._follow_catalog())
-
-    @serve.multiplexed(max_num_models_per_replica=MAX_MODELS_PER_REPLICA)
-    async def get_model(self, model_id: str):
-        from services.loaded_adapter import LoadedAdapter
-
-        scene, _, version = model_id.partition("@")
-        adapter = await asyncio.to_thread(LoadedAdapter.load, self.registry, scene, version,
-                                          base_model=self.settings.base_model)
-        try:
-            await asyncio.to_thread(self._sync_catalog, adapter)
-        except Exception as exc:  # Redis down: serve the trained catalog, the follower catches up
-            logger.warning("catalog sync of %s failed (%s); serving its trained catalog", model_id, exc)
-        self.loaded = {k: v for k, v in self.loaded.items() if k != model_id}
-        self.loaded[model_id] = adapter
-        if len(self.loaded) > MAX_MODELS_PER_REPLICA:
-            self.loaded.pop(next(iter(self.loaded)))
-        logger.info("loaded %s in %.2f s (%d items)", model_id, adapter.loaded_s, adapter.index.size)
-        return adapter
-
-    async def warmup(self) -> dict:
-        """Load the request's model id (raises what the load raised); the ingress calls this first."""
-        adapter = await self.get_model(serve.get_multiplexed_model_id())
-        return {"model_id": adapter.model_id, "items": adapter.index.size, "load_s": adapter.loaded_s}
-
-    async def recommend(self, history: list[str], history_ts: list[int], query: str | None, k: int,
-                        exclude: list[str]) -> dict:
-        return await self._recommend_batched((history, history_ts, query, k, set(exclude)))
-
-    @serve.batch(max_batch_size=BATCH_MAX, batch_wait_timeout_s=BATCH_WAIT_S)
-    async def _recommend_batched(self, requests: list[tuple]) -> list[dict]:
-        adapter = await self.get_model(serve.get_multiplexed_model_id())
-        k = max(r[3] for r in requests)
-        ids, scores = await asyncio.to_thread(
-            adapter.recommend, [r[0] for r in requests], [r[1] for r in requests], [r[2] for r in requests], k,
-            [r[4] for r in requests])
-        out = []
-        for r, i, s in zip(requests, ids, scores):
-            kk = r[3]
-            out.append({"items": [{"item_id": a, "score": b, "title": adapter.titles.get(a)}
-                                  for a, b in zip(i[:kk], s[:kk])], "version": adapter.version})
-        return out
-
-    async def similar(self, item_id: str, k: int) -> dict | None:
-        adapter = await self.get_model(serve.get_multiplexed_model_id())
-        found = adapter.similar(item_id, k)
-        if found is None:
-            return None
-        return {"items": [{"item_id": a, "score": b, "title": adapter.titles.get(a)} for a, b in zip(*found)],
-                "version": adapter.version}
-
-    # catalog --------------------------------------------------------------------------------
-    async def _follow_catalog(self) -> None:
-        """Every CATALOG_POLL_S: diff Redis' live-item set against the last one and apply the
-        change to every loaded adapter. Redis down: the indexes stay as they are."""
-        while True:
-            await asyncio.sleep(CATALOG_POLL_S)
-            try:
-                live = await asyncio.to_thread(self._live_items)
-            except Exception:
-                continue  # Redis down: try again next tick
-            prev, self._live = self._live, live
-            if prev is None:
-                continue
-            added, gone = live - prev, prev - live
-            if not (added or gone):
-                continue
-            for adapter in list(self.loaded.values()):
-                try:
-                    await asyncio.to_thread(self._apply_catalog, adapter, added, gone)
-                except Exception:
-                    logger.exception("catalog update of %s failed; retried on the next change", adapter.model_id)
-
-    def _live_items(self) -> set[str]:
-        return {m.decode() for m in self.store.r.smembers(self.store.live_items_key)}
-
-    def _sync_catalog(self, adapter) -> None:
-        """A freshly loaded adapter: index = its catalog + Redis' live items - deleted items."""
-        live = self._live_items()
-        known = set(adapter.index.row)
-        gone = known - live
-        self._apply_catalog(adapter, live - known, gone)
-
-    def _apply_catalog(self, adapter, added: set[str], gone: set[str]) -> None:
-        """Embed `added` items from their text; drop those of `gone` that Redis marks deleted
-        (an item Redis never heard of -- known only from training -- stays)."""
-        for item_id in sorted(added):
-            if item_id in adapter.index.row:
-                continue
-            item = self.store.item(item_id)
-            if item is None or item["deleted"]:
-                continue
-            adapter.upsert_item(item_id, _item_text(item), item["title"])
-        if gone:
-            ordered = sorted(gone)
-            pipe = self.store.r.pipeline(transaction=False)
-            for item_id in ordered:
-                pipe.hget(self.store.item_key(item_id), "deleted")
-            for item_id, flag in zip(ordered, pipe.execute()):
-                if flag is not None and flag.decode() == "1":
-                    adapter.remove_item(item_id)
-
-    def check_health(self) -> None:
-        if self._catalog_task.done():
-            raise RuntimeError(f"catalog follower stopped: {self._catalog_task.exception()!r}")
+    return {"url": settings.redis_url, "socket_timeout": REDIS_TIMEOUT_S, "socket_connect_timeout": REDIS_TIMEOUT_S}
 
 
 def _item_text(item: dict) -> str:
@@ -199,11 +83,14 @@ def _item_text(item: dict) -> str:
     return item_text(item["title"], item.get("text"), item.get("attributes") or {}, item["item_id"])
 
 
-# --- the ingress ----------------------------------------------------------------------------------
+def _json(payload: dict) -> Response:
+    """The answer already in its response shape: serialized directly (the routes' response_model
+    still documents it at /docs): validating our own output again is CPU spent on every request."""
+    return Response(json.dumps(payload, separators=(",", ":")), media_type="application/json")
 
 
 class _Metrics:
-    def __init__(self) -> None:
+    def __init__(self, replica: str) -> None:
         r = self.registry = CollectorRegistry()
         self.latency = Histogram("streamrec_request_seconds", "request latency", ["route"], registry=r,
                                  buckets=(.002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5))
@@ -215,7 +102,11 @@ class _Metrics:
         self.reload_failures = Counter("streamrec_adapter_reload_failures_total", "versions refused", ["scene"],
                                        registry=r)
         self.fallbacks = Counter("streamrec_fallbacks_total", "answers not from the model", ["kind"], registry=r)
-        self.index_size = Gauge("streamrec_index_items", "items in the warmed index", ["scene"], registry=r)
+        self.index_size = Gauge("streamrec_index_items", "items in the active index", ["scene"], registry=r)
+        self.index_recall = Gauge("streamrec_index_recall", "measured recall@10 of the active index vs exact search",
+                                  ["scene"], registry=r)
+        self.replica = Gauge("streamrec_replica_info", "the replica these metrics come from", ["replica"], registry=r)
+        self.replica.labels(replica).set(1)
 
 
 # Registered before @serve.ingress(api): the ingress takes the app as it is at decoration time.
@@ -233,25 +124,43 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
                                                                 else "invalid request", "detail": exc.detail})
 
 
-@serve.deployment(max_ongoing_requests=256)
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256, health_check_period_s=5)
 @serve.ingress(api)
 class Api:
-    def __init__(self, host) -> None:
+    def __init__(self) -> None:
+        import faiss
+        import redis
+        import redis.asyncio as aredis
+        import torch
+
         from streaming.online_store import OnlineStore
         from training.registry import Registry
 
-        self.host = host
+        # One thread per replica: requests are parallel across replicas and batches, and
+        # intra-op threads on a small machine only fight each other (scale with num_replicas).
+        torch.set_num_threads(TORCH_THREADS)
+        faiss.omp_set_num_threads(TORCH_THREADS)
         self.settings = _settings()
         self.registry = Registry(self.settings.registry_uri)
-        self.store = OnlineStore(_redis(self.settings), self.settings.redis_prefix, self.settings.recent_items_max)
-        self.metrics = _Metrics()
+        kw = _redis_kwargs(self.settings)
+        # blocking client for follower work in threads; asyncio client on the request path
+        self.store = OnlineStore(redis.Redis.from_url(**kw), self.settings.redis_prefix,
+                                 self.settings.recent_items_max)
+        self.aredis = aredis.Redis.from_url(**kw)
+        try:
+            self.replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # constructed outside Serve (unit use)
+            self.replica = "local"
+        self.metrics = _Metrics(self.replica)
         self.active: dict[str, str] = {}  # scene -> version serving now
         self.refused: dict[str, set[str]] = {}  # scene -> versions that failed to load
         self.pins: dict[str, str] = {}
         self.popular: list[tuple[str, float]] = []
-        self.api_keys = set(getattr(self.settings, "api_keys", ()) or ())
-        self._followers = [asyncio.get_event_loop().create_task(self._follow_registry()),
-                           asyncio.get_event_loop().create_task(self._follow_popularity())]
+        self.api_keys = set(self.settings.api_keys or ())
+        self._catalog_lock = threading.Lock()  # catalog catch-up runs in threads: one at a time
+        loop = asyncio.get_event_loop()
+        self._followers = [loop.create_task(f()) for f in (self._follow_registry, self._follow_catalog,
+                                                            self._follow_popularity, self._heartbeat)]
 
     def reconfigure(self, user_config: dict) -> None:
         pins = dict((user_config or {}).get("pins") or {})
@@ -265,7 +174,51 @@ class Api:
             if t.done():
                 raise RuntimeError(f"a follower task stopped: {t.exception()!r}")
 
-    # followers ------------------------------------------------------------------------------
+    # adapters -----------------------------------------------------------------------------------
+    @serve.multiplexed(max_num_models_per_replica=MAX_MODELS_PER_REPLICA)
+    async def get_model(self, model_id: str):
+        """Load "scene@version" (raises AdapterLoadError for a version that cannot serve)."""
+        from services.loaded_adapter import LoadedAdapter
+
+        scene, _, version = model_id.partition("@")
+        adapter = await asyncio.to_thread(LoadedAdapter.load, self.registry, scene, version,
+                                          base_model=self.settings.base_model)
+        try:
+            await asyncio.to_thread(self._catch_up, adapter)
+        except Exception as exc:  # Redis down: serve the trained catalog, the follower catches up
+            logger.warning("catalog sync of %s failed (%s); serving its trained catalog", model_id, exc)
+        logger.info("loaded %s in %.2f s (%d items)", model_id, adapter.loaded_s, adapter.index.size)
+        return adapter
+
+    async def _adapter(self, scene: str):
+        version = self.active.get(scene)
+        if version is None:
+            raise HTTPException(404, detail=f"scene {scene!r} has no adapter (known: {sorted(self.active)})")
+        return await self.get_model(f"{scene}@{version}")
+
+    async def swap(self, scene: str, version: str) -> bool:
+        """Load `version` (in a thread: requests keep being served), then make it the scene's
+        active version with one dict write."""
+        model_id = f"{scene}@{version}"
+        try:
+            adapter = await self.get_model(model_id)
+        except Exception as exc:
+            self.refused.setdefault(scene, set()).add(version)
+            self.metrics.reload_failures.labels(scene).inc()
+            logger.error("refused %s: %s (still serving %s)", model_id, exc, self.active.get(scene))
+            return False
+        old = self.active.get(scene)
+        self.active[scene] = version
+        if old:
+            self.metrics.version.labels(scene, old).set(0)
+        self.metrics.version.labels(scene, version).set(1)
+        self.metrics.reloads.labels(scene).inc()
+        self.metrics.index_size.labels(scene).set(adapter.index.size)
+        self.metrics.index_recall.labels(scene).set(adapter.index.recall)
+        logger.info("scene %s: now serving %s (was %s; load %.2f s)", scene, version, old, adapter.loaded_s)
+        return True
+
+    # followers ----------------------------------------------------------------------------------
     async def _follow_registry(self) -> None:
         while True:
             try:
@@ -285,51 +238,120 @@ class Api:
                 continue
             await self.swap(scene, want)
 
-    async def swap(self, scene: str, version: str) -> bool:
-        """Warm `version` on the host, then make it the scene's active version (atomic: one dict write)."""
-        model_id = f"{scene}@{version}"
-        try:
-            info = await self.host.warmup.options(multiplexed_model_id=model_id).remote()
-        except Exception as exc:
-            self.refused.setdefault(scene, set()).add(version)
-            self.metrics.reload_failures.labels(scene).inc()
-            logger.error("refused %s: %s (still serving %s)", model_id, exc, self.active.get(scene))
-            return False
-        old = self.active.get(scene)
-        self.active[scene] = version
-        if old:
-            self.metrics.version.labels(scene, old).set(0)
-        self.metrics.version.labels(scene, version).set(1)
-        self.metrics.reloads.labels(scene).inc()
-        self.metrics.index_size.labels(scene).set(info["items"])
-        logger.info("scene %s: now serving %s (was %s; load %.2f s)", scene, version, old, info["load_s"])
-        return True
+    async def _follow_catalog(self) -> None:
+        while True:
+            await asyncio.sleep(CATALOG_POLL_S)
+            for scene, version in list(self.active.items()):
+                try:
+                    adapter = await self.get_model(f"{scene}@{version}")
+                    await asyncio.to_thread(self._catch_up, adapter)
+                    self.metrics.index_size.labels(scene).set(adapter.index.size)
+                except Exception as exc:  # Redis down: the index stays as it is until it is back
+                    logger.debug("catalog catch-up of %s@%s failed: %s", scene, version, exc)
+
+    def _catch_up(self, adapter) -> None:
+        """Bring one adapter's index up to the online store's catalog.
+
+        Never synced (just loaded, or the log was trimmed past its position): read the position
+        first, then the live set, and diff (an item known only from training -- never published --
+        stays). Otherwise apply the change log after its position."""
+        with self._catalog_lock:
+            store = self.store
+            if adapter.catalog_pos is not None:
+                got = store.catalog_changes(adapter.catalog_pos)
+                if got is not None:
+                    pos, changes = got
+                    latest = dict(changes)  # last change of an item wins
+                    self._apply_catalog(adapter, {i for i, d in latest.items() if not d},
+                                        {i for i, d in latest.items() if d})
+                    adapter.catalog_pos = pos
+                    return
+                logger.warning("%s fell behind the catalog log: re-reading the live set", adapter.model_id)
+            pos = store.catalog_position()
+            live = {m.decode() for m in store.r.smembers(store.live_items_key)}
+            known = set(adapter.index.row)
+            self._apply_catalog(adapter, live - known, self._deleted(known - live))
+            adapter.catalog_pos = pos
+
+    def _deleted(self, candidates: set[str]) -> set[str]:
+        """Those of `candidates` that the store marks deleted (not merely never published)."""
+        ordered = sorted(candidates)
+        pipe = self.store.r.pipeline(transaction=False)
+        for item_id in ordered:
+            pipe.hget(self.store.item_key(item_id), "deleted")
+        return {i for i, flag in zip(ordered, pipe.execute()) if flag is not None and flag.decode() == "1"}
+
+    def _apply_catalog(self, adapter, added: set[str], gone: set[str]) -> None:
+        """Embed `added` items from their text (already indexed ones are left as they are);
+        drop `gone` ones from the index."""
+        for item_id in sorted(added):
+            if item_id in adapter.index.row:
+                continue
+            item = self.store.item(item_id)
+            if item is None or item["deleted"]:
+                continue
+            adapter.upsert_item(item_id, _item_text(item), item["title"])
+        for item_id in gone:
+            adapter.remove_item(item_id)
 
     async def _follow_popularity(self) -> None:
         key = f"{self.settings.redis_prefix}feat:popular"
         while True:
             try:
-                raw = await asyncio.to_thread(self.store.r.zrevrange, key, 0, MAX_K * 4, withscores=True)
+                raw = await self.aredis.zrevrange(key, 0, MAX_K * 4, withscores=True)
                 if raw:
                     self.popular = [(m.decode(), float(s)) for m, s in raw]
             except Exception:
                 pass  # Redis down: keep the last snapshot
             await asyncio.sleep(POPULAR_REFRESH_S)
 
-    # routes ---------------------------------------------------------------------------------
+    @property
+    def _replicas_key(self) -> str:
+        return f"{self.settings.redis_prefix}serve:replicas"
+
+    def _replica_state(self) -> dict:
+        return {"scenes": dict(self.active), "pins": dict(self.pins),
+                "refused": {s: sorted(v) for s, v in self.refused.items() if v}, "ts": time.time()}
+
+    async def _heartbeat(self) -> None:
+        while True:
+            try:
+                await self.aredis.hset(self._replicas_key, self.replica, json.dumps(self._replica_state()))
+            except Exception:
+                pass  # Redis down: /v1/models shows only the replica that answers
+            await asyncio.sleep(HEARTBEAT_S)
+
+    # routes -------------------------------------------------------------------------------------
     @api.get("/healthz")
-    def healthz(self) -> dict:
-        return {"status": "ok", "scenes": dict(self.active)}
+    async def healthz(self) -> dict:
+        return {"status": "ok", "scenes": dict(self.active), "replica": self.replica}
 
     @api.get("/metrics")
-    def metrics_route(self) -> Response:
+    async def metrics_route(self) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type="text/plain; version=0.0.4")
 
     @api.get("/v1/models")
-    def models(self, request: Request) -> dict:
+    async def models(self, request: Request) -> dict:
+        """The active version of each scene (on the replica that answers) and on every live replica."""
         self._auth(request)
+        replicas = {self.replica: self._replica_state()}
+        try:
+            raw = await self.aredis.hgetall(self._replicas_key)
+            now = time.time()
+            for rid, state in raw.items():
+                state = json.loads(state)
+                if now - state["ts"] <= REPLICA_STALE_S:
+                    replicas.setdefault(rid.decode(), state)
+                else:
+                    await self.aredis.hdel(self._replicas_key, rid)
+        except Exception:
+            pass  # Redis down: this replica's view only
+        now = time.time()
         return {"scenes": {s: {"version": v, "pinned": s in self.pins} for s, v in self.active.items()},
-                "refused": {s: sorted(v) for s, v in self.refused.items() if v}}
+                "refused": {s: sorted(v) for s, v in self.refused.items() if v},
+                "replica": self.replica,
+                "replicas": {rid: {"scenes": st["scenes"], "pins": st.get("pins", {}), "age_s": round(now - st["ts"], 3)}
+                             for rid, st in sorted(replicas.items())}}
 
     @api.get("/v1/recommendations", response_model=RecommendResponse)
     async def recommend_get(self, request: Request, user_id: str = Query(..., min_length=1, max_length=MAX_ID_CHARS),
@@ -350,14 +372,15 @@ class Api:
                       scene: str = Query("default", pattern=SCENE_PATTERN)) -> Any:
         self._auth(request)
         t0 = time.perf_counter()
-        version = self._version(scene)
-        got = await self.host.similar.options(multiplexed_model_id=f"{scene}@{version}").remote(item_id, k)
-        if got is None:
-            raise HTTPException(404, detail=f"item_id {item_id!r} is not in the catalog of {scene}/{version}")
+        adapter = await self._adapter(scene)
+        found = adapter.similar(item_id, k)
+        if found is None:
+            raise HTTPException(404, detail=f"item_id {item_id!r} is not in the catalog of {adapter.model_id}")
         self._observe("GET /v1/items/{item_id}/similar", 200, t0)
-        return {"item_id": item_id, "items": got["items"], "scene": scene, "version": got["version"]}
+        return {"item_id": item_id, "items": self._scored(adapter, *found), "scene": scene,
+                "version": adapter.version}
 
-    # internals ------------------------------------------------------------------------------
+    # internals ----------------------------------------------------------------------------------
     def _auth(self, request: Request) -> None:
         if not self.api_keys:
             return
@@ -367,27 +390,24 @@ class Api:
         if key not in self.api_keys:
             raise HTTPException(403, detail="API key not accepted")
 
-    def _version(self, scene: str) -> str:
-        version = self.active.get(scene)
-        if version is None:
-            raise HTTPException(404, detail=f"scene {scene!r} has no adapter (known: {sorted(self.active)})")
-        return version
-
     def _observe(self, route: str, status: int, t0: float) -> None:
         self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
         self.metrics.requests.labels(route, str(status)).inc()
 
-    async def _recommend(self, body: RecommendRequest, route: str) -> dict:
+    @staticmethod
+    def _scored(adapter, ids: list[str], scores: list[float]) -> list[dict]:
+        return [{"item_id": a, "score": b, "title": adapter.titles.get(a)} for a, b in zip(ids, scores)]
+
+    async def _recommend(self, body: RecommendRequest, route: str) -> Response:
         t0 = time.perf_counter()
         if body.user_id is None and body.recent_items is None and body.query is None:
             raise HTTPException(422, detail=[{"loc": ["body", "user_id"], "msg": "give user_id, recent_items or query"}])
-        version = self._version(body.scene)
+        adapter = await self._adapter(body.scene)
         history: list[str] = list(body.recent_items or [])
         history_ts: list[int] = [0] * len(history)
         try:
             if body.user_id is not None and body.recent_items is None:
-                raw = await asyncio.to_thread(self.store.r.zrange, self.store.recent_key(body.user_id), 0, -1,
-                                              withscores=True)
+                raw = await self.aredis.zrange(self.store.recent_key(body.user_id), 0, -1, withscores=True)
                 history = [m.decode() for m, _ in raw]
                 history_ts = [int(s) for _, s in raw]
         except Exception as exc:
@@ -398,33 +418,59 @@ class Api:
         exclude = set(body.filters.exclude_items) if body.filters else set()
         if body.exclude_seen:
             exclude |= set(history)
-        want = body.k
+        genres = body.filters.genres if body.filters else []
+        fetch = body.k * (GENRE_FETCH_FACTOR if genres else 1)
         try:
-            got = await self.host.recommend.options(multiplexed_model_id=f"{body.scene}@{version}").remote(
-                history, history_ts, body.query, want * (4 if body.filters and body.filters.genres else 1),
-                sorted(exclude))
+            ids, scores = await self._score((adapter, history, history_ts, body.query, fetch, exclude))
         except Exception as exc:
             logger.error("model call failed (%s): popularity fallback", exc)
             return self._fallback(route, t0, "popular", self._popular_answer(body, exclude, "popular"))
-        items = got["items"]
-        if body.filters and body.filters.genres:
-            items = [it for it in items if self._matches(it["item_id"], body.filters.genres)]
+        items = self._scored(adapter, ids, scores)
+        if genres:
+            items = await self._with_genres(items, genres)
         self._observe(route, 200, t0)
-        return {"items": items[:want], "scene": body.scene, "version": got["version"], "fallback": None}
+        return _json({"items": items[:body.k], "scene": body.scene, "version": adapter.version, "fallback": None})
 
-    def _fallback(self, route: str, t0: float, kind: str, answer: dict) -> dict:
+    @serve.batch(max_batch_size=BATCH_MAX, batch_wait_timeout_s=BATCH_WAIT_S)
+    async def _score(self, requests: list[tuple]) -> list[tuple[list[str], list[float]]]:
+        """One user-tower call per adapter for the whole batch: (adapter, history, ts, query, k, exclude)."""
+        out: list[Any] = [None] * len(requests)
+        groups: dict[int, list[int]] = {}
+        for j, r in enumerate(requests):
+            groups.setdefault(id(r[0]), []).append(j)
+        for members in groups.values():
+            adapter = requests[members[0]][0]
+            rs = [requests[j] for j in members]
+            k = max(r[4] for r in rs)
+            # In the event loop, not a thread: a batch costs ~1-2 ms, and on a small machine the
+            # thread hand-off and GIL ping-pong cost more throughput than they gave back (bench/serve.py).
+            ids, scores = adapter.recommend([r[1] for r in rs], [r[2] for r in rs], [r[3] for r in rs], k,
+                                            [r[5] for r in rs])
+            for j, r, i, s in zip(members, rs, ids, scores):
+                out[j] = (i[:r[4]], s[:r[4]])
+        return out
+
+    def _fallback(self, route: str, t0: float, kind: str, answer: dict) -> Response:
         self.metrics.fallbacks.labels(kind).inc()
         self._observe(route, 200, t0)
-        return answer
+        return _json(answer)
 
-    def _matches(self, item_id: str, genres: list[str]) -> bool:
+    async def _with_genres(self, items: list[dict], genres: list[str]) -> list[dict]:
+        """Keep items whose text mentions one of `genres` (Redis down: the filter is not applied)."""
         try:
-            item = self.store.item(item_id)
+            pipe = self.aredis.pipeline(transaction=False)
+            for it in items:
+                pipe.hmget(self.store.item_key(it["item_id"]), "title", "text", "attributes")
+            rows = await pipe.execute()
         except Exception:
-            return True
-        text = " ".join([item.get("title") or "", item.get("text") or "",
-                         str(item.get("attributes") or "")]).lower() if item else ""
-        return any(g.lower() in text for g in genres)
+            return items
+        wanted = [g.lower() for g in genres]
+        kept = []
+        for it, row in zip(items, rows):
+            text = " ".join(v.decode() for v in row if v is not None).lower()
+            if any(g in text for g in wanted):
+                kept.append(it)
+        return kept
 
     def _popular_answer(self, body: RecommendRequest, exclude: set[str], kind: str) -> dict:
         items = [ScoredItem(item_id=i, score=s).model_dump() for i, s in self.popular if i not in exclude][:body.k]
@@ -433,7 +479,7 @@ class Api:
     async def _trending_answer(self, body: RecommendRequest) -> dict:
         key = f"{self.settings.redis_prefix}feat:trending"
         try:
-            raw = await asyncio.to_thread(self.store.r.zrevrange, key, 0, body.k - 1, withscores=True)
+            raw = await self.aredis.zrevrange(key, 0, body.k - 1, withscores=True)
             items = [ScoredItem(item_id=m.decode(), score=float(s)).model_dump() for m, s in raw]
         except Exception:
             return self._popular_answer(body, set(), "popular")
@@ -442,21 +488,25 @@ class Api:
         return {"items": items, "scene": body.scene, "version": None, "fallback": "trending"}
 
 
-def build_app(env: dict[str, str] | None = None, pins: dict[str, str] | None = None, host_replicas: int = 1):
+def build_app(env: dict[str, str] | None = None, pins: dict[str, str] | None = None, replicas: int = 1):
     """The application: `serve.run(build_app(settings_env(settings)))`.
 
     `env`: the STREAMREC_* variables the replicas load their settings from (Ray workers do not
     see a variable set in the driver after `ray.init`); `pins`: scene -> version (user_config)."""
-    opts = {"runtime_env": {"env_vars": dict(env)}} if env else {}
-    host = AdapterHost.options(num_replicas=host_replicas,
-                               ray_actor_options={"num_cpus": 0.5, **opts}).bind()
-    return Api.options(user_config={"pins": dict(pins or {})}, ray_actor_options={"num_cpus": 0.25, **opts}).bind(host)
+    # OMP_NUM_THREADS: FAISS' OpenMP pool in the request threads would otherwise size itself to the
+    # machine and spin between calls (omp_set_num_threads in __init__ covers only that thread)
+    opts = {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(TORCH_THREADS), **dict(env or {})}}}
+    return Api.options(num_replicas=replicas, user_config={"pins": dict(pins or {})},
+                       ray_actor_options={"num_cpus": 0.5, **opts}).bind()
 
 
 def app_builder(args: dict[str, str]):
-    """`serve run services.serve_app:app_builder` (settings from the environment of `serve run`)."""
-    from streaming.settings import settings_env
+    """`serve run services.serve_app:app_builder`, or a RayService's import path: the replicas read
+    their settings from their own environment (the pod's, or that of `serve run`), so none are
+    copied into the runtime env -- where API keys would show in the dashboard, and a head-local
+    RAY_ADDRESS would be wrong on a worker. Validated here first, so bad settings fail the deploy."""
+    _settings()
+    return build_app(None)
 
-    return build_app(settings_env(_settings()))
 
-__all__ = ["AdapterHost", "Api", "api", "app_builder", "build_app"]
+__all__ = ["Api", "api", "app_builder", "build_app"]

@@ -7,6 +7,7 @@ Keys (all under `Settings.redis_prefix`, `sr:` by default):
 | `u:<user>:recent` | sorted set item -> last ts (ms) | the user's recent distinct items, newest first, capped |
 | `i:<item>` | hash | title, text, attributes (JSON), ts, deleted (0/1) |
 | `items:live` | set | ids of items that exist and are not deleted |
+| `items:log` | stream | one entry (`item_id`, `deleted`) per catalog change, capped at `CATALOG_LOG_MAX` |
 | `pop:all` | sorted set item -> count | all-time interaction counters (online popularity) |
 | `wm:<topic>:<partition>` | string | last Kafka offset applied from that partition |
 | `feat:popular`, `feat:trending`, `feat:meta` | | pushed by the feature job (streaming.features) |
@@ -28,6 +29,10 @@ from typing import Iterable, Sequence
 import redis
 
 from streaming.events import Event, Item
+
+# Entries kept in the catalog change log (approximate trim). A follower that falls further
+# behind than this (it polls every second) re-reads `items:live` instead.
+CATALOG_LOG_MAX = 100_000
 
 # KEYS[1] watermark; ARGV[1] key prefix; ARGV[2] recent-items cap;
 # ARGV[3] JSON [[offset, user_id, item_id, ts_text], ...] in offset order.
@@ -87,6 +92,10 @@ class OnlineStore:
     def live_items_key(self) -> str:
         return f"{self.p}items:live"
 
+    @property
+    def catalog_log_key(self) -> str:
+        return f"{self.p}items:log"
+
     # --- writes ---------------------------------------------------------------------------
     def apply_events(self, topic: str, partition: int, records: Sequence[tuple[int, Event]]) -> int:
         """Apply one partition's events (offset order); return how many were new.
@@ -129,6 +138,10 @@ class OnlineStore:
                     pipe.srem(self.live_items_key, item_id)
                 else:
                     pipe.sadd(self.live_items_key, item_id)
+                # in the same transaction: serving replicas follow this log instead of
+                # re-reading the whole live set every second
+                pipe.xadd(self.catalog_log_key, {"item_id": item_id, "deleted": int(item.deleted)},
+                          maxlen=CATALOG_LOG_MAX, approximate=True)
 
         return self._apply(topic, partition, records, queue)
 
@@ -177,9 +190,37 @@ class OnlineStore:
             "deleted": d["deleted"] == "1",
         }
 
+    def catalog_changes(self, after: str, count: int = 10_000) -> tuple[str, list[tuple[str, bool]]] | None:
+        """Catalog changes logged after stream id `after` ("0-0": from the start), oldest first, as
+        (last id read, [(item_id, deleted), ...]); None when entries after `after` were trimmed
+        away (the caller must re-read the live set)."""
+        got = self.r.xread({self.catalog_log_key: after}, count=count)
+        entries = got[0][1] if got else []
+        if not entries:
+            return after, []
+        if after != "0-0":
+            # The entry at `after` (read last time) is trimmed only once ~CATALOG_LOG_MAX newer
+            # ones exist: some of those unread ones may be gone too.
+            first = self.r.xrange(self.catalog_log_key, count=1)
+            if first and _stream_id(first[0][0]) > _stream_id(after.encode()):
+                return None
+        changes = [(f[b"item_id"].decode(), f[b"deleted"] == b"1") for _, f in entries]
+        return entries[-1][0].decode(), changes
+
+    def catalog_position(self) -> str:
+        """The id of the newest catalog change ("0-0" when there is none): read it *before* a
+        full read of the live set, then follow `catalog_changes` from it."""
+        last = self.r.xrevrange(self.catalog_log_key, count=1)
+        return last[0][0].decode() if last else "0-0"
+
     def popularity(self, item_ids: Iterable[str] | None = None) -> dict[str, int]:
         if item_ids is None:
             return {m.decode(): int(s) for m, s in self.r.zrange(self.popularity_key, 0, -1, withscores=True)}
         ids = list(item_ids)
         scores = self.r.zmscore(self.popularity_key, ids) if ids else []
         return {i: int(s or 0) for i, s in zip(ids, scores)}
+
+
+def _stream_id(raw: bytes) -> tuple[int, int]:
+    ms, _, seq = raw.decode().partition("-")
+    return int(ms), int(seq or 0)

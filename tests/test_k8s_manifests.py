@@ -1,18 +1,26 @@
 """The Kubernetes manifests in k8s/: they parse, validate, and agree with the code.
 
 Fast and offline: no cluster, no network. Built-in kinds are validated against the pinned
-Kubernetes version's schemas (kubernetes-validate, strict: unknown fields fail); Strimzi's
-custom resources are checked structurally here. The consistency tests catch drift between
-the manifests and streamrec itself: env var names, topic names and sizes, service addresses,
-mount paths and CLI commands.
+Kubernetes version's schemas (kubernetes-validate, strict: unknown fields fail); Strimzi's and
+KubeRay's custom resources are checked structurally here, and the pod templates and Service
+inside the KubeRay ones are validated as built-in objects. The consistency tests catch drift
+between the manifests and streamrec itself: env var names, topic names and sizes, service
+addresses, mount paths, CLI commands, the Ray Serve application (import path, deployments,
+user_config, routes, port) and the training entrypoint against the GPUs it gets.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
+import inspect
+import os
+import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlparse
 
 import pytest
@@ -25,11 +33,15 @@ from streaming.settings import Settings, env_var_names, load_settings
 K8S_DIR = Path(__file__).resolve().parents[1] / "k8s"
 K8S_VERSION = "1.31"  # oldest Kubernetes the manifests must be valid for
 STRIMZI_API = "kafka.strimzi.io/v1beta2"
+KUBERAY_API = "ray.io/v1"
 KUSTOMIZE_API = "kustomize.config.k8s.io/v1beta1"
 # API groups validated with kubernetes-validate ("" is the core group).
 BUILTIN_GROUPS = {"", "apps", "batch", "policy"}
 CLUSTER_SCOPED_KINDS = {"Namespace"}
 STREAMREC_IMAGE = "ghcr.io/streamrec/streamrec"
+DATA_CLAIM = "streamrec-data"
+API_KEYS_VAR = "STREAMREC_API_KEYS"
+GPU = "nvidia.com/gpu"
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,24 +93,79 @@ def _pod_spec(workload: dict) -> dict:
     return workload["spec"]["template"]["spec"]
 
 
-def _pod_labels(workload: dict) -> dict:
+def _pod_template(workload: dict) -> dict:
     if workload["kind"] == "CronJob":
-        return workload["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
-    return workload["spec"]["template"]["metadata"]["labels"]
+        return workload["spec"]["jobTemplate"]["spec"]["template"]
+    return workload["spec"]["template"]
+
+
+def _pod_labels(workload: dict) -> dict:
+    return _pod_template(workload)["metadata"]["labels"]
 
 
 def _workloads() -> list[dict]:
     return [d for _, d in OBJECTS if d["kind"] in ("Deployment", "StatefulSet", "CronJob", "Job")]
 
 
-def _streamrec_containers() -> list[tuple[dict, dict]]:
-    """(workload, container) for every container running the streamrec image."""
-    out = []
-    for w in _workloads():
-        for c in _pod_spec(w).get("containers", []):
-            if c["image"].split(":")[0] == STREAMREC_IMAGE:
-                out.append((w, c))
-    return out
+def _ray_crs(kind: str | None = None) -> list[dict]:
+    return [d for _, d in OBJECTS if d["apiVersion"] == KUBERAY_API and (kind is None or d["kind"] == kind)]
+
+
+def _ray_cluster(cr: dict) -> dict:
+    """The RayClusterSpec of a RayService (rayClusterConfig) or RayJob (rayClusterSpec)."""
+    return cr["spec"]["rayClusterConfig" if cr["kind"] == "RayService" else "rayClusterSpec"]
+
+
+class Pod(NamedTuple):
+    """A pod the manifests make: a workload's template, a Ray group's template or a RayJob submitter."""
+
+    owner: str  # "Deployment/streamrec-ingest", "RayService/streamrec:serve", ...
+    role: str  # "workload" | "ray-head" | "ray-worker" | "submitter"
+    template: dict  # the pod template as written (metadata + spec)
+    labels: dict  # as the pods get them (for Ray pods: plus the ray.io/ labels KubeRay adds)
+    cr: dict | None = None  # the KubeRay resource of a Ray pod or submitter
+    group: dict | None = None  # the Ray group (headGroupSpec or a workerGroupSpec) of a Ray pod
+
+    @property
+    def spec(self) -> dict:
+        return self.template["spec"]
+
+
+def _pods() -> list[Pod]:
+    pods = [Pod(f"{w['kind']}/{w['metadata']['name']}", "workload", _pod_template(w), _pod_labels(w))
+            for w in _workloads()]
+    for cr in _ray_crs():
+        name = f"{cr['kind']}/{cr['metadata']['name']}"
+        cluster = _ray_cluster(cr)
+        groups = [("head", "ray-head", "headgroup", cluster["headGroupSpec"])]
+        groups += [(g["groupName"], "ray-worker", g["groupName"], g) for g in cluster.get("workerGroupSpecs", [])]
+        for suffix, role, group_label, group in groups:
+            labels = {**group["template"].get("metadata", {}).get("labels", {}),
+                      "ray.io/node-type": role.removeprefix("ray-"), "ray.io/group": group_label}
+            pods.append(Pod(f"{name}:{suffix}", role, group["template"], labels, cr, group))
+        sub = cr["spec"].get("submitterPodTemplate")
+        if sub:
+            pods.append(Pod(f"{name}:submitter", "submitter", sub, sub.get("metadata", {}).get("labels", {}), cr))
+    return pods
+
+
+def _ray_pods(kind: str | None = None) -> list[Pod]:
+    return [p for p in _pods() if p.role in ("ray-head", "ray-worker") and (kind is None or p.cr["kind"] == kind)]
+
+
+def _streamrec_containers() -> list[tuple[Pod, dict]]:
+    """(pod, container) for every container running the streamrec image."""
+    return [(p, c) for p in _pods() for c in p.spec.get("containers", [])
+            if c["image"].split(":")[0] == STREAMREC_IMAGE]
+
+
+def _quantity(value: str | int | float) -> float:
+    """A Kubernetes quantity ("8Gi", "1536Mi", "500m", 4) as a number (bytes or cores)."""
+    m = re.fullmatch(r"([0-9.]+)(m|k|Ki|M|Mi|G|Gi|T|Ti)?", str(value))
+    assert m, f"cannot read quantity {value!r}"
+    scale = {None: 1, "m": 1e-3, "k": 1e3, "Ki": 2**10, "M": 1e6, "Mi": 2**20, "G": 1e9, "Gi": 2**30,
+             "T": 1e12, "Ti": 2**40}[m.group(2)]
+    return float(m.group(1)) * scale
 
 
 def _namespace() -> str:
@@ -152,25 +219,30 @@ def test_object_names_are_unique():
         seen.add(key)
 
 
-@pytest.mark.parametrize("item", [o for o in OBJECTS if _group(o[1]) in BUILTIN_GROUPS], ids=_id)
-def test_builtin_objects_validate(item):
+def _k8s_validate(doc: dict, what: str) -> None:
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
-    path, doc = item
     problem = None
     try:
         kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
     except kubernetes_validate.ValidationError as exc:  # its str() dumps the whole schema
         problem = f"at {'/'.join(str(x) for x in exc.absolute_path) or '(top)'}: {exc.message}"
     if problem:
-        pytest.fail(f"{_id(item)} is not a valid Kubernetes {K8S_VERSION} object {problem}")
+        pytest.fail(f"{what} is not a valid Kubernetes {K8S_VERSION} object {problem}")
+
+
+@pytest.mark.parametrize("item", [o for o in OBJECTS if _group(o[1]) in BUILTIN_GROUPS], ids=_id)
+def test_builtin_objects_validate(item):
+    _k8s_validate(item[1], _id(item))
 
 
 def test_only_known_api_groups():
-    """A kind outside the validated groups and Strimzi would escape every check here."""
+    """A kind outside the validated groups, Strimzi and KubeRay would escape every check here."""
     for path, doc in OBJECTS:
-        assert _group(doc) in BUILTIN_GROUPS or doc["apiVersion"] == STRIMZI_API, (
+        assert _group(doc) in BUILTIN_GROUPS or doc["apiVersion"] in (STRIMZI_API, KUBERAY_API), (
             f"{_id((path, doc))}: add a check for {doc['apiVersion']} to this test"
         )
+        if _group(doc) == "ray.io":
+            assert doc["kind"] in ("RayService", "RayJob"), f"{_id((path, doc))}: add a check for {doc['kind']}"
 
 
 def test_namespaced_objects_live_in_the_namespace():
@@ -189,7 +261,7 @@ def test_workload_selectors_match_their_pods():
             assert selector.items() <= labels.items(), f"{w['metadata']['name']}: selector does not match its pods"
     for pdb in _of_kind("PodDisruptionBudget"):
         sel = pdb["spec"]["selector"]["matchLabels"]
-        assert any(sel.items() <= _pod_labels(w).items() for w in _workloads()), (
+        assert any(sel.items() <= p.labels.items() for p in _pods() if p.role != "submitter"), (
             f"PodDisruptionBudget {pdb['metadata']['name']} selects no pods"
         )
     for svc in _of_kind("Service"):
@@ -202,25 +274,36 @@ def test_workload_selectors_match_their_pods():
 def test_pod_volumes_and_claims_resolve():
     claims = {p["metadata"]["name"] for p in _of_kind("PersistentVolumeClaim")}
     configmaps = {c["metadata"]["name"] for c in _of_kind("ConfigMap")}
-    for w in _workloads():
-        spec = _pod_spec(w)
-        volumes = {v["name"]: v for v in spec.get("volumes", [])}
-        templates = {t["metadata"]["name"] for t in w["spec"].get("volumeClaimTemplates", [])}
+    secrets = {s["metadata"]["name"] for s in _of_kind("Secret")}
+    templates_of = {f"{w['kind']}/{w['metadata']['name']}": w["spec"].get("volumeClaimTemplates", [])
+                    for w in _workloads()}
+    for pod in _pods():
+        volumes = {v["name"]: v for v in pod.spec.get("volumes", [])}
+        templates = {t["metadata"]["name"] for t in templates_of.get(pod.owner, [])}
         for v in volumes.values():
             if "persistentVolumeClaim" in v:
-                assert v["persistentVolumeClaim"]["claimName"] in claims, f"{w['metadata']['name']}: unknown claim"
+                assert v["persistentVolumeClaim"]["claimName"] in claims, f"{pod.owner}: unknown claim"
             if "configMap" in v:
-                assert v["configMap"]["name"] in configmaps, f"{w['metadata']['name']}: unknown ConfigMap"
-        for c in spec["containers"]:
+                assert v["configMap"]["name"] in configmaps, f"{pod.owner}: unknown ConfigMap"
+            if "secret" in v:
+                assert v["secret"]["secretName"] in secrets, f"{pod.owner}: unknown Secret"
+        for c in pod.spec["containers"]:
             for m in c.get("volumeMounts", []):
                 assert m["name"] in volumes or m["name"] in templates, (
-                    f"{w['metadata']['name']}/{c['name']}: mount {m['name']!r} has no volume"
+                    f"{pod.owner}/{c['name']}: mount {m['name']!r} has no volume"
                 )
             for ref in c.get("envFrom", []):
                 if "configMapRef" in ref:
                     assert ref["configMapRef"]["name"] in configmaps
+                if "secretRef" in ref:
+                    assert ref["secretRef"]["name"] in secrets
+            for e in c.get("env", []):
+                if "secretKeyRef" in e.get("valueFrom", {}):
+                    assert e["valueFrom"]["secretKeyRef"]["name"] in secrets, f"{pod.owner}/{c['name']}: unknown Secret"
+                if "configMapKeyRef" in e.get("valueFrom", {}):
+                    assert e["valueFrom"]["configMapKeyRef"]["name"] in configmaps
             assert c.get("resources", {}).get("requests") and c["resources"].get("limits", {}).get("memory"), (
-                f"{w['metadata']['name']}/{c['name']}: resource requests and a memory limit are required"
+                f"{pod.owner}/{c['name']}: resource requests and a memory limit are required"
             )
 
 
@@ -254,7 +337,7 @@ def test_kustomize_images_name_the_images_used():
     k = yaml.safe_load((K8S_DIR / "kustomization.yaml").read_text(encoding="utf-8"))
     names = {i["name"] for i in k.get("images", [])}
     assert STREAMREC_IMAGE in names, "the streamrec image must be overridable with kustomize `images:`"
-    used = {c["image"].split(":")[0] for w in _workloads() for c in _pod_spec(w)["containers"]}
+    used = {c["image"].split(":")[0] for p in _pods() for c in p.spec["containers"]}
     assert names <= used, f"kustomize images {names - used} match no container"
     assert _streamrec_containers(), "no container runs the streamrec image"
 
@@ -269,6 +352,33 @@ def test_kubectl_kustomize_builds():
     rendered = [d for d in yaml.safe_load_all(out.stdout) if d]
     key = lambda d: (d["kind"], d["metadata"]["name"])  # noqa: E731
     assert sorted(map(key, rendered)) == sorted(key(d) for _, d in OBJECTS)
+
+
+def _images(node) -> list[str]:
+    """Every `image` of a container anywhere in a rendered object (pod templates nested in CRs too)."""
+    if isinstance(node, list):
+        return [i for x in node for i in _images(x)]
+    if not isinstance(node, dict):
+        return []
+    found = [c["image"] for key in ("containers", "initContainers") for c in node.get(key) or [] if "image" in c]
+    return found + [i for v in node.values() for i in _images(v)]
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+def test_kustomize_images_reach_the_ray_pods(tmp_path):
+    """An overlay's `images:` must retag every streamrec container, also those KubeRay's
+    resources nest (head, workers, submitter), or a deploy would mix image versions."""
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": KUSTOMIZE_API, "kind": "Kustomization",
+        "resources": [os.path.relpath(K8S_DIR, tmp_path)],
+        "images": [{"name": STREAMREC_IMAGE, "newName": "registry.example.com/sr", "newTag": "9.9.9"}],
+    }))
+    out = subprocess.run(["kubectl", "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=60,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    images = _images([d for d in yaml.safe_load_all(out.stdout) if d])
+    assert not [i for i in images if i.startswith(STREAMREC_IMAGE)], "containers kustomize `images:` did not retag"
+    assert images.count("registry.example.com/sr:9.9.9") == len(_streamrec_containers())
 
 
 # --------------------------------------------------------------------------------------------
@@ -373,6 +483,357 @@ def test_topics_match_the_settings(k8s_settings):
 
 
 # --------------------------------------------------------------------------------------------
+# KubeRay custom resources: RayService (serving) and RayJob (training)
+# --------------------------------------------------------------------------------------------
+
+# ray.io/v1 spec fields (KubeRay >= 1.4). The API server prunes unknown fields of a custom
+# resource without an error, so a misspelt field would silently do nothing.
+RAYSERVICE_SPEC_KEYS = {"serveConfigV2", "rayClusterConfig", "serveService", "upgradeStrategy",
+                        "excludeHeadPodFromServeSvc", "rayClusterDeletionDelaySeconds",
+                        "serviceUnhealthySecondThreshold", "deploymentUnhealthySecondThreshold"}
+RAYSERVICE_DEPRECATED_KEYS = {"serviceUnhealthySecondThreshold", "deploymentUnhealthySecondThreshold"}
+RAYJOB_SPEC_KEYS = {"entrypoint", "rayClusterSpec", "clusterSelector", "submissionMode", "submitterPodTemplate",
+                    "submitterConfig", "runtimeEnvYAML", "jobId", "metadata", "entrypointNumCpus",
+                    "entrypointNumGpus", "entrypointResources", "shutdownAfterJobFinishes",
+                    "ttlSecondsAfterFinished", "activeDeadlineSeconds", "backoffLimit", "suspend",
+                    "deletionStrategy", "managedBy"}
+RAYCLUSTER_SPEC_KEYS = {"rayVersion", "headGroupSpec", "workerGroupSpecs", "enableInTreeAutoscaling",
+                        "autoscalerOptions", "headServiceAnnotations", "gcsFaultToleranceOptions", "suspend",
+                        "managedBy", "upgradeStrategy", "authOptions"}
+HEAD_GROUP_KEYS = {"template", "rayStartParams", "serviceType", "headService", "enableIngress"}
+WORKER_GROUP_KEYS = {"groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams", "template",
+                     "idleTimeoutSeconds", "scaleStrategy", "numOfHosts", "suspend"}
+SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
+UPGRADE_TYPES = {"NewCluster", "NewClusterWithIncrementalUpgrade", "None"}
+RAY_OBJECT_STORE_SHARE = 0.3  # Ray's default object store: 30% of the memory it sees (the container limit)
+SERVE_DEFAULT_PORT = 8000  # Ray Serve's proxy port when http_options names none
+
+
+def _rayservice() -> dict:
+    (rs,) = _ray_crs("RayService")
+    return rs
+
+
+def _rayjob() -> dict:
+    (job,) = _ray_crs("RayJob")
+    return job
+
+
+def _ray_container(pod: Pod) -> dict:
+    return pod.spec["containers"][0]  # KubeRay runs Ray in the first container
+
+
+def _ports(container: dict) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for p in container.get("ports", []) if "name" in p}
+
+
+def _ray_container_of(group: dict) -> dict:
+    return group["template"]["spec"]["containers"][0]
+
+
+def _gpus(group: dict) -> int:
+    return int(_ray_container_of(group)["resources"].get("limits", {}).get(GPU, 0))
+
+
+def test_kuberay_resources_use_v1():
+    assert _ray_crs("RayService") and _ray_crs("RayJob"), "serving (RayService) and training (RayJob)"
+    for kind in ("RayService", "RayJob", "RayCluster", "RayCronJob"):
+        for d in _of_kind(kind):
+            assert d["apiVersion"] == KUBERAY_API, f"{kind} {d['metadata']['name']}: use {KUBERAY_API}"
+
+
+@pytest.mark.parametrize("cr", _ray_crs(), ids=lambda d: f"{d['kind']}/{d['metadata']['name']}")
+def test_kuberay_resources_are_well_formed(cr):
+    spec = cr["spec"]
+    if cr["kind"] == "RayService":
+        assert set(spec) <= RAYSERVICE_SPEC_KEYS, set(spec) - RAYSERVICE_SPEC_KEYS
+        assert {"serveConfigV2", "rayClusterConfig"} <= set(spec)
+        assert isinstance(spec["serveConfigV2"], str), "serveConfigV2 is a YAML string (a `|` block)"
+        assert not set(spec) & RAYSERVICE_DEPRECATED_KEYS, (
+            "KubeRay ignores these since 1.1 (Serve's health checks restart unhealthy replicas): drop them"
+        )
+        assert spec.get("upgradeStrategy", {}).get("type", "NewCluster") in UPGRADE_TYPES
+    else:
+        assert set(spec) <= RAYJOB_SPEC_KEYS, set(spec) - RAYJOB_SPEC_KEYS
+        assert isinstance(spec.get("entrypoint"), str) and spec["entrypoint"].strip()
+        assert "rayClusterSpec" in spec and "clusterSelector" not in spec, "the job brings its own cluster"
+        assert spec.get("submissionMode", "K8sJobMode") in SUBMISSION_MODES
+    cluster = _ray_cluster(cr)
+    assert set(cluster) <= RAYCLUSTER_SPEC_KEYS, set(cluster) - RAYCLUSTER_SPEC_KEYS
+    installed = importlib.metadata.version("ray")
+    assert str(cluster.get("rayVersion", "")).split(".")[:2] == installed.split(".")[:2], (
+        f"rayVersion {cluster.get('rayVersion')!r} but the code runs on ray {installed}: keep them in step"
+    )
+    head = cluster["headGroupSpec"]
+    assert set(head) <= HEAD_GROUP_KEYS and {"template", "rayStartParams"} <= set(head), set(head) - HEAD_GROUP_KEYS
+    groups = cluster.get("workerGroupSpecs", [])
+    names = [g["groupName"] for g in groups]
+    assert len(names) == len(set(names)), f"duplicate worker group names {names}"
+    for g in groups:
+        assert set(g) <= WORKER_GROUP_KEYS, set(g) - WORKER_GROUP_KEYS
+        assert {"groupName", "template", "rayStartParams", "minReplicas", "maxReplicas"} <= set(g)
+        assert g["minReplicas"] <= g.get("replicas", 0) <= g["maxReplicas"], f"{g['groupName']}: min <= replicas <= max"
+    for group in [head, *groups]:
+        params = group["rayStartParams"]
+        assert all(isinstance(v, str) for v in params.values()), "rayStartParams values are strings (quote numbers)"
+        labels = group["template"].get("metadata", {}).get("labels", {})
+        assert not [k for k in labels if k.startswith("ray.io/")], "ray.io/ labels belong to KubeRay"
+    assert head["rayStartParams"].get("dashboard-host") == "0.0.0.0", (
+        "KubeRay reaches the dashboard from outside the pod (Serve config, job submission)"
+    )
+
+
+@pytest.mark.parametrize("pod", [p for p in _pods() if p.cr is not None], ids=lambda p: p.owner)
+def test_kuberay_pod_templates_validate(pod):
+    """The pod templates inside RayService/RayJob, validated like a built-in object."""
+    doc = {"apiVersion": "v1", "kind": "PodTemplate",
+           "metadata": {"name": pod.cr["metadata"]["name"], "namespace": pod.cr["metadata"]["namespace"]},
+           "template": pod.template}
+    _k8s_validate(doc, f"the pod template of {pod.owner}")
+
+
+@pytest.mark.parametrize("pod", _ray_pods(), ids=lambda p: p.owner)
+def test_ray_containers(pod):
+    c = _ray_container(pod)
+    assert c["image"].split(":")[0] == STREAMREC_IMAGE, (
+        f"{pod.owner}: the Ray container must run the streamrec image (the Serve app and `streamrec train` import it)"
+    )
+    assert "command" not in c and "args" not in c, f"{pod.owner}: KubeRay generates `ray start ...` itself"
+    params = pod.group["rayStartParams"]
+    ports = _ports(c)
+    if "metrics-export-port" in params:
+        assert ports.get("metrics") == int(params["metrics-export-port"]), f"{pod.owner}: metrics port"
+    ann = pod.template.get("metadata", {}).get("annotations", {})
+    if ann.get("prometheus.io/scrape") == "true":
+        assert int(ann["prometheus.io/port"]) == ports.get("metrics"), f"{pod.owner}: scrape Ray's metrics port"
+
+
+@pytest.mark.parametrize("pod", _ray_pods(), ids=lambda p: p.owner)
+def test_ray_object_store_fits_in_dev_shm(pod):
+    """Ray puts its object store in /dev/shm only if it fits; otherwise it falls back to a much
+    slower store on disk. A memory-backed /dev/shm counts against the memory limit."""
+    c = _ray_container(pod)
+    limit = _quantity(c["resources"]["limits"]["memory"])
+    mount = next((m for m in c.get("volumeMounts", []) if m["mountPath"] == "/dev/shm"), None)
+    assert mount, f"{pod.owner}: mount a memory-backed emptyDir at /dev/shm (the container default is 64 MiB)"
+    volume = next(v for v in pod.spec["volumes"] if v["name"] == mount["name"])
+    assert volume.get("emptyDir", {}).get("medium") == "Memory"
+    size = _quantity(volume["emptyDir"]["sizeLimit"])
+    params = pod.group["rayStartParams"]
+    store = (_quantity(params["object-store-memory"]) if "object-store-memory" in params
+             else RAY_OBJECT_STORE_SHARE * limit)
+    assert store <= size < limit, f"{pod.owner}: object store {store / 2**30:.1f}Gi, /dev/shm {size / 2**30:.1f}Gi"
+
+
+# --- serving --------------------------------------------------------------------------------
+
+
+def _serve_config() -> dict:
+    cfg = yaml.safe_load(_rayservice()["spec"]["serveConfigV2"])
+    assert isinstance(cfg, dict), "serveConfigV2 does not parse as a YAML mapping"
+    return cfg
+
+
+def _serve_app_config() -> dict:
+    apps = _serve_config()["applications"]
+    assert len(apps) == 1, "one application: streamrec's API"
+    return apps[0]
+
+
+def _import(import_path: str):
+    module_name, sep, attr = import_path.partition(":")
+    assert sep and attr, f"import_path {import_path!r}: write it as module:attribute"
+    module = importlib.import_module(module_name)
+    assert hasattr(module, attr), f"import_path {import_path!r}: {module_name} has no attribute {attr!r}"
+    return module, getattr(module, attr)
+
+
+def _route_paths(app) -> set[str]:
+    paths = set(app.openapi().get("paths", {}))
+    stack = list(app.routes)
+    while stack:
+        route = stack.pop()
+        if getattr(route, "path", None):
+            paths.add(route.path)
+        stack.extend(getattr(getattr(route, "original_router", None), "routes", []))
+    return paths
+
+
+def test_serve_config_is_a_valid_serve_config():
+    """Checked with Ray Serve's own schema (what `serve deploy` and KubeRay submit), plus the
+    field names: Serve ignores unknown ones, so a typo would be silently dropped."""
+    schema = pytest.importorskip("ray.serve.schema")
+    cfg = _serve_config()
+    schema.ServeDeploySchema.model_validate(cfg)
+    assert set(cfg) <= set(schema.ServeDeploySchema.model_fields)
+    assert set(cfg.get("http_options", {})) <= set(schema.HTTPOptionsSchema.model_fields)
+    for app_cfg in cfg["applications"]:
+        assert set(app_cfg) <= set(schema.ServeApplicationSchema.model_fields), set(app_cfg)
+        for d in app_cfg.get("deployments", []):
+            assert set(d) <= set(schema.DeploymentSchema.model_fields), set(d)
+
+
+def test_serve_config_matches_the_code(k8s_settings):
+    from fastapi import FastAPI
+    from ray import serve
+
+    from training.registry import validate_name
+
+    app_cfg = _serve_app_config()
+    module, target = _import(app_cfg["import_path"])
+    if not isinstance(target, serve.Application):  # an application builder: f(args) -> Application
+        assert callable(target) and len(inspect.signature(target).parameters) == 1, (
+            f"{app_cfg['import_path']} is neither an Application nor a builder taking the `args` dict"
+        )
+    deployments = {d.name: d for d in vars(module).values() if isinstance(d, serve.Deployment)}
+    configured = {d["name"]: d for d in app_cfg.get("deployments", [])}
+    assert set(configured) <= set(deployments), (
+        f"serveConfigV2 names deployments {sorted(set(configured) - set(deployments))} that "
+        f"{module.__name__} does not define (it has {sorted(deployments)})"
+    )
+    assert "Api" in configured, "the ingress deployment `Api` is configured in serveConfigV2"
+    api_cfg, api = configured["Api"], deployments["Api"]
+
+    # user_config is what Api.reconfigure takes: {"pins": {scene: version}}
+    pins = api_cfg.get("user_config", {}).get("pins")
+    assert isinstance(pins, dict), "Api's user_config needs `pins` (a mapping scene -> version; {} = none)"
+    for scene, version in pins.items():
+        validate_name(scene, "scene")
+        assert isinstance(version, str), f"pins[{scene!r}]: a version name is a string"
+        validate_name(version, "version")
+    reconfigure = getattr(api.func_or_class, "reconfigure", None)
+    assert callable(reconfigure) and len(inspect.signature(reconfigure).parameters) == 2, (
+        "Api needs reconfigure(self, user_config) for pins to apply without restarting replicas"
+    )
+
+    # the HTTP port: Serve's proxy = the `serve` container ports = STREAMREC_SERVE_PORT
+    http = _serve_config().get("http_options", {})
+    port = http.get("port", SERVE_DEFAULT_PORT)
+    assert http.get("host") == "0.0.0.0", "the proxy must listen beyond localhost (probes, the Service)"
+    assert port == k8s_settings.serve_port, "http_options.port != STREAMREC_SERVE_PORT"
+    for pod in _ray_pods("RayService"):
+        assert _ports(_ray_container(pod)).get("serve") == port, f"{pod.owner}: container port `serve` != {port}"
+    serve_svc = _rayservice()["spec"].get("serveService")
+    if serve_svc:
+        assert [p["port"] for p in serve_svc["spec"]["ports"] if p.get("name") == "serve"] == [port]
+
+    # the routes the probes and README rely on
+    apps = [v for v in vars(module).values() if isinstance(v, FastAPI)]
+    assert apps, f"{module.__name__} has no FastAPI app"
+    paths = set().union(*(_route_paths(a) for a in apps))
+    assert {"/healthz", "/metrics", "/v1/recommendations", "/v1/models"} <= paths, sorted(paths)
+    assert app_cfg.get("route_prefix", "/") == "/", "the routes are served at the root"
+    for pod in _ray_pods("RayService"):
+        for probe in (_ray_container(pod).get(k) for k in ("readinessProbe", "livenessProbe", "startupProbe")):
+            if probe and "httpGet" in probe:
+                assert probe["httpGet"]["path"] in paths, f"{pod.owner}: probe path {probe['httpGet']['path']}"
+                assert probe["httpGet"]["port"] in ("serve", port)
+
+    # the replicas fit on the serving workers (Serve would stay DEPLOYING otherwise)
+    replicas = api_cfg.get("num_replicas", api.num_replicas)
+    if isinstance(replicas, int):
+        per_replica = float((api.ray_actor_options or {}).get("num_cpus", 1))
+        cpus = sum(g.get("replicas", 0) * _quantity(g["rayStartParams"].get(
+                   "num-cpus", _ray_container_of(g)["resources"]["limits"]["cpu"]))
+                   for g in _ray_cluster(_rayservice()).get("workerGroupSpecs", []))
+        assert replicas * per_replica <= cpus, f"{replicas} Api replicas x {per_replica} CPU > {cpus} worker CPUs"
+
+
+def test_rayservice_serves_from_workers():
+    rs = _rayservice()
+    cluster = _ray_cluster(rs)
+    workers = [p for p in _ray_pods("RayService") if p.role == "ray-worker"]
+    assert sum(g.get("replicas", 0) for g in cluster.get("workerGroupSpecs", [])) >= 2, (
+        "at least two serving workers: one can be drained while the other answers"
+    )
+    if rs["spec"].get("excludeHeadPodFromServeSvc"):
+        assert cluster["headGroupSpec"]["rayStartParams"].get("num-cpus") == "0", (
+            "a head left out of the Service should not host Api replicas either"
+        )
+    for pod in workers:
+        probe = _ray_container(pod).get("readinessProbe", {})
+        assert probe.get("httpGet", {}).get("path") == "/healthz", f"{pod.owner}: ready = the API answers /healthz"
+    svc = rs["spec"].get("serveService")
+    assert svc, "name the Service clients use (KubeRay manages its selector)"
+    assert "selector" not in svc["spec"], "KubeRay sets the serve Service's selector itself"
+    _k8s_validate({"apiVersion": "v1", "kind": "Service",
+                   "metadata": {**svc["metadata"], "namespace": rs["metadata"]["namespace"]}, "spec": svc["spec"]},
+                  "RayService serveService")
+    budgets = [b for b in _of_kind("PodDisruptionBudget")
+               if any(b["spec"]["selector"]["matchLabels"].items() <= p.labels.items() for p in workers)]
+    assert budgets, "no PodDisruptionBudget for the serving workers"
+    for b in budgets:
+        sel = b["spec"]["selector"]["matchLabels"].items()
+        others = [p.owner for p in _pods() if p not in workers and sel <= p.labels.items()]
+        assert not others, f"PodDisruptionBudget {b['metadata']['name']} also selects {others}"
+
+
+def test_api_keys_come_from_a_secret():
+    assert API_KEYS_VAR in env_var_names().values()
+    secrets = {s["metadata"]["name"]: s for s in _of_kind("Secret")}
+    for pod in _ray_pods("RayService"):
+        env = {e["name"]: e for e in _ray_container(pod).get("env", [])}
+        # the head builds the application from its environment, the workers run Api
+        assert API_KEYS_VAR in env, f"{pod.owner}: {API_KEYS_VAR} is not set"
+        ref = env[API_KEYS_VAR].get("valueFrom", {}).get("secretKeyRef")
+        assert ref, f"{pod.owner}: {API_KEYS_VAR} must come from a Secret"
+        assert ref["key"] == API_KEYS_VAR and ref["name"] in secrets
+        assert not ref.get("optional", False), "fail closed: without keys the API must not start open"
+        secret = secrets[ref["name"]]
+        assert not secret.get("data") and not secret.get("stringData"), (
+            "never commit API keys: the manifest has no data, keys are set with `kubectl patch` (README)"
+        )
+
+
+# --- training -------------------------------------------------------------------------------
+
+
+def _train_params() -> dict:
+    """The RayJob entrypoint's options, parsed by the real CLI (`streamrec train ...`)."""
+    import typer.main
+
+    argv = shlex.split(_rayjob()["spec"]["entrypoint"])
+    assert argv[:2] == ["streamrec", "train"], f"the training RayJob runs {argv[:2]}"
+    command = typer.main.get_command(app).commands["train"]
+    return command.make_context("train", argv[2:]).params
+
+
+def test_training_rayjob_gets_the_gpus_it_asks_for():
+    from training.pipeline import TrainRequest
+
+    params = _train_params()
+    cluster = _ray_cluster(_rayjob())
+    gpu_groups = [g for g in cluster.get("workerGroupSpecs", []) if _gpus(g) > 0]
+    gpus = sum(g.get("replicas", 0) * _gpus(g) for g in gpu_groups)
+    if params["gpu"]:
+        assert gpu_groups, "`--gpu` but no worker group requests nvidia.com/gpu"
+        # ScalingConfig(num_workers=W, use_gpu=True): one GPU per Ray Train worker, or it waits forever
+        assert params["workers"] <= gpus, f"--workers {params['workers']} > {gpus} GPUs in the cluster"
+        assert TrainRequest().embed_actors <= gpus, "the catalog embedding's GPU actors do not fit"
+    else:
+        assert not gpu_groups, "GPU workers reserved for a run without --gpu"
+    assert params["incremental"], "the periodic run continues from the live adapter"
+    assert not params["force"], "a scheduled run must not bypass the quality gate"
+    for g in gpu_groups:
+        res = _ray_container_of(g)["resources"]
+        assert GPU not in res.get("requests", {}) or res["requests"][GPU] == res["limits"][GPU], (
+            "extended resources: requests must equal limits"
+        )
+        assert "num-gpus" not in g["rayStartParams"] or int(g["rayStartParams"]["num-gpus"]) == _gpus(g)
+        # each Ray Train worker also takes one CPU
+        assert _quantity(res["limits"]["cpu"]) >= _gpus(g) + 1, f"{g['groupName']}: too few CPUs per GPU"
+
+
+def test_training_rayjob_lifecycle():
+    spec = _rayjob()["spec"]
+    assert spec.get("suspend") is True, "parked: `kubectl apply -k k8s/` must not start a GPU run (README)"
+    assert spec.get("shutdownAfterJobFinishes") is True, "the GPU cluster must go away after the run"
+    assert spec.get("activeDeadlineSeconds", 0) > 0, "a hung run must not hold GPUs forever"
+    assert spec.get("backoffLimit", 0) == 0, "a retry is a new GPU cluster: decide by hand"
+    assert not spec.get("runtimeEnvYAML"), "the image holds the code: no runtime_env downloads"
+
+
+# --------------------------------------------------------------------------------------------
 # streamrec config and pods
 # --------------------------------------------------------------------------------------------
 
@@ -383,6 +844,19 @@ def test_configmap_names_only_real_settings():
     unknown = set(data) - known
     assert not unknown, f"not streamrec settings (see `streamrec config`): {sorted(unknown)}"
     assert all(isinstance(v, str) for v in data.values()), "ConfigMap values must be strings (quote numbers)"
+    assert API_KEYS_VAR not in data, "API keys belong in a Secret, not in the ConfigMap"
+
+
+def test_container_env_names_are_real_settings():
+    """A misspelt STREAMREC_* variable on a container is silently ignored by the code."""
+    known = set(env_var_names().values())
+    for pod, c in _streamrec_containers():
+        for e in c.get("env", []):
+            if e["name"].startswith("STREAMREC_") or e["name"] in ("KAFKA_BOOTSTRAP_SERVERS", "REDIS_URL"):
+                assert e["name"] in known, f"{pod.owner}/{c['name']}: {e['name']} is not a streamrec setting"
+            if pod.role.startswith("ray-"):
+                # KubeRay sets RAY_ADDRESS itself (127.0.0.1:6379 on the head, the head Service on workers).
+                assert e["name"] != "RAY_ADDRESS", f"{pod.owner}: leave RAY_ADDRESS to KubeRay"
 
 
 def test_configmap_loads_as_valid_settings(k8s_settings):
@@ -450,14 +924,44 @@ def test_redis_is_durable_standalone():
 
 
 def test_streamrec_pods_share_the_data_volume(k8s_settings):
-    for w, c in _streamrec_containers():
-        spec = _pod_spec(w)
+    """Ingest, the feature job and every Ray head and worker (the API follows the registry; Ray
+    Train's storage_path and the run directories are under it) see the same volume at the same
+    path. Only the RayJob submitter, which just runs `ray job submit`, does without."""
+    for pod, c in _streamrec_containers():
+        if pod.role == "submitter":
+            continue
         mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
-        assert str(k8s_settings.data_dir) in mounts, f"{w['metadata']['name']}: STREAMREC_DATA_DIR is not mounted"
-        volume = next(v for v in spec["volumes"] if v["name"] == mounts[str(k8s_settings.data_dir)])
+        assert str(k8s_settings.data_dir) in mounts, f"{pod.owner}: STREAMREC_DATA_DIR is not mounted"
+        volume = next(v for v in pod.spec["volumes"] if v["name"] == mounts[str(k8s_settings.data_dir)])
         claim = _one("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
-        assert claim["metadata"]["name"] == "streamrec-data"
-        assert "ReadWriteMany" in claim["spec"]["accessModes"], "ingest pods and the feature job share the log"
+        assert claim["metadata"]["name"] == DATA_CLAIM
+        assert "ReadWriteMany" in claim["spec"]["accessModes"], "ingest, features, training and serving share it"
+
+
+def test_streamrec_pods_are_locked_down():
+    """Every pod running the streamrec image, Ray's included: non-root, no privilege escalation,
+    no capabilities, read-only root filesystem with a writable /tmp (HOME, Ray's session dir)."""
+    for pod, c in _streamrec_containers():
+        psc, sc = pod.spec.get("securityContext", {}), c.get("securityContext", {})
+        assert psc.get("runAsNonRoot") is True, pod.owner
+        assert psc.get("seccompProfile", {}).get("type") == "RuntimeDefault", pod.owner
+        assert sc.get("allowPrivilegeEscalation") is False, pod.owner
+        assert sc.get("capabilities", {}).get("drop") == ["ALL"], pod.owner
+        assert sc.get("readOnlyRootFilesystem") is True, pod.owner
+        assert "/tmp" in {m["mountPath"] for m in c.get("volumeMounts", [])}, f"{pod.owner}: /tmp must be writable"
+        env = {e["name"]: e.get("value") for e in c.get("env", [])}
+        assert env.get("HOME") == "/tmp", f"{pod.owner}: HOME on the read-only root"
+
+
+def test_registry_is_on_the_shared_volume(k8s_settings):
+    """`streamrec train` publishes to registry_uri and the API reads it: a local path must lie
+    on the shared volume (an object-store URI would need no mount)."""
+    uri = k8s_settings.registry_uri
+    if "://" in uri and not uri.startswith("file://"):
+        return
+    path = Path(uri.removeprefix("file://"))
+    assert path.is_absolute(), f"STREAMREC_REGISTRY_ROOT={uri}: a relative path depends on the working directory"
+    assert path.is_relative_to(k8s_settings.data_dir), f"registry {path} is not under {k8s_settings.data_dir}"
 
 
 def test_ingest_deployment():
@@ -485,11 +989,14 @@ def test_console_script_is_the_cli():
     assert scripts.get("streamrec") == "services.cli:app"
 
 
-@pytest.mark.parametrize(
-    "command",
-    sorted({tuple(c["command"]) for _, c in _streamrec_containers()}),
-    ids=lambda cmd: " ".join(cmd),
-)
+def _streamrec_commands() -> list[tuple[str, ...]]:
+    """Container commands and RayJob entrypoints (a shell string) that run `streamrec`."""
+    commands = {tuple(c["command"]) for _, c in _streamrec_containers() if c.get("command")}
+    commands |= {tuple(shlex.split(j["spec"]["entrypoint"])) for j in _ray_crs("RayJob")}
+    return sorted(commands)
+
+
+@pytest.mark.parametrize("command", _streamrec_commands(), ids=lambda cmd: " ".join(cmd))
 def test_container_commands_exist_in_the_cli(command):
     """`--help` after the arguments: exit 0 only if the subcommand and every option exist."""
     assert command[0] == "streamrec"

@@ -91,11 +91,13 @@ def served(ray_local, tmp_path_factory):
     r = redis.Redis.from_url(redis_proc.url)
     from services.synthetic_adapter import synthetic_catalog
 
+    from streaming.events import Item
+    from streaming.online_store import OnlineStore
+
+    store = OnlineStore(r, prefix)
     ids, titles, texts = synthetic_catalog(N_ITEMS)
-    for i, (item, title) in enumerate(zip(ids, titles)):
-        r.hset(f"{prefix}i:{item}", mapping={"title": title, "text": texts[i], "attributes": "{}", "ts": 0,
-                                              "deleted": 0})
-        r.sadd(f"{prefix}items:live", item)
+    store.apply_items("items", 0, [(i, Item(item_id=item, title=title, text=texts[i], ts=1_700_000_000_000))
+                                   for i, (item, title) in enumerate(zip(ids, titles))])
     r.zadd(f"{prefix}u:u1:recent", {"m0": 1000, "m4": 2000, "m8": 3000})
     r.zadd(f"{prefix}feat:popular", {item: float(N_ITEMS - i) for i, item in enumerate(ids)})
     r.zadd(f"{prefix}feat:trending", {item: float(i) for i, item in enumerate(ids)})
@@ -113,7 +115,7 @@ def served(ray_local, tmp_path_factory):
         time.sleep(0.2)
     else:
         pytest.fail("the API never served the first adapter")
-    yield {"base": base, "registry": registry, "tmp": tmp, "redis": r, "prefix": prefix, "v1": v1,
+    yield {"base": base, "registry": registry, "tmp": tmp, "redis": r, "store": store, "prefix": prefix, "v1": v1,
            "headers": {"X-API-Key": "k1"}, "redis_proc": redis_proc}
     serve.delete("streamrec-test")
     serve.shutdown()
@@ -180,22 +182,43 @@ def test_api_keys(served):
 
 
 def test_new_and_deleted_items_within_5_s(served):
-    r, p = served["redis"], served["prefix"]
-    r.hset(f"{p}i:fresh1", mapping={"title": "Fresh", "text": "A brand new comedy.", "attributes": "{}", "ts": 1,
-                                    "deleted": 0})
-    r.sadd(f"{p}items:live", "fresh1")
+    from streaming.events import Item
+
+    store, ts = served["store"], 1_700_000_001_000
+    # through the online store, as the ingest consumer writes them (its change log is what replicas follow)
+    store.apply_items("items", 0, [(1000, Item(item_id="fresh1", title="Fresh", text="A brand new comedy.", ts=ts))])
     t0 = time.time()
     while _get(served, "/v1/items/fresh1/similar", k=3).status_code != 200:
         assert time.time() - t0 < 5, "a new item was not searchable within 5 s"
         time.sleep(0.1)
-    r.hset(f"{p}i:m3", "deleted", 1)
-    r.srem(f"{p}items:live", "m3")
+    store.apply_items("items", 0, [(1001, Item(item_id="m3", title="Movie 3", ts=ts, deleted=True))])
     t0 = time.time()
     while _get(served, "/v1/items/m3/similar", k=3).status_code != 404:
         assert time.time() - t0 < 5, "a deleted item was still in the index after 5 s"
         time.sleep(0.1)
     body = _get(served, "/v1/recommendations", user_id="u1", k=N_ITEMS).json()
     assert "m3" not in {i["item_id"] for i in body["items"]}
+    assert "fresh1" in {i["item_id"] for i in body["items"]}  # new items are recommendable, not only searchable
+
+
+def test_scenes_are_multiplexed_and_unknown_scenes_are_404(served):
+    """A second scene gets its own adapter on the same replica; each response names its scene's version."""
+    from services.synthetic_adapter import publish_synthetic_adapter
+
+    v = publish_synthetic_adapter(served["registry"], served["tmp"], scene="homepage", n_items=N_ITEMS, seed=7)
+    t0 = time.time()
+    while _get(served, "/v1/models").json()["scenes"].get("homepage", {}).get("version") != v:
+        assert time.time() - t0 < 60, "the second scene was never served"
+        time.sleep(0.2)
+    home = _get(served, "/v1/recommendations", user_id="u1", k=5, scene="homepage").json()
+    default = _get(served, "/v1/recommendations", user_id="u1", k=5).json()
+    assert home["scene"] == "homepage" and home["version"] == v and home["fallback"] is None
+    assert default["scene"] == "default" and default["fallback"] is None
+    assert [i["item_id"] for i in home["items"]] != [i["item_id"] for i in default["items"]]  # other weights
+    models = _get(served, "/v1/models").json()
+    assert models["replicas"] and all(set(r["scenes"]) >= {"default", "homepage"} for r in models["replicas"].values())
+    missing = _get(served, "/v1/recommendations", user_id="u1", scene="kids")
+    assert missing.status_code == 404 and "kids" in missing.json()["error"]
 
 
 def test_hot_reload_under_load_and_a_corrupt_version_is_refused(served):
