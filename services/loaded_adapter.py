@@ -162,10 +162,10 @@ class LoadedAdapter:
         """training/calibration.py at serving time: new items get the user's recent share of the top-k.
 
         New items are scored exhaustively (they are few) so they need not have made FAISS' top-N."""
-        index = self.index
-        recent = [index.row[i] for i in list(history)[-HISTORY_ITEMS:] if i in index.row]
         if not self.new_rows:
             return ids, s
+        index = self.index
+        recent = [index.row[i] for i in list(history)[-HISTORY_ITEMS:] if i in index.row]
         m = new_item_slots([r in self.new_rows for r in recent], k)
         if m == 0:
             return ids, s

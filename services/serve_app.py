@@ -42,6 +42,7 @@ from ray import serve
 from services.api_schema import (
     DEFAULT_K, MAX_ID_CHARS, MAX_K, SCENE_PATTERN, RecommendRequest, RecommendResponse, ScoredItem, SimilarResponse,
 )
+from streaming.online_store import popular_key, trending_key
 
 logger = logging.getLogger(__name__)
 
@@ -295,7 +296,7 @@ class Api:
             adapter.remove_item(item_id)
 
     async def _follow_popularity(self) -> None:
-        key = f"{self.settings.redis_prefix}feat:popular"
+        key = popular_key(self.settings.redis_prefix)
         while True:
             try:
                 raw = await self.aredis.zrevrange(key, 0, MAX_K * 4, withscores=True)
@@ -310,8 +311,7 @@ class Api:
         return f"{self.settings.redis_prefix}serve:replicas"
 
     def _replica_state(self) -> dict:
-        return {"scenes": dict(self.active), "pins": dict(self.pins),
-                "refused": {s: sorted(v) for s, v in self.refused.items() if v}, "ts": time.time()}
+        return {"scenes": dict(self.active), "pins": dict(self.pins), "ts": time.time()}
 
     async def _heartbeat(self) -> None:
         while True:
@@ -335,9 +335,9 @@ class Api:
         """The active version of each scene (on the replica that answers) and on every live replica."""
         self._auth(request)
         replicas = {self.replica: self._replica_state()}
+        now = time.time()
         try:
             raw = await self.aredis.hgetall(self._replicas_key)
-            now = time.time()
             for rid, state in raw.items():
                 state = json.loads(state)
                 if now - state["ts"] <= REPLICA_STALE_S:
@@ -346,7 +346,6 @@ class Api:
                     await self.aredis.hdel(self._replicas_key, rid)
         except Exception:
             pass  # Redis down: this replica's view only
-        now = time.time()
         return {"scenes": {s: {"version": v, "pinned": s in self.pins} for s, v in self.active.items()},
                 "refused": {s: sorted(v) for s, v in self.refused.items() if v},
                 "replica": self.replica,
@@ -477,7 +476,7 @@ class Api:
         return {"items": items, "scene": body.scene, "version": None, "fallback": kind}
 
     async def _trending_answer(self, body: RecommendRequest) -> dict:
-        key = f"{self.settings.redis_prefix}feat:trending"
+        key = trending_key(self.settings.redis_prefix)
         try:
             raw = await self.aredis.zrevrange(key, 0, body.k - 1, withscores=True)
             items = [ScoredItem(item_id=m.decode(), score=float(s)).model_dump() for m, s in raw]

@@ -317,10 +317,11 @@ def _spawn(argv: list[str], log_path: Path, env: dict[str, str] | None = None) -
     return proc
 
 
-def _kill_spawned(proc: subprocess.Popen) -> None:
+def _kill_spawned(proc: subprocess.Popen, timeout_s: float = KILL_TIMEOUT_S) -> None:
+    """Stop (SIGTERM, SIGKILL after `timeout_s`) and reap a child from `_spawn`, and forget it."""
     if proc.poll() is None:
         with contextlib.suppress(psutil.Error, StackError):
-            _terminate(psutil.Process(proc.pid), timeout_s=KILL_TIMEOUT_S)
+            _terminate(psutil.Process(proc.pid), timeout_s=timeout_s)
     with contextlib.suppress(Exception):
         proc.wait(timeout=KILL_TIMEOUT_S)
     with _CHILDREN_LOCK:

@@ -26,7 +26,7 @@ from typing import Callable
 
 import psutil
 
-from services.stack import StackError, _log_tail, _spawn, _terminate
+from services.stack import StackError, _exited, _kill_spawned, _log_tail, _spawn, _terminate
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ class Supervisor:
                         if st.part.ready():
                             st.state = "ready"
                 continue
+            _kill_spawned(st.proc)  # reaped already: this only forgets it in the stack's child table
             self._reap_descendants(st)
             if self.stopping:
                 st.state = "stopped"
@@ -144,14 +145,10 @@ class Supervisor:
 
     def _reap_descendants(self, st: PartState) -> None:
         """Stop what a part left running (processes it started that outlived it)."""
-        alive = []
         for proc in st.descendants.values():
-            with contextlib.suppress(psutil.Error):
-                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(proc)
-        for proc in alive:
             with contextlib.suppress(psutil.Error, StackError):
-                _terminate(proc, ORPHAN_TIMEOUT_S)
+                if not _exited(proc):
+                    _terminate(proc, ORPHAN_TIMEOUT_S)
         st.descendants.clear()
 
     def status(self) -> list[PartState]:
@@ -165,12 +162,10 @@ class Supervisor:
         after the timeout, then any descendant still running."""
         self.stopping = True
         for st in reversed(list(self.parts.values())):
-            if st.proc is not None and st.proc.poll() is None:
-                self._track_descendants(st)
-                with contextlib.suppress(psutil.Error, StackError):
-                    _terminate(psutil.Process(st.pid), self.stop_timeout_s)
-                with contextlib.suppress(Exception):
-                    st.proc.wait(timeout=ORPHAN_TIMEOUT_S)
+            if st.proc is not None:
+                if st.proc.poll() is None:
+                    self._track_descendants(st)
+                _kill_spawned(st.proc, self.stop_timeout_s)
             self._reap_descendants(st)
             if st.state not in ("failed", "done"):
                 st.state = "stopped"
@@ -178,7 +173,7 @@ class Supervisor:
 
 def pid_alive(pid: int) -> bool:
     with contextlib.suppress(psutil.Error):
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        return not _exited(psutil.Process(pid))
     return False
 
 

@@ -120,6 +120,7 @@ from streaming.durable import fsync_dir
 from streaming.file_lock import flock_exclusive
 from streaming.offline_log import ITEM_SCHEMA, LogFile, OfflineLog
 from streaming.offline_log import read_table as read_log_table
+from streaming.online_store import popular_key, trending_key
 from streaming.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -1051,7 +1052,7 @@ def push_popularity_to_redis(tables: FeatureTables, redis_client: Any, settings:
         pop = pop.filter(pc.invert(pc.is_in(pop["item_id"], value_set=_arr(deleted))))
     n = settings.popular_push_n
     plan = {}
-    for key, col in ((f"{prefix}feat:popular", "count"), (f"{prefix}feat:trending", "trending")):
+    for key, col in ((popular_key(prefix), "count"), (trending_key(prefix), "trending")):
         top = pop.sort_by([(col, "descending"), ("item_id", "ascending")]).slice(0, n)
         plan[key] = list(zip(top["item_id"].to_pylist(), (float(v) for v in top[col].to_pylist())))
 

@@ -67,6 +67,15 @@ return applied
 """
 
 
+def popular_key(prefix: str) -> str:
+    """The feature job's popularity snapshot (streaming.features writes it, serving reads it)."""
+    return f"{prefix}feat:popular"
+
+
+def trending_key(prefix: str) -> str:
+    return f"{prefix}feat:trending"
+
+
 class OnlineStore:
     def __init__(self, client: redis.Redis, prefix: str = "sr:", recent_items_max: int = 50):
         self.r = client

@@ -87,16 +87,14 @@ def _one(kind: str, name: str | None = None) -> dict:
     return found[0]
 
 
-def _pod_spec(workload: dict) -> dict:
-    if workload["kind"] == "CronJob":
-        return workload["spec"]["jobTemplate"]["spec"]["template"]["spec"]
-    return workload["spec"]["template"]["spec"]
-
-
 def _pod_template(workload: dict) -> dict:
     if workload["kind"] == "CronJob":
         return workload["spec"]["jobTemplate"]["spec"]["template"]
     return workload["spec"]["template"]
+
+
+def _pod_spec(workload: dict) -> dict:
+    return _pod_template(workload)["spec"]
 
 
 def _pod_labels(workload: dict) -> dict:
@@ -528,7 +526,7 @@ def _ports(container: dict) -> dict[str, int]:
 
 
 def _ray_container_of(group: dict) -> dict:
-    return group["template"]["spec"]["containers"][0]
+    return group["template"]["spec"]["containers"][0]  # as _ray_container, for a group spec
 
 
 def _gpus(group: dict) -> int:
