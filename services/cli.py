@@ -10,6 +10,9 @@
     streamrec evaluate [--dataset ml-100k]  # every model and baseline, leave-one-out + cold start
     streamrec registry list|show|rollback   # published adapters per scene
     streamrec serve [--port 8000]           # the HTTP API on Ray Serve, following the registry
+    streamrec train-loop --every 10m        # continuous training through the gate
+    streamrec up                            # all of it on one machine (ingest, trainer, serve); Ctrl-C stops
+    streamrec demo [--quick]                # the guided tour on MovieLens-100K (or small synthetic data)
     streamrec config                        # every setting, its variable and current value
 
 Every command reads the one settings object (`streaming.settings`); a bad value exits with
@@ -356,6 +359,27 @@ def _check_gpus(ray_address: str | None, workers: int) -> None:
         raise _fail("--gpu: no CUDA device is visible to PyTorch on this machine")
 
 
+PRESET_HELP = "default (the benchmarks' size), demo (8 epochs), quick (small, minutes on a CPU)"
+
+
+def _preset(name: str):
+    from training.presets import get_preset
+
+    try:
+        return get_preset(name)
+    except ValueError as exc:
+        raise _fail(str(exc), EXIT_CONFIG) from None
+
+
+def _schedule(text: str):
+    from training.continuous import parse_every
+
+    try:
+        return parse_every(text)
+    except ValueError as exc:
+        raise _fail(str(exc), EXIT_CONFIG) from None
+
+
 @app.command()
 def train(
     scene: str = typer.Option("default", help="Scene whose adapter to train ('default' = every event)."),
@@ -363,28 +387,31 @@ def train(
     gpu: bool = typer.Option(False, "--gpu", help="One GPU per worker, bf16 autocast."),
     incremental: bool = typer.Option(False, "--incremental", help="Start from the scene's live adapter; train on "
                                      "the events since its data window plus a replay sample of older ones."),
-    epochs: Optional[int] = typer.Option(None, min=1, help="Training epochs (default: TrainConfig.epochs)."),
+    epochs: Optional[int] = typer.Option(None, min=1, help="Training epochs (default: the preset's; fewer with --incremental)."),
     batch_size: Optional[int] = typer.Option(None, min=1, help="Windows per step and worker."),
     force: bool = typer.Option(False, "--force", help="Publish even if the gate refuses."),
     publish: bool = typer.Option(True, "--publish/--no-publish", help="Publish to the registry through the gate."),
     dataset: Optional[str] = typer.Option(None, help="Train on a dataset spec (ml-100k, synthetic:...) instead "
                                           "of the feature tables (its data window is then timestamps only)."),
+    preset: str = typer.Option("default", help=f"Model and training size: {PRESET_HELP}."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Fine-tune LoRA adapters + heads with Ray Train, evaluate, and publish through the gate."""
     _setup_logging()
     import dataclasses as dc
 
-    from training.loop import TrainConfig
     from training.pipeline import TrainRequest, run_training
     from training.registry import validate_name
 
     settings = _settings()
     _training_guard(lambda: validate_name(scene, "scene"))
-    tcfg = TrainConfig()
+    chosen = _preset(preset)
+    tcfg = chosen.train
+    if incremental and epochs is None:
+        tcfg = dc.replace(tcfg, epochs=chosen.incremental_epochs)
     tcfg = dc.replace(tcfg, **{k: v for k, v in {"epochs": epochs, "batch_size": batch_size}.items() if v is not None})
     req = TrainRequest(scene=scene, workers=workers, use_gpu=gpu, incremental=incremental, force=force,
-                       train_config=tcfg, progress=progress, publish=publish)
+                       model_config=chosen.model, train_config=tcfg, progress=progress, publish=publish)
 
     def go():
         corpus = None
@@ -405,6 +432,97 @@ def train(
     typer.echo(f"run directory: {outcome.run_dir} (loss.png, evaluation.md/.json/.png)")
     if outcome.published is None and publish:
         raise typer.Exit(EXIT_FAILURE)
+
+
+@app.command("train-loop")
+def train_loop(
+    every: str = typer.Option("10m", "--every", help="When to train: 10m / 90s / 1h (at most that often, when "
+                              "there are new events; a bare number is minutes) or 5000events (after that many)."),
+    preset: str = typer.Option("default", help=f"Model and training size: {PRESET_HELP}."),
+    scene: str = typer.Option("default", help="Scene whose adapter to train."),
+    workers: int = typer.Option(1, min=1, max=512, help="Ray Train workers (DDP)."),
+    gpu: bool = typer.Option(False, "--gpu", help="One GPU per worker."),
+    min_events: int = typer.Option(1000, min=1, help="Events in the feature tables before the first adapter is trained."),
+    status_file: Optional[Path] = typer.Option(None, help="Write the loop's state here as JSON (streamrec up reads it)."),
+) -> None:
+    """Train continuously: the feature job, then an incremental run from the live adapter whenever the
+    schedule is due, published through the gate. This is the trainer `streamrec up` runs; Ctrl-C stops
+    (a run in progress is abandoned: nothing half-published is ever visible)."""
+    _setup_logging()
+    from training.continuous import ContinuousTrainer
+    from training.registry import validate_name
+
+    schedule = _schedule(every)
+    chosen = _preset(preset)
+    settings = _with_stack(_settings())
+    _training_guard(lambda: validate_name(scene, "scene"))
+    if gpu:
+        _check_gpus(settings.ray_address or os.environ.get("RAY_ADDRESS"), workers)
+    import redis
+
+    trainer = ContinuousTrainer(settings, schedule=schedule, preset=chosen, scene=scene, workers=workers,
+                                use_gpu=gpu, min_events=min_events, status_path=status_file,
+                                redis_client=redis.Redis.from_url(settings.redis_url))
+    from training.trainer import ensure_ray
+
+    # Ray's own SIGTERM handler (installed by ray.init) would end the process without our cleanup,
+    # so Ray is started first and our handlers installed after it.
+    ensure_ray(settings.ray_address)
+    stop = threading.Event()
+
+    def on_signal(*_):
+        stop.set()
+        if trainer.status.state == "training":  # abandon the run now rather than after its last epoch
+            raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    try:
+        _training_guard(lambda: trainer.run(stop))
+    except KeyboardInterrupt:
+        typer.echo("stopped during a training run: nothing was published by it", err=True)
+    st = trainer.status
+    typer.echo(f"trainer stopped after {st.runs} run(s), {st.published} published; live: {st.live_version}")
+
+
+@app.command()
+def up(
+    port: Optional[int] = typer.Option(None, min=1, max=65535, help="HTTP port of the API (default: STREAMREC_SERVE_PORT, 8000)."),
+    host: str = typer.Option("127.0.0.1", help="Address the HTTP proxy binds (0.0.0.0 to expose it)."),
+    replicas: int = typer.Option(1, min=1, max=64, help="Replicas of the API deployment."),
+    train_every: str = typer.Option("10m", help="Continuous training: 10m / 90s / 1h (at most that often, when there "
+                                    "are new events) or 5000events (after that many new events)."),
+    preset: str = typer.Option("default", help=f"Model and training size: {PRESET_HELP}."),
+    workers: int = typer.Option(1, min=1, max=512, help="Ray Train workers per run."),
+    gpu: bool = typer.Option(False, "--gpu", help="Train on GPUs (one per worker)."),
+    min_events: int = typer.Option(1000, min=1, help="Events ingested before the first adapter is trained."),
+    train: bool = typer.Option(True, "--train/--no-train", help="Run the continuous trainer (off: serve the registry as it is)."),
+    keep_stack: bool = typer.Option(False, "--keep-stack", help="Leave the embedded broker and Redis running on exit."),
+    fresh: bool = typer.Option(False, "--fresh", help="Start over: move the earlier log, features and adapters to "
+                               "<data dir>/archive and clear this prefix's Redis keys."),
+) -> None:
+    """Everything on one machine: the ingest consumer (+ periodic features), continuous training, the
+    Serve API; the embedded broker, Redis and a local Ray head unless KAFKA_BOOTSTRAP_SERVERS /
+    REDIS_URL / RAY_ADDRESS name external ones. Ctrl-C stops it all, committing what was ingested."""
+    _setup_logging()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    from services.up import Up, UpError, UpOptions
+
+    _schedule(train_every)
+    _preset(preset)
+    settings = _settings(serve_port=port)
+    opts = UpOptions(host=host, port=settings.serve_port, replicas=replicas, train=train, train_every=train_every,
+                     preset=preset, workers=workers, gpu=gpu, min_events=min_events, keep_stack=keep_stack,
+                     fresh=fresh)
+    try:
+        code = Up(settings, opts, echo=lambda line: typer.echo(line)).run(stop)
+    except UpError as exc:
+        raise _fail(str(exc)) from None
+    if code:
+        raise typer.Exit(code)
+    typer.echo("stopped; nothing left running")
 
 
 @app.command()

@@ -1,0 +1,360 @@
+"""`streamrec up`: the whole loop on one machine, as supervised child processes.
+
+    streamrec up                                # embedded broker + Redis + local Ray; Ctrl-C stops
+    streamrec up --train-every 5000events --preset quick --port 8001
+
+Parts, started in this order and stopped in the reverse one (`services.supervisor`):
+
+| part      | command                                   | when                                      |
+|-----------|-------------------------------------------|-------------------------------------------|
+| `ray`     | `ray start --head --block` on 127.0.0.1   | only when `RAY_ADDRESS` is unset          |
+| `ingest`  | `streamrec ingest` (+ its periodic features) | always                                 |
+| `trainer` | `streamrec train-loop --every ...`        | unless `--no-train`                       |
+| `serve`   | `streamrec serve --port ...`              | once the registry holds an adapter        |
+
+Every part gets the same settings through its environment (`settings_env`), with the embedded
+stack's addresses and the Ray head's address filled in, so all of them talk to one broker, one
+Redis and one Ray cluster. A part that exits is restarted with back-off; one that keeps failing
+is reported with its exit code and the tail of its log, and `up` then stops everything and exits 1
+(it never hangs silently). SIGINT / SIGTERM stop the parts last-first: the Serve app is deleted,
+the trainer abandons a run in progress (publishing is atomic, so nothing half-done is visible),
+the consumer commits what it wrote, the Ray head drains; the embedded stack is stopped too if this
+command started it (`--keep-stack` leaves it running). Logs: `<data dir>/up/logs/<part>.log`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import shutil
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from services.stack import HOST, StackError, _free_port, _port_open, stack_status, start_stack, stop_stack
+from services.supervisor import Part, PartState, Supervisor
+from streaming.settings import Settings, settings_env
+from training.continuous import read_status
+
+logger = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 0.5  # supervisor poll / status refresh
+STATUS_EVERY_S = 30.0  # a status line at least this often, even when nothing changed
+READY_PROBE_TIMEOUT_S = 2.0
+RAY_HEAD_CPUS_MIN = 4  # logical CPUs of the local head: Serve + a Train worker + Ray Data actors must fit at once
+UP_DIRNAME = "up"
+TRAINER_STATUS_FILE = "trainer.json"
+PART_ORDER = ("ray", "ingest", "trainer", "serve")
+
+
+class UpError(RuntimeError):
+    """Something `up` cannot start with; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    host: str = "127.0.0.1"
+    port: int | None = None  # None: settings.serve_port
+    replicas: int = 1
+    train: bool = True
+    train_every: str = "10m"
+    preset: str = "default"
+    scene: str = "default"
+    workers: int = 1
+    gpu: bool = False
+    min_events: int = 1000
+    keep_stack: bool = False
+    fresh: bool = False
+    ray_cpus: int | None = None
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "services.cli", *args]
+
+
+def _ray_bin() -> str:
+    exe = Path(sys.executable).with_name("ray")
+    return str(exe) if exe.exists() else (shutil.which("ray") or "ray")
+
+
+def _http_ok(url: str, want: Callable[[dict], bool] | None = None) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=READY_PROBE_TIMEOUT_S) as resp:
+            if resp.status != 200:
+                return False
+            return want(json.loads(resp.read())) if want else True
+    except (OSError, ValueError):
+        return False
+
+
+def _stale_offsets(redis_url: str, prefix: str, topic: str) -> bool:
+    """Whether Redis holds applied offsets of `topic` (from an earlier broker, when ours is new)."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url, socket_timeout=5)
+    try:
+        return next(iter(client.scan_iter(match=f"{prefix}wm:{topic}:*", count=1000)), None) is not None
+    finally:
+        client.close()
+
+
+def archive_state(settings: Settings) -> Path:
+    """--fresh: move the offline log, features, registry and runs aside (never deleted) and remove
+    the Redis keys of `settings.redis_prefix`. Returns the archive directory."""
+    import redis
+
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    dest = settings.data_dir / "archive" / stamp
+    for path in (settings.log_dir, settings.features_dir, settings.runs_dir, settings.data_dir / "registry"):
+        if Path(path).exists():
+            dest.mkdir(parents=True, exist_ok=True)
+            os.replace(path, dest / Path(path).name)
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        batch = []
+        for key in client.scan_iter(match=f"{settings.redis_prefix}*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                client.unlink(*batch)
+                batch.clear()
+        if batch:
+            client.unlink(*batch)
+    finally:
+        client.close()
+    return dest
+
+
+class Up:
+    """Start, watch and stop the parts; `run()` is the command, the methods are its steps."""
+
+    def __init__(self, settings: Settings, opts: UpOptions, echo: Callable[[str], None] = print) -> None:
+        data_dir = Path(settings.data_dir).expanduser().resolve()  # the parts run with another cwd
+        self.settings = settings.model_copy(update={"data_dir": data_dir})
+        self.opts, self.echo = opts, echo
+        self.port = opts.port or settings.serve_port
+        self.dir = data_dir / UP_DIRNAME
+        self.status_path = self.dir / TRAINER_STATUS_FILE
+        self.started_stack = False
+        self.sup: Supervisor | None = None
+        self.env: dict[str, str] = {}
+        self.ready_announced = False
+        self._last_line, self._last_line_t = "", 0.0
+        self._reported_failures: set[str] = set()
+        self._stopped = False
+
+    # --- start ------------------------------------------------------------------------------
+    def start(self) -> None:
+        s = self.settings
+        if _port_open(self.port) or not _port_free(self.opts.host, self.port):
+            raise UpError(f"port {self.port} is in use: pass --port or set STREAMREC_SERVE_PORT")
+        need_kafka, need_redis = s.kafka_bootstrap_servers is None, s.redis_url is None
+        fresh_broker = False
+        if need_kafka or need_redis:
+            before = stack_status(s.data_dir)
+            fresh_broker = need_kafka and (before is None or before.kafka_bootstrap is None)
+            try:
+                info = start_stack(s.data_dir, kafka=need_kafka, redis=need_redis)
+            except StackError as exc:
+                raise UpError(str(exc)) from None
+            self.started_stack = before is None and not self.opts.keep_stack
+            s = s.model_copy(update={k: v for k, v in {
+                "kafka_bootstrap_servers": info.kafka_bootstrap if need_kafka else None,
+                "redis_url": info.redis_url if need_redis else None}.items() if v is not None})
+        if self.opts.fresh:
+            dest = archive_state(s)
+            self.echo(f"--fresh: earlier log, features, registry and runs moved to {dest}; Redis keys "
+                      f"{s.redis_prefix}* removed")
+        elif fresh_broker and _stale_offsets(s.redis_url, s.redis_prefix, s.events_topic):
+            raise UpError(
+                f"{s.data_dir} holds ingestion state (applied offsets) from an embedded broker that is no longer "
+                "running: its topics lived in memory and are gone, and new events would reuse its offsets and be "
+                "skipped as already applied. Run `streamrec up --fresh` (moves the old log, features and "
+                f"adapters to {s.data_dir / 'archive'}), or use another STREAMREC_DATA_DIR; `--keep-stack` keeps "
+                "the broker running between runs")
+        from streaming.kafka_io import ensure_topics
+
+        ensure_topics(s)
+        parts: list[Part] = []
+        ray_address = s.ray_address
+        if not ray_address:
+            gcs_port = _free_port()
+            ray_address = f"{HOST}:{gcs_port}"
+            cpus = self.opts.ray_cpus or max(RAY_HEAD_CPUS_MIN, os.cpu_count() or 1)
+            argv = [_ray_bin(), "start", "--head", "--block", "--disable-usage-stats", "--include-dashboard", "false",
+                    "--node-ip-address", HOST, "--port", str(gcs_port), "--num-cpus", str(cpus),
+                    "--dashboard-port", str(_free_port()), "--ray-client-server-port", str(_free_port()),
+                    "--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port",
+                    str(_free_port()), "--metrics-export-port", str(_free_port())]
+            if not self.opts.gpu:
+                argv += ["--num-gpus", "0"]
+            parts.append(Part("ray", argv, ready=lambda: _port_open(gcs_port)))
+        self.settings = s = s.model_copy(update={"ray_address": ray_address, "serve_port": self.port})
+        self.env = {**os.environ, **settings_env(s), "RAY_ADDRESS": ray_address, "PYTHONUNBUFFERED": "1",
+                    "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        if parts:  # our own head: token authentication with a token of this run, known only to its parts
+            self.env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)})
+            # nothing is left to drain once the parts above it have stopped (they stop first)
+            parts[0] = dataclasses.replace(parts[0], env={**self.env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})
+        parts.append(Part("ingest", _cli("ingest", "--no-progress"), env=self.env))
+        if self.opts.train:
+            argv = _cli("train-loop", "--every", self.opts.train_every, "--preset", self.opts.preset,
+                        "--scene", self.opts.scene, "--workers", str(self.opts.workers),
+                        "--min-events", str(self.opts.min_events), "--status-file", str(self.status_path))
+            parts.append(Part("trainer", argv + (["--gpu"] if self.opts.gpu else []), env=self.env))
+        self.status_path.unlink(missing_ok=True)
+        self.sup = Supervisor(parts, self.dir / "logs")
+        self.echo(f"streamrec up: data in {s.data_dir}; publish events to Kafka topic {s.events_topic!r} and the "
+                  f"catalog to {s.items_topic!r} at {s.kafka_bootstrap_servers}; logs in {self.dir / 'logs'}")
+        self.sup.start()
+
+    def _serve_part(self) -> Part:
+        base = f"http://{_probe_host(self.opts.host)}:{self.port}"
+        scene = self.opts.scene
+        return Part("serve", _cli("serve", "--port", str(self.port), "--host", self.opts.host,
+                                  "--replicas", str(self.opts.replicas)), env=self.env,
+                    ready=lambda: _http_ok(f"{base}/healthz", lambda b: bool((b.get("scenes") or {}).get(scene))))
+
+    # --- watch ------------------------------------------------------------------------------
+    def poll(self) -> None:
+        sup = self.sup
+        sup.poll()
+        if "serve" not in sup.parts and self._have_adapter():
+            sup.add(self._serve_part())
+        serve = sup.parts.get("serve")
+        if serve is not None and serve.state == "ready" and not self.ready_announced:
+            self.ready_announced = True
+            self.echo(self.banner())
+        self._show_status()
+
+    def _have_adapter(self) -> bool:
+        from training.registry import Registry
+
+        with contextlib.suppress(Exception):
+            return Registry(self.settings.registry_uri).current(self.opts.scene) is not None
+        return False
+
+    def banner(self) -> str:
+        s, h = self.settings, _probe_host(self.opts.host)
+        return "\n".join([
+            "streamrec is up:",
+            f"  API      http://{h}:{self.port}/v1/recommendations?user_id=<user>&k=10",
+            f"  docs     http://{h}:{self.port}/docs     models: http://{h}:{self.port}/v1/models",
+            f"  publish  events -> topic {s.events_topic!r}, catalog -> topic {s.items_topic!r} "
+            f"at {s.kafka_bootstrap_servers}",
+            f"  data     {s.data_dir}   (Ctrl-C stops everything)",
+        ])
+
+    def failed(self) -> list[PartState]:
+        return self.sup.failed() if self.sup else []
+
+    def status_line(self) -> str:
+        bits = []
+        for name in PART_ORDER:
+            st = self.sup.parts.get(name) if self.sup else None
+            if st is None:
+                if name == "serve":
+                    bits.append("serve: waiting for the first adapter")
+                continue
+            text = f"{name}: {st.state}"
+            if name == "ingest":
+                n = self._ingested()
+                if n is not None:
+                    text += f" ({n:,} event offsets applied)"
+            elif name == "trainer":
+                t = read_status(self.status_path)
+                if t:
+                    text += f" ({t['state']}: {t['detail']})" if st.state in ("ready", "starting") else ""
+            elif name == "serve" and st.state == "ready":
+                live = self._live_version()
+                text += f" ({self.opts.scene}@{live})" if live else ""
+            if st.restarts and st.state != "failed":
+                text += f" [{len(st.restarts)} restart(s)]"
+            bits.append(text)
+        return " | ".join(bits)
+
+    def _ingested(self) -> int | None:
+        import redis
+
+        with contextlib.suppress(Exception):
+            client = redis.Redis.from_url(self.settings.redis_url, socket_timeout=1)
+            try:
+                keys = list(client.scan_iter(match=f"{self.settings.redis_prefix}wm:{self.settings.events_topic}:*"))
+                return int(sum(int(v) + 1 for v in client.mget(keys) if v is not None)) if keys else 0
+            finally:
+                client.close()
+        return None
+
+    def _live_version(self) -> str | None:
+        from training.registry import Registry
+
+        with contextlib.suppress(Exception):
+            cur = Registry(self.settings.registry_uri).current(self.opts.scene)
+            return cur.version if cur else None
+        return None
+
+    def _show_status(self) -> None:
+        for st in self.failed():
+            if st.part.name not in self._reported_failures:
+                self._reported_failures.add(st.part.name)
+                self.echo(f"{st.part.name} FAILED: {st.reason}")
+        now = time.monotonic()
+        if now - self._last_line_t < 2.0:
+            return
+        line = self.status_line()
+        if line != self._last_line or now - self._last_line_t >= STATUS_EVERY_S:
+            self.echo(line)
+            self._last_line, self._last_line_t = line, now
+
+    # --- stop -------------------------------------------------------------------------------
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.sup is not None:
+            self.echo("stopping: " + ", ".join(reversed(list(self.sup.parts))))
+            self.sup.stop()
+            self.sup.poll()
+        if self.started_stack:
+            stop_stack(self.settings.data_dir)
+            self.echo("embedded broker and Redis stopped (the broker's topics were in memory; use --keep-stack "
+                      "to keep them between runs)")
+
+    def run(self, stop: threading.Event) -> int:
+        """The command: start, poll until `stop` or a part fails for good, stop. Returns the exit code."""
+        try:
+            self.start()
+            while not stop.is_set():
+                self.poll()
+                if self.failed():
+                    self.echo("a part failed for good (reason above); stopping everything")
+                    return 1
+                stop.wait(POLL_INTERVAL_S)
+            return 0
+        finally:
+            self.stop()
+
+
+def _port_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def _probe_host(host: str) -> str:
+    return HOST if host in ("0.0.0.0", "::", "") else host
+
+
+__all__ = ["PART_ORDER", "Up", "UpError", "UpOptions", "archive_state"]
