@@ -152,7 +152,7 @@ def main() -> int:
         pipe.execute()
         v1 = publish_synthetic_adapter(registry, tmp / "staging", n_items=CATALOG_ITEMS, seed=1)
 
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
 
         @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.5})  # as the API replica

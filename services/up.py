@@ -19,7 +19,14 @@ is reported with its exit code and the tail of its log, and `up` then stops ever
 (it never hangs silently). SIGINT / SIGTERM stop the parts last-first: the Serve app is deleted,
 the trainer abandons a run in progress (publishing is atomic, so nothing half-done is visible),
 the consumer commits what it wrote, the Ray head drains; the embedded stack is stopped too if this
-command started it (`--keep-stack` leaves it running). Logs: `<data dir>/up/logs/<part>.log`.
+command started it (`--keep-stack` leaves it running; a stack that was already running, even in
+part, is left as it was). Logs: `<data dir>/up/logs/<part>.log`.
+
+The embedded broker keeps its topics in memory, so one started afresh over a data directory whose
+Redis holds applied offsets (from an earlier broker) would hand out the same offsets again, and the
+idempotent writers would skip those events as already applied. `up` refuses that case with a clear
+message; `--fresh` moves the old log, features, registry and runs to `<data dir>/archive/<time>/`
+(never deleting them) and clears the Redis keys of the prefix.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import os
 import secrets
 import shutil
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -143,6 +151,7 @@ class Up:
         self.dir = data_dir / UP_DIRNAME
         self.status_path = self.dir / TRAINER_STATUS_FILE
         self.started_stack = False
+        self.shared_stack = False
         self.sup: Supervisor | None = None
         self.env: dict[str, str] = {}
         self.ready_announced = False
@@ -165,6 +174,8 @@ class Up:
             except StackError as exc:
                 raise UpError(str(exc)) from None
             self.started_stack = before is None and not self.opts.keep_stack
+            # part of the stack ran before us (e.g. its Redis, for another command): it all stays up
+            self.shared_stack = before is not None
             s = s.model_copy(update={k: v for k, v in {
                 "kafka_bootstrap_servers": info.kafka_bootstrap if need_kafka else None,
                 "redis_url": info.redis_url if need_redis else None}.items() if v is not None})
@@ -322,10 +333,15 @@ class Up:
             self.echo("stopping: " + ", ".join(reversed(list(self.sup.parts))))
             self.sup.stop()
             self.sup.poll()
+            if "ray" in self.sup.parts:
+                _forget_ray_head(self.settings.ray_address)
         if self.started_stack:
             stop_stack(self.settings.data_dir)
             self.echo("embedded broker and Redis stopped (the broker's topics were in memory; use --keep-stack "
                       "to keep them between runs)")
+        elif self.shared_stack:
+            self.echo(f"the embedded stack of {self.settings.data_dir} was running before `up` and is left running "
+                      "(`streamrec stack stop` stops it)")
 
     def run(self, stop: threading.Event) -> int:
         """The command: start, poll until `stop` or a part fails for good, stop. Returns the exit code."""
@@ -342,10 +358,24 @@ class Up:
             self.stop()
 
 
+def _forget_ray_head(address: str | None) -> None:
+    """`ray start --head` records its address in /tmp/ray/ray_current_cluster, and a plain
+    `ray.init()` anywhere on the machine follows that file -- to a head that is gone once we stop it."""
+    if not address:
+        return
+    port = address.rsplit(":", 1)[-1]
+    path = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    with contextlib.suppress(OSError):
+        if path.read_text().strip().rsplit(":", 1)[-1] == port:
+            path.unlink()
+
+
 def _port_free(host: str, port: int) -> bool:
     import socket
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # as the HTTP server will: a port in TIME_WAIT after an earlier run is free to it
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
             return True

@@ -569,7 +569,7 @@ def _ensure_ray(settings: Settings) -> None:
 
     if not ray.is_initialized():
         ray.init(
-            address=settings.ray_address,
+            address=settings.ray_address or "local",  # unset: our own instance (see training.trainer.ensure_ray)
             ignore_reinit_error=True,
             include_dashboard=False,
             log_to_driver=False,

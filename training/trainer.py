@@ -194,7 +194,9 @@ def ensure_ray(ray_address: str | None = None) -> None:
         if ray_address:
             ray.init(address=ray_address, log_to_driver=False)
         else:
-            ray.init(include_dashboard=False, log_to_driver=False)
+            # "local": a new instance of our own, never whatever `ray start` last ran on this machine
+            # (ray.init() would follow /tmp/ray/ray_current_cluster, even to a head that is gone)
+            ray.init(address="local", include_dashboard=False, log_to_driver=False)
 
 
 def fit(*, windows: dict[str, np.ndarray], item_ids: list[str], item_texts: list[str], warm: np.ndarray,

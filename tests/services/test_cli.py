@@ -92,3 +92,20 @@ def test_readme_ingestion_commands_end_to_end(embedded_stack, tmp_path):
         producer.send_raw(settings.events_topic, b"{oops")
     _streamrec(settings, "ingest", "--until-idle", "2", "--no-progress")
     assert "not_json" in _streamrec(settings, "dlq", "--timeout", "2")
+
+
+def test_up_demo_and_train_loop_have_help_and_refuse_bad_options():
+    result = runner.invoke(app, ["--help"])
+    for command in ("up", "demo", "train-loop"):
+        assert command in result.output
+    up = runner.invoke(app, ["up", "--help"])
+    assert up.exit_code == 0
+    for option in ("--train-every", "--preset", "--port", "--fresh", "--keep-stack", "--no-train"):
+        assert option in up.output
+    assert "--quick" in runner.invoke(app, ["demo", "--help"]).output
+    bad_every = runner.invoke(app, ["up", "--train-every", "soon"])
+    assert bad_every.exit_code == 2 and "'soon'" in bad_every.output
+    bad_preset = runner.invoke(app, ["train-loop", "--preset", "huge"])
+    assert bad_preset.exit_code == 2 and "'huge'" in bad_preset.output and "quick" in bad_preset.output
+    bad_train = runner.invoke(app, ["train", "--preset", "huge"])
+    assert bad_train.exit_code == 2 and "'huge'" in bad_train.output
