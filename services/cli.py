@@ -517,7 +517,7 @@ def up(
                      preset=preset, workers=workers, gpu=gpu, min_events=min_events, keep_stack=keep_stack,
                      fresh=fresh)
     try:
-        code = Up(settings, opts, echo=lambda line: typer.echo(line)).run(stop)
+        code = _guard(lambda: Up(settings, opts, echo=lambda line: typer.echo(line)).run(stop))
     except UpError as exc:
         raise _fail(str(exc)) from None
     if code:

@@ -49,7 +49,6 @@ class LoadedAdapter:
     prior: CovisPrior | None
     prior_rows: dict[str, int]  # item id -> row of the prior's catalog
     new_rows: set[int] = field(default_factory=set)  # index rows of items the adapter has no interactions for
-    user_mean: np.ndarray | None = None  # new items are chosen net of their mean score (training/calibration.py)
     loaded_s: float = 0.0
     catalog_pos: str | None = None  # the online store's catalog log position this index reflects (None: never synced)
 
@@ -98,13 +97,8 @@ class LoadedAdapter:
         if prior is not None and prior.beta <= 0:
             prior = None
         new_rows = {r for r, w in enumerate(np.asarray(warm, dtype=bool)) if not w}
-        user_mean = adapter.get("user_mean")
-        if user_mean is not None:
-            user_mean = np.asarray(user_mean, dtype=np.float32)
-            if user_mean.shape != (dim,):
-                raise AdapterLoadError(f"{scene}/{version}: user_mean has shape {user_mean.shape}, expected ({dim},)")
         return cls(scene, version, model, index, titles, prior, {i: r for r, i in enumerate(ids)},
-                   new_rows=new_rows, user_mean=user_mean, loaded_s=time.perf_counter() - t0)
+                   new_rows=new_rows, loaded_s=time.perf_counter() - t0)
 
     # --- catalog changes ---------------------------------------------------------------------
     @torch.no_grad()
@@ -179,8 +173,7 @@ class LoadedAdapter:
                         dtype=np.int64)
         if len(rows) == 0:
             return ids, s
-        vecs = index.vectors[rows]
-        new_scores = vecs @ user if self.user_mean is None else vecs @ (user - self.user_mean)
+        new_scores = index.vectors[rows] @ user
         best = np.argsort(-new_scores)[:m]
         top, top_scores = rows[best], new_scores[best].astype(np.float64)
         new_ids = {index.item_ids[r] for r in top}

@@ -58,6 +58,10 @@ MAX_MODELS_PER_REPLICA = 6  # scenes x (live + previous version); the least rece
 GENRE_FETCH_FACTOR = 4  # candidates fetched per requested item when a genre filter may drop some
 API_KEY_HEADER = "x-api-key"
 TORCH_THREADS = 1
+# Serve runs user code on an event loop of its own thread by default; on the replica's main loop a
+# request skips two cross-thread hand-offs (bench/serve.py). Our request path never blocks that
+# loop for long: Redis is async, a batch of the user tower costs ~1-2 ms, follower work is in threads.
+REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 # FastAPI's native OpenTelemetry hooks are off: the service exports its own Prometheus metrics, and
 # the hooks cost CPU on every request even with no exporter configured.
@@ -494,7 +498,7 @@ def build_app(env: dict[str, str] | None = None, pins: dict[str, str] | None = N
     see a variable set in the driver after `ray.init`); `pins`: scene -> version (user_config)."""
     # OMP_NUM_THREADS: FAISS' OpenMP pool in the request threads would otherwise size itself to the
     # machine and spin between calls (omp_set_num_threads in __init__ covers only that thread)
-    opts = {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(TORCH_THREADS), **dict(env or {})}}}
+    opts = {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(TORCH_THREADS), **REPLICA_ENV, **dict(env or {})}}}
     return Api.options(num_replicas=replicas, user_config={"pins": dict(pins or {})},
                        ray_actor_options={"num_cpus": 0.5, **opts}).bind()
 

@@ -11,14 +11,6 @@ how much room to give them, and that is observable without labels: the share of 
 `HISTORY_ITEMS` interactions that are new items. So for each user, m = round(k * share) new
 items are lifted (one shift of all new items' scores) just above the user's (k - m)-th best known
 item; a user who is not clicking new items is left exactly as the model scored them.
-
-Which new items fill those slots: the best by score *minus the item's mean score over users*
-(`new_bias`, = the mean user vector . the item's vector, stored with the adapter as `user_mean`).
-A text-only score carries an item-level offset that has nothing to do with the user (some
-descriptions read as "generally likeable" to the towers), and among new items that offset decided
-the ranking: on the MovieLens demo, with raw scores 0.4% of Romance fans had a Romance item as their
-best new item among two Sci-Fi and two Romance ones, 80% after removing the offset (93% -> 100% of
-Sci-Fi fans had a Sci-Fi item either way). Warm items are untouched.
 """
 
 from __future__ import annotations
@@ -54,12 +46,11 @@ def new_item_lift(known: np.ndarray, new: np.ndarray, m: int, k: int = TOP_K) ->
 
 
 def calibrate_new_items(scores: np.ndarray, histories: Sequence[np.ndarray], new: np.ndarray, *, k: int = TOP_K,
-                        history_items: int = HISTORY_ITEMS, new_bias: np.ndarray | None = None) -> np.ndarray:
+                        history_items: int = HISTORY_ITEMS) -> np.ndarray:
     """Return `scores` (B, n_items) with new items (`new`, bool n_items) shifted per user as above.
 
-    `new_bias` (n_items; only its new items are read): subtracted from the new items' scores of a
-    user who gets new-item slots, before the lift. Items in the user's history are ignored when
-    placing the threshold (they are never recommended); the input is not modified.
+    Items in the user's history are ignored when placing the threshold (they are never
+    recommended); the input is not modified.
     """
     new = np.asarray(new, dtype=bool)
     if not new.any() or new.all():
@@ -71,9 +62,6 @@ def calibrate_new_items(scores: np.ndarray, histories: Sequence[np.ndarray], new
         if m == 0:
             continue
         row = scores[r].astype(np.float64, copy=True)
-        if new_bias is not None:
-            row[new] -= new_bias[new]
-            out[r, new] = row[new]
         row[hist] = -np.inf
         lift = new_item_lift(row[~new], row[new], m, k)
         if lift > 0:

@@ -17,7 +17,6 @@ from training.covis import CovisPrior
 from training.model import Recommender
 
 COLD_SCORE = -1e4  # items a content-free model cannot place rank last
-USER_MEAN_SAMPLE = 10_000  # users whose vectors are averaged into the adapter's `user_mean`
 
 
 class ModelScorer:
@@ -39,22 +38,6 @@ class ModelScorer:
         # Without text, an item with no training interactions has no embedding at all.
         self.new_items = ~model.warm[1:].bool().cpu().numpy()
         self.unscorable = None if model.text is not None else self.new_items
-        self.user_mean: np.ndarray | None = None  # set_user_mean: new items are chosen net of their mean score
-
-    def set_user_mean(self, user_mean: np.ndarray | None) -> None:
-        self.user_mean = None if user_mean is None else np.asarray(user_mean, dtype=np.float32)
-
-    def fit_user_mean(self, histories: Sequence[np.ndarray], history_ts: Sequence[np.ndarray],
-                      max_users: int = USER_MEAN_SAMPLE, seed: int = 0) -> np.ndarray:
-        """The mean user vector over (a sample of) these users' histories; set on the scorer and returned."""
-        n = len(histories)
-        pick = np.arange(n) if n <= max_users else np.sort(np.random.default_rng(seed).choice(n, max_users, replace=False))
-        h = [histories[i] for i in pick]
-        ts = [history_ts[i] for i in pick]
-        now = np.array([int(t[-1]) if len(t) else 0 for t in ts], dtype=np.int64)
-        mean = self.user_vectors(h, ts, now).mean(axis=0) if len(h) else np.zeros(self.items.shape[1], np.float32)
-        self.set_user_mean(mean)
-        return self.user_mean
 
     @property
     def content_free(self) -> bool:
@@ -76,8 +59,7 @@ class ModelScorer:
     def finish(self, scores: np.ndarray, histories: Sequence[np.ndarray]) -> np.ndarray:
         """Scoring policy after the towers and the prior: new-item calibration, unscorable items last."""
         if self.model.text is not None and self.model.cfg.new_item_calibration:
-            bias = self.items @ self.user_mean if self.user_mean is not None else None
-            scores = calibrate_new_items(scores, histories, self.new_items, new_bias=bias)
+            scores = calibrate_new_items(scores, histories, self.new_items)
         if self.unscorable is not None:
             scores = scores.copy()
             scores[:, self.unscorable] = COLD_SCORE

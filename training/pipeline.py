@@ -141,8 +141,6 @@ def train_on_split(split: Split, model_config: ModelConfig, train_config: TrainC
                  use_gpu=use_gpu, parent=parent, log_q=popularity_log_q(counts), max_failures=max_failures,
                  progress=progress, ray_address=ray_address)
     scorer = scorer_for(result.adapter, corpus, "candidate")
-    # the mean user of the training data: new items are chosen net of it (training/calibration.py)
-    result.adapter["user_mean"] = scorer.fit_user_mean(split.train_items, split.train_ts)
     if model_config.covis_prior:
         attach_covis_prior(result.adapter, split, scorer)
     return result, scorer
@@ -183,7 +181,6 @@ def scorer_for(adapter: dict, corpus: Corpus, name: str, *, device: str = "cpu")
     model = build_model(cfg, corpus.catalog.texts, warm, parent=adapter,
                         item_index=None if same_catalog else corpus.catalog.index)
     scorer = ModelScorer(model, name, device=device)
-    scorer.set_user_mean(adapter.get("user_mean"))  # None for adapters published before it existed
     if adapter.get("covis"):
         if same_catalog:
             prior = CovisPrior.from_dict(adapter["covis"])

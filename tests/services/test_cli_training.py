@@ -5,18 +5,14 @@ from __future__ import annotations
 from typer.testing import CliRunner
 
 from services.cli import app
+from tests.services.test_cli import assert_help_lists
 
 runner = CliRunner()
 
 
 def test_help_lists_the_training_commands():
-    result = runner.invoke(app, ["--help"])
-    for command in ("train", "evaluate", "registry"):
-        assert command in result.output
-    train = runner.invoke(app, ["train", "--help"])
-    assert train.exit_code == 0
-    for option in ("--incremental", "--scene", "--workers", "--gpu", "--force"):
-        assert option in train.output
+    assert_help_lists([], ("train", "evaluate", "registry"))
+    assert_help_lists(["train"], ("--incremental", "--scene", "--workers", "--gpu", "--force", "--preset"))
 
 
 def test_train_without_feature_tables_says_what_to_run(tmp_path, monkeypatch):

@@ -56,23 +56,3 @@ def test_new_items_get_the_users_share_of_the_top_k():
     assert [i for i in ranked if new[i]] == [20, 24, 25, 26, 27, 28]  # order among new items kept
     np.testing.assert_array_equal(out[1], scores[1])  # no new items in history: untouched
     np.testing.assert_array_equal(scores[0], np.linspace(1.0, 0.0, n))  # input not modified
-
-
-def test_new_items_are_chosen_net_of_their_mean_score():
-    """An item-level offset (the mean user's score) must not decide which new items a user gets."""
-    from training.calibration import calibrate_new_items
-
-    n = 12
-    new = np.zeros(n, dtype=bool)
-    new[8:] = True
-    scores = np.array([[1.0] * 8 + [0.50, 0.48, 0.30, 0.10]] * 2)
-    # item 8 scores high for everyone (its offset 0.45); item 10 is what this user likes beyond the offset
-    bias = np.array([0.0] * 8 + [0.45, 0.44, 0.05, 0.05])
-    hist = np.array([0, 9])  # half of the last 2 are new -> with k=2, one new slot
-    raw = calibrate_new_items(scores, [hist, np.array([0, 1])], new, k=2, history_items=2)
-    net = calibrate_new_items(scores, [hist, np.array([0, 1])], new, k=2, history_items=2, new_bias=bias)
-    top = lambda out: [i for i in np.argsort(-out[0], kind="stable") if i not in hist][:2]
-    assert [i for i in top(raw) if new[i]] == [8]  # the offset wins on raw scores
-    assert [i for i in top(net) if new[i]] == [10]  # net of it, the item this user likes beyond the offset
-    assert sum(new[top(net)]) == 1  # still exactly the user's share of new items
-    np.testing.assert_array_equal(net[1], scores[1])  # a user not clicking new items: untouched
