@@ -406,9 +406,7 @@ def train(
     settings = _settings()
     _training_guard(lambda: validate_name(scene, "scene"))
     chosen = _preset(preset)
-    tcfg = chosen.train
-    if incremental and epochs is None:
-        tcfg = dc.replace(tcfg, epochs=chosen.incremental_epochs)
+    tcfg = chosen.train_config(incremental)
     tcfg = dc.replace(tcfg, **{k: v for k, v in {"epochs": epochs, "batch_size": batch_size}.items() if v is not None})
     req = TrainRequest(scene=scene, workers=workers, use_gpu=gpu, incremental=incremental, force=force,
                        model_config=chosen.model, train_config=tcfg, progress=progress, publish=publish)

@@ -369,8 +369,6 @@ class Tour:
         self.say(f"  ingested: {n:,} events in Redis and the Parquet log ({time.monotonic() - t:.1f} s)")
 
     def _train(self, incremental: bool) -> str | None:
-        import dataclasses
-
         import redis
 
         from streaming.features import run_features
@@ -386,9 +384,9 @@ class Tour:
             client.close()
         self.say(f"  features v{res.version}: {res.new_events:,} new events folded in")
         preset = get_preset(self.plan.preset)
-        epochs = preset.incremental_epochs if incremental else preset.train.epochs
-        req = TrainRequest(incremental=incremental, model_config=preset.model,
-                           train_config=dataclasses.replace(preset.train, epochs=epochs), progress=True)
+        tcfg = preset.train_config(incremental)
+        epochs = tcfg.epochs
+        req = TrainRequest(incremental=incremental, model_config=preset.model, train_config=tcfg, progress=True)
         t = time.monotonic()
         out = run_training(s, req)
         self.outcomes.append(out)

@@ -56,6 +56,9 @@ logger = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.5  # supervisor poll / status refresh
 STATUS_EVERY_S = 30.0  # a status line at least this often, even when nothing changed
+STATUS_MIN_INTERVAL_S = 2.0  # and at most this often
+STATUS_REDIS_TIMEOUT_S = 1.0  # the status line's Redis read gives up quickly: it retries next time
+STALE_CHECK_TIMEOUT_S = 5.0
 READY_PROBE_TIMEOUT_S = 2.0
 RAY_HEAD_CPUS_MIN = 4  # logical CPUs of the local head: Serve + a Train worker + Ray Data actors must fit at once
 UP_DIRNAME = "up"
@@ -103,13 +106,15 @@ def _http_ok(url: str, want: Callable[[dict], bool] | None = None) -> bool:
         return False
 
 
-def _stale_offsets(redis_url: str, prefix: str, topic: str) -> bool:
-    """Whether Redis holds applied offsets of `topic` (from an earlier broker, when ours is new)."""
+def _applied_offsets(settings: Settings, timeout_s: float) -> int:
+    """Offsets of the events topic the online store has applied (OnlineStore.applied_offsets)."""
     import redis
 
-    client = redis.Redis.from_url(redis_url, socket_timeout=5)
+    from streaming.online_store import OnlineStore
+
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=timeout_s)
     try:
-        return next(iter(client.scan_iter(match=f"{prefix}wm:{topic}:*", count=1000)), None) is not None
+        return OnlineStore(client, settings.redis_prefix).applied_offsets(settings.events_topic)
     finally:
         client.close()
 
@@ -162,7 +167,7 @@ class Up:
     # --- start ------------------------------------------------------------------------------
     def start(self) -> None:
         s = self.settings
-        if _port_open(self.port) or not _port_free(self.opts.host, self.port):
+        if not _port_free(self.opts.host, self.port):
             raise UpError(f"port {self.port} is in use: pass --port or set STREAMREC_SERVE_PORT")
         need_kafka, need_redis = s.kafka_bootstrap_servers is None, s.redis_url is None
         fresh_broker = False
@@ -183,7 +188,7 @@ class Up:
             dest = archive_state(s)
             self.echo(f"--fresh: earlier log, features, registry and runs moved to {dest}; Redis keys "
                       f"{s.redis_prefix}* removed")
-        elif fresh_broker and _stale_offsets(s.redis_url, s.redis_prefix, s.events_topic):
+        elif fresh_broker and _applied_offsets(s, STALE_CHECK_TIMEOUT_S) > 0:
             raise UpError(
                 f"{s.data_dir} holds ingestion state (applied offsets) from an embedded broker that is no longer "
                 "running: its topics lived in memory and are gone, and new events would reuse its offsets and be "
@@ -237,7 +242,7 @@ class Up:
     def poll(self) -> None:
         sup = self.sup
         sup.poll()
-        if "serve" not in sup.parts and self._have_adapter():
+        if "serve" not in sup.parts and self._live_version() is not None:
             sup.add(self._serve_part())
         serve = sup.parts.get("serve")
         if serve is not None and serve.state == "ready" and not self.ready_announced:
@@ -245,12 +250,6 @@ class Up:
             self.echo(self.banner())
         self._show_status()
 
-    def _have_adapter(self) -> bool:
-        from training.registry import Registry
-
-        with contextlib.suppress(Exception):
-            return Registry(self.settings.registry_uri).current(self.opts.scene) is not None
-        return False
 
     def banner(self) -> str:
         s, h = self.settings, _probe_host(self.opts.host)
@@ -292,15 +291,8 @@ class Up:
         return " | ".join(bits)
 
     def _ingested(self) -> int | None:
-        import redis
-
         with contextlib.suppress(Exception):
-            client = redis.Redis.from_url(self.settings.redis_url, socket_timeout=1)
-            try:
-                keys = list(client.scan_iter(match=f"{self.settings.redis_prefix}wm:{self.settings.events_topic}:*"))
-                return int(sum(int(v) + 1 for v in client.mget(keys) if v is not None)) if keys else 0
-            finally:
-                client.close()
+            return _applied_offsets(self.settings, STATUS_REDIS_TIMEOUT_S)
         return None
 
     def _live_version(self) -> str | None:
@@ -317,7 +309,7 @@ class Up:
                 self._reported_failures.add(st.part.name)
                 self.echo(f"{st.part.name} FAILED: {st.reason}")
         now = time.monotonic()
-        if now - self._last_line_t < 2.0:
+        if now - self._last_line_t < STATUS_MIN_INTERVAL_S:
             return
         line = self.status_line()
         if line != self._last_line or now - self._last_line_t >= STATUS_EVERY_S:

@@ -181,6 +181,11 @@ class OnlineStore:
         raw = self.r.get(self.watermark_key(topic, partition))
         return int(raw) if raw is not None else -1
 
+    def applied_offsets(self, topic: str) -> int:
+        """How many offsets of `topic` have been applied, over all its partitions (sum of watermark + 1)."""
+        keys = list(self.r.scan_iter(match=self.watermark_key(topic, "*"), count=1000))  # type: ignore[arg-type]
+        return sum(int(v) + 1 for v in self.r.mget(keys) if v is not None) if keys else 0
+
     def recent_items(self, user_id: str, n: int | None = None) -> list[str]:
         stop = (n or self.recent_items_max) - 1
         return [m.decode() for m in self.r.zrevrange(self.recent_key(user_id), 0, stop)]

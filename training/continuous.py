@@ -158,10 +158,10 @@ class ContinuousTrainer:
         from training.pipeline import TrainRequest, run_training
 
         st = self.status
-        epochs = self.preset.incremental_epochs if incremental else self.preset.train.epochs
+        tcfg = self.preset.train_config(incremental)
+        epochs = tcfg.epochs
         req = TrainRequest(scene=self.scene, workers=self.workers, use_gpu=self.use_gpu, incremental=incremental,
-                           model_config=self.preset.model,
-                           train_config=dataclasses.replace(self.preset.train, epochs=epochs), progress=False)
+                           model_config=self.preset.model, train_config=tcfg, progress=False)
         what = (f"incremental from {st.live_version}, {st.new_events:,} new events" if incremental
                 else f"first adapter, {st.feature_events:,} events")
         self._set("training", f"{what} ({epochs} epochs, preset {self.preset.name})")

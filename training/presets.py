@@ -12,6 +12,7 @@ only the training knobs of the preset apply to it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from training.loop import TrainConfig
@@ -21,19 +22,22 @@ from training.model import ModelConfig
 @dataclass(frozen=True)
 class Preset:
     name: str
-    help: str
     model: ModelConfig
     train: TrainConfig
     incremental_epochs: int  # epochs of an incremental run (new events + replay): fewer than from scratch
 
+    def train_config(self, incremental: bool) -> TrainConfig:
+        """The training knobs of a run from scratch, or of an incremental one (fewer epochs)."""
+        return dataclasses.replace(self.train, epochs=self.incremental_epochs) if incremental else self.train
+
 
 PRESETS: dict[str, Preset] = {
-    "default": Preset("default", "the README's benchmark configuration (25 epochs, dim 64, 2 LoRA layers)",
-                      ModelConfig(), TrainConfig(), incremental_epochs=8),
-    "demo": Preset("demo", "the MovieLens demo: the default model, 8 epochs",
-                   ModelConfig(), TrainConfig(epochs=8), incremental_epochs=3),
-    "quick": Preset("quick", "small and fast: dim 32, one LoRA layer, 4 epochs (the demo's --quick and the tests)",
-                    ModelConfig(dim=32, max_len=20, heads=2, blocks=1, lora_layers=1),
+    # the README's benchmark configuration: 25 epochs, dim 64, 2 LoRA layers
+    "default": Preset("default", ModelConfig(), TrainConfig(), incremental_epochs=8),
+    # the MovieLens demo: the default model, 8 epochs
+    "demo": Preset("demo", ModelConfig(), TrainConfig(epochs=8), incremental_epochs=3),
+    # small and fast (the demo's --quick and the tests): dim 32, one LoRA layer, 4 epochs
+    "quick": Preset("quick", ModelConfig(dim=32, max_len=20, heads=2, blocks=1, lora_layers=1),
                     TrainConfig(epochs=4, batch_size=64, lr=3e-3, fresh_items=16, refresh_every=2),
                     incremental_epochs=2),
 }

@@ -47,3 +47,14 @@ def test_a_follower_behind_the_trimmed_log_is_told_to_resync(store, monkeypatch)
         store.apply_items("items", 0, [(offset, _item(f"i{offset}"))])
     assert store.r.xlen(store.catalog_log_key) < 400
     assert store.catalog_changes(pos) is None
+
+
+def test_applied_offsets_sum_every_partitions_watermark(store):
+    from streaming.events import Event
+
+    assert store.applied_offsets("events") == 0
+    ev = lambda n: Event(event_id=f"e{n}", user_id="u", item_id="i", type="click", ts=TS + n)
+    store.apply_events("events", 0, [(0, ev(0)), (1, ev(1)), (2, ev(2))])
+    store.apply_events("events", 3, [(7, ev(3))])  # offsets 0..6 of partition 3 were other records
+    store.apply_items("items", 0, [(0, _item("a"))])
+    assert store.applied_offsets("events") == 3 + 8 and store.applied_offsets("items") == 1
