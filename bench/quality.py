@@ -2,7 +2,7 @@
 
     python bench/quality.py --json bench/results/quality.json [--epochs N] [--gpu] [--workers N]
 
-Runs `training.harness.run_harness` (the same code as `streamrec evaluate`) on MovieLens-100K
+Runs `training.eval_harness.run_harness` (the same code as `streamrec evaluate`) on MovieLens-100K
 (fetched into $STREAMREC_DATA_DIR/datasets on first use; no download when it is there):
 leave-one-out with full ranking, and the cold-start protocol (20% of items held out of
 training). Prints the Markdown table; the JSON has `ndcg10`, `recall10` and `cold_recall10`,
@@ -45,7 +45,7 @@ def main() -> int:
     from streaming.datasets import load_dataset
     from streaming.settings import load_settings
     from training.corpus import Corpus
-    from training.harness import run_harness
+    from training.eval_harness import run_harness
 
     settings = load_settings()
     t0 = time.perf_counter()

@@ -2,7 +2,7 @@
 
     python bench/train.py --json bench/results/train.json [--epochs 3] [--gpu]
 
-All three run `training.loop.train_epoch` on the same model (the fine-tuned LM recommender),
+All three run `training.train_step.train_epoch` on the same model (the fine-tuned LM recommender),
 the same batch size and the same MovieLens-100K training windows. Samples/s is measured over
 the epochs after the first (the first pays for Ray Data's pipeline start-up and the
 catalog encoding), from the loop's own step timings. `ray2` runs 2 DDP workers, each with
@@ -46,9 +46,9 @@ def main() -> int:
     from streaming.settings import load_settings
     from training.corpus import Corpus, leave_one_out, popularity_log_q, training_windows
     from training.lm import resolve_base_model
-    from training.loop import TrainConfig, build_model, make_optimizer, numpy_batches, train_epoch
+    from training.train_step import TrainConfig, build_model, make_optimizer, numpy_batches, train_epoch
     from training.model import ModelConfig
-    from training.trainer import fit
+    from training.ray_trainer import fit
 
     settings = load_settings()
     corpus = Corpus.from_dataset(load_dataset(args.dataset, settings.datasets_dir))

@@ -346,7 +346,7 @@ def _check_gpus(ray_address: str | None, workers: int) -> None:
     if ray_address:
         import ray
 
-        from training.trainer import ensure_ray
+        from streaming.ray_runtime import ensure_ray
 
         ensure_ray(ray_address)
         have = ray.cluster_resources().get("GPU", 0)
@@ -372,7 +372,7 @@ def _preset(name: str):
 
 
 def _schedule(text: str):
-    from training.continuous import parse_every
+    from training.continuous_trainer import parse_every
 
     try:
         return parse_every(text)
@@ -400,7 +400,7 @@ def train(
     _setup_logging()
     import dataclasses as dc
 
-    from training.pipeline import TrainRequest, run_training
+    from training.train_run import TrainRequest, run_training
     from training.registry import validate_name
 
     settings = _settings()
@@ -447,7 +447,7 @@ def train_loop(
     schedule is due, published through the gate. This is the trainer `streamrec up` runs; Ctrl-C stops
     (a run in progress is abandoned: nothing half-published is ever visible)."""
     _setup_logging()
-    from training.continuous import ContinuousTrainer
+    from training.continuous_trainer import ContinuousTrainer
     from training.registry import validate_name
 
     schedule = _schedule(every)
@@ -461,7 +461,7 @@ def train_loop(
     trainer = ContinuousTrainer(settings, schedule=schedule, preset=chosen, scene=scene, workers=workers,
                                 use_gpu=gpu, min_events=min_events, status_path=status_file,
                                 redis_client=redis.Redis.from_url(settings.redis_url))
-    from training.trainer import ensure_ray
+    from streaming.ray_runtime import ensure_ray
 
     # Ray's own SIGTERM handler (installed by ray.init) would end the process without our cleanup,
     # so Ray is started first and our handlers installed after it.
@@ -564,7 +564,7 @@ def evaluate(
 ) -> None:
     """The evaluation table: fine-tuned LM, zero-shot LM, SASRec (IDs), ItemKNN, popular; test + cold start."""
     _setup_logging()
-    from training.harness import run_harness
+    from training.eval_harness import run_harness
 
     settings = _settings()
 
@@ -617,7 +617,7 @@ def serve(
         from services.serve_app import build_app
         from streaming.settings import settings_env
         from training.registry import Registry
-        from training.trainer import ensure_ray
+        from streaming.ray_runtime import ensure_ray
 
         if not Registry(settings.registry_uri).scenes():
             raise _fail(f"no adapter in the registry {settings.registry_uri}: run `streamrec train` first")

@@ -372,7 +372,7 @@ class Tour:
         import redis
 
         from streaming.features import run_features
-        from training.pipeline import TrainRequest, run_training
+        from training.train_run import TrainRequest, run_training
         from training.presets import get_preset
 
         s = self.up.settings

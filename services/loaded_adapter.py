@@ -28,7 +28,7 @@ from training.calibration import HISTORY_ITEMS, new_item_lift, new_item_slots
 from training.corpus import history_features
 from training.covis import CovisPrior
 from training.embed import EMBEDDINGS_FILE, read_embeddings
-from training.pipeline import ADAPTER_FILE
+from training.train_run import ADAPTER_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class LoadedAdapter:
     @classmethod
     def load(cls, registry, scene: str, version: str, *, base_model: str | None = None) -> "LoadedAdapter":
         from training.registry import RegistryError
-        from training.trainer import load_adapter_model
+        from training.ray_trainer import load_adapter_model
 
         t0 = time.perf_counter()
         try:

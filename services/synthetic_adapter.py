@@ -31,9 +31,9 @@ def publish_synthetic_adapter(registry, staging: Path, *, scene: str = "default"
 
     from training.embed import EMBEDDINGS_FILE, write_embeddings
     from training.lm import resolve_base_model
-    from training.loop import build_model
+    from training.train_step import build_model
     from training.model import ModelConfig, checkpoint_dict
-    from training.pipeline import ADAPTER_FILE
+    from training.train_run import ADAPTER_FILE
 
     ids, titles, texts = synthetic_catalog(n_items)
     warm = np.ones(n_items, dtype=bool)

@@ -50,7 +50,7 @@ from typing import Callable
 from services.stack import HOST, StackError, _free_port, _port_open, stack_status, start_stack, stop_stack
 from services.supervisor import Part, PartState, Supervisor
 from streaming.settings import Settings, settings_env
-from training.continuous import read_status
+from training.continuous_trainer import read_status
 
 logger = logging.getLogger(__name__)
 

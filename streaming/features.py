@@ -116,11 +116,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from streaming.durable import fsync_dir
+from streaming.versioned_store import fsync_dir
 from streaming.file_lock import flock_exclusive
 from streaming.offline_log import ITEM_SCHEMA, LogFile, OfflineLog
 from streaming.offline_log import read_table as read_log_table
 from streaming.online_store import popular_key, trending_key
+from streaming.ray_runtime import ensure_ray
 from streaming.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -564,19 +565,6 @@ def _only_kind(batch: pa.Table, *, kinds: tuple[str, ...]) -> pa.Table:
 # --------------------------------------------------------------------------------------------
 
 
-def _ensure_ray(settings: Settings) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(
-            address=settings.ray_address or "local",  # unset: our own instance (see training.trainer.ensure_ray)
-            ignore_reinit_error=True,
-            include_dashboard=False,
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-        )
-
-
 @contextlib.contextmanager
 def _ray_data_context() -> Iterator[None]:
     """Ray Data settings for this run only (restored afterwards: the context is process-wide).
@@ -849,7 +837,7 @@ def _run_locked(settings: Settings, features_dir: Path, full: bool, rlock: Any, 
         old_counts={b: e["path"] for b, e in _by_bucket(run.tables[COVISIT_COUNTS]).items()},
     )
     if run.new_files:
-        _ensure_ray(settings)
+        ensure_ray(settings.ray_address)
     # One line: files read (counted when their stage is done) and bucket files written.
     bar = tqdm(total=run.new_files, unit="file", desc=f"features {run.vdir}: events", disable=not progress,
                leave=True, dynamic_ncols=True, file=sys.stderr)

@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from streaming.durable import fsync_dir
+from streaming.versioned_store import fsync_dir
 
 # The contract's fields (streaming.events) as columns: what a dataset yields and a log row starts with.
 EVENT_FIELDS = pa.schema(

@@ -797,7 +797,7 @@ def _train_params() -> dict:
 
 
 def test_training_rayjob_gets_the_gpus_it_asks_for():
-    from training.pipeline import TrainRequest
+    from training.train_run import TrainRequest
 
     params = _train_params()
     cluster = _ray_cluster(_rayjob())

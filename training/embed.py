@@ -26,7 +26,7 @@ class ItemEmbedder:
     """Ray Data callable class: rows (row, text) -> rows (row, embedding)."""
 
     def __init__(self, adapter_path: str, threads: int = 1) -> None:
-        from training.trainer import load_adapter_model
+        from training.ray_trainer import load_adapter_model
 
         torch.set_num_threads(threads)
         adapter = torch.load(adapter_path, weights_only=False)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from training.loop import TrainConfig
+from training.train_step import TrainConfig
 from training.model import ModelConfig
 
 

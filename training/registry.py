@@ -87,7 +87,7 @@ from typing import IO, Any, Iterator
 
 import pyarrow.fs as pafs
 
-from streaming.durable import fsync_dir
+from streaming.versioned_store import fsync_dir
 from streaming.file_lock import flock_exclusive
 
 MANIFEST = "manifest.json"

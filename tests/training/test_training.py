@@ -25,11 +25,11 @@ from streaming.settings import Settings
 from tests.streaming.test_features import write
 from training.corpus import Corpus, leave_one_out, training_windows
 from training.lm import resolve_base_model
-from training.loop import TrainConfig
+from training.train_step import TrainConfig
 from training.model import ModelConfig
-from training.pipeline import ADAPTER_FILE, TrainRequest, run_training
+from training.train_run import ADAPTER_FILE, TrainRequest, run_training
 from training.registry import Registry
-from training.trainer import PROGRESS_FILE, fit
+from training.ray_trainer import PROGRESS_FILE, fit
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -33,7 +33,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from training.loop import TrainConfig, build_model, make_optimizer, numpy_batches, train_epoch, unwrap
+from streaming.ray_runtime import ensure_ray
+from training.train_step import TrainConfig, build_model, make_optimizer, numpy_batches, train_epoch, unwrap
 from training.model import ModelConfig, checkpoint_dict, load_state
 
 STATE_FILE = "state.pt"
@@ -184,19 +185,6 @@ class _ProgressBar:
             self.stop.set()
             self.thread.join()
             self.bar.close()
-
-
-def ensure_ray(ray_address: str | None = None) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        if ray_address:
-            ray.init(address=ray_address, log_to_driver=False)
-        else:
-            # "local": a new instance of our own, never whatever `ray start` last ran on this machine
-            # (ray.init() would follow /tmp/ray/ray_current_cluster, even to a head that is gone)
-            ray.init(address="local", include_dashboard=False, log_to_driver=False)
 
 
 def fit(*, windows: dict[str, np.ndarray], item_ids: list[str], item_texts: list[str], warm: np.ndarray,

@@ -113,7 +113,7 @@ class ContinuousTrainer:
         self.preset = get_preset(preset) if isinstance(preset, str) else preset
         self.workers, self.use_gpu, self.min_events = workers, use_gpu, min_events
         self.status_path, self.redis = status_path, redis_client
-        self._train = train  # None: training.pipeline.run_training (injectable for unit tests)
+        self._train = train  # None: training.train_run.run_training (injectable for unit tests)
         self.status = LoopStatus()
         self.failures = 0
         self.last_attempt_t = -float("inf")
@@ -155,7 +155,7 @@ class ContinuousTrainer:
         return self._maybe_train(incremental=True)
 
     def _maybe_train(self, incremental: bool) -> str:
-        from training.pipeline import TrainRequest, run_training
+        from training.train_run import TrainRequest, run_training
 
         st = self.status
         tcfg = self.preset.train_config(incremental)

@@ -11,7 +11,7 @@ import pytest
 
 import streaming.features as features
 import training.registry as registry
-from training.continuous import MAX_CONSECUTIVE_FAILURES, ContinuousTrainer, Schedule, parse_every, read_status
+from training.continuous_trainer import MAX_CONSECUTIVE_FAILURES, ContinuousTrainer, Schedule, parse_every, read_status
 from training.corpus import CorpusError
 
 
@@ -108,7 +108,7 @@ def test_a_refused_candidate_waits_for_the_next_batch_not_the_next_check(world, 
 
 
 def test_time_schedule_trains_at_most_that_often_and_only_with_new_events(world, tmp_path, monkeypatch):
-    import training.continuous as continuous
+    import training.continuous_trainer as continuous
 
     clock = [1000.0]
     monkeypatch.setattr(continuous.time, "monotonic", lambda: clock[0])

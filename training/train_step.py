@@ -2,7 +2,7 @@
 
 `TrainConfig` holds the optimisation knobs; `build_model` makes a `Recommender` for a catalog
 (optionally from a parent adapter); `train_epoch` runs one pass over an iterable of batches.
-`training/trainer.py` drives these inside a Ray Train `TorchTrainer`; `bench/train.py` also runs
+`training/ray_trainer.py` drives these inside a Ray Train `TorchTrainer`; `bench/train.py` also runs
 them in a bare loop, so the two are measured on exactly the same code.
 """
 

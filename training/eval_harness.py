@@ -27,7 +27,7 @@ import torch
 
 from training.corpus import Corpus, Split, cold_start_split, describe, leave_one_out
 from training.lm import TextEncoder, resolve_base_model
-from training.loop import TrainConfig
+from training.train_step import TrainConfig
 from training.model import ENCODE_BATCH, ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def run_harness(corpus: Corpus, *, settings: Any, epochs: int | None = None, wor
                 train_config: TrainConfig | None = None, models: tuple[str, ...] = MODEL_NAMES) -> HarnessReport:
     from training.baselines import ItemKNNScorer, PopularScorer, ZeroShotScorer
     from training.evaluation import evaluate, results_table_markdown, save_report
-    from training.pipeline import new_run_dir, save_loss_curve, train_on_split
+    from training.train_run import new_run_dir, save_loss_curve, train_on_split
 
     t_start = time.perf_counter()
     base = resolve_base_model(getattr(settings, "base_model", None))

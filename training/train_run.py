@@ -10,7 +10,7 @@ A training run (`run_training`):
 1. reads the live feature tables (`sequences`, `items`) into a `Corpus`; splits leave-one-out;
 2. `--incremental`: loads the scene's live adapter as the parent; targets are the events past
    the parent's data window (per-partition offsets) plus `replay_fraction` of the older ones;
-3. trains with Ray Train (`training.trainer.fit`), checkpoints every epoch;
+3. trains with Ray Train (`training.ray_trainer.fit`), checkpoints every epoch;
 4. evaluates the candidate -- and the live adapter, on the same validation cases -- plus the
    popular and ItemKNN baselines on the test cases; writes the loss curve and the evaluation
    table (PNG, JSON, Markdown) into the run directory;
@@ -43,9 +43,9 @@ from training.embed import EMBEDDINGS_FILE, embed_catalog, write_embeddings
 from training.covis import CovisPrior, tune_beta
 from training.inference import ModelScorer
 from training.lm import model_hash, resolve_base_model
-from training.loop import TrainConfig, build_model
+from training.train_step import TrainConfig, build_model
 from training.model import ModelConfig
-from training.trainer import FitResult, fit
+from training.ray_trainer import FitResult, fit
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,24 @@
+"""The one way this project connects to Ray (the feature job, training, serving, the CLI)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+
+def ensure_ray(ray_address: str | None = None) -> None:
+    """Connect to the cluster at `ray_address` (`RAY_ADDRESS` / `STREAMREC_RAY_ADDRESS`), or start a
+    local instance of this process's own when it is unset; a no-op when Ray is already initialized.
+
+    Unset means `address="local"`: never whatever `ray start` last ran on this machine -- a plain
+    `ray.init()` follows /tmp/ray/ray_current_cluster, even to a head that is gone. Worker logs stay
+    out of the driver's terminal, usage stats are off (no network at run time)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray_address:
+        ray.init(address=ray_address, log_to_driver=False, logging_level=logging.WARNING)
+    else:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
