@@ -130,15 +130,16 @@ def main() -> int:
     from ray import serve
 
     from services.serve_app import build_app
-    from services.stack import EmbeddedStack, _free_port
-    from services.synthetic_adapter import publish_synthetic_adapter, synthetic_catalog
+    from services.processes import free_port
+    from services.stack import EmbeddedStack
+    from tests.fixtures.synthetic_adapter import publish_synthetic_adapter, synthetic_catalog
     from streaming.settings import load_settings, settings_env
     from training.registry import Registry
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     out: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}
     with EmbeddedStack(tmp / "stack", kafka=False) as info:
-        port = _free_port()
+        port = free_port()
         settings = load_settings(redis_url=info.redis_url, data_dir=tmp, registry_root=str(tmp / "registry"),
                                  serve_port=port)
         registry = Registry(settings.registry_uri)

@@ -1,12 +1,19 @@
-"""Request and response bodies of the HTTP API (pydantic; FastAPI turns them into the OpenAPI at /docs).
+"""The HTTP API's contract: request bodies, response bodies and the one error shape (pydantic;
+FastAPI turns them into the OpenAPI at /docs, which clients -- and a fuzzer -- read).
+
+This module is the only definition: `services/serve_app.py` answers every route with one of
+these models and every error with `ErrorBody`, and tests/services/test_api_schema.py fails when a
+route's documented answer or an emitted error drifts from them.
 
 Every bound is a named constant here, and every request model forbids unknown fields, so a bad
-request is a 422 whose `detail` names the field (`loc`) -- see `services/serve_app.py`.
+request is a 422 whose `error` names the field: `{"error": "invalid request: k", "detail":
+[{"field": "k", "msg": ..., "type": ...}]}`. Other errors (401, 403, 404) carry their message in
+both `error` and `detail`.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Iterable, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -43,6 +50,13 @@ class RecommendRequest(BaseModel):
     exclude_seen: bool = Field(default=True, description="leave out items the user has interacted with")
     filters: Filters | None = None
 
+    def input_errors(self) -> list[dict[str, Any]]:
+        """The rule no single field states -- a request names a user, a session or a query -- as
+        pydantic-style errors (`loc`, `msg`, `type`) for the same 422 as a bad field; [] when met."""
+        if self.user_id is None and self.recent_items is None and self.query is None:
+            return [{"loc": ("body", "user_id"), "msg": "give user_id, recent_items or query", "type": "missing"}]
+        return []
+
 
 class ScoredItem(BaseModel):
     item_id: str
@@ -65,10 +79,80 @@ class SimilarResponse(BaseModel):
     version: str
 
 
+class SceneVersion(BaseModel):
+    version: str = Field(description="the version this replica serves")
+    pinned: bool = Field(description="held by user_config pins rather than following the registry")
+
+
+class ReplicaView(BaseModel):
+    scenes: dict[str, str] = Field(description="scene -> the version that replica serves")
+    pins: dict[str, str]
+    age_s: float = Field(description="seconds since that replica's last heartbeat")
+
+
+class ModelsResponse(BaseModel):
+    scenes: dict[str, SceneVersion] = Field(description="the answering replica's active versions")
+    refused: dict[str, list[str]] = Field(description="versions this replica refused (checksum, shapes, missing file)")
+    replica: str
+    replicas: dict[str, ReplicaView] = Field(description="every replica heard from recently, this one included")
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+    scenes: dict[str, str]
+    replica: str
+
+
+class FieldError(BaseModel):
+    field: str = Field(description="the offending field, dotted (`filters.genres.0`)")
+    msg: str
+    type: str = Field(description="pydantic's error type, e.g. `less_than_equal`, `missing`, `extra_forbidden`")
+
+
 class ErrorBody(BaseModel):
+    """Every 4xx answer: `error` is a message naming the bad value; `detail` the per-field list on a 422."""
+
     error: str
-    detail: object | None = None
+    detail: list[FieldError] | str | None = None
 
 
-__all__ = ["DEFAULT_K", "ErrorBody", "Filters", "MAX_ID_CHARS", "MAX_K", "MAX_QUERY_CHARS", "MAX_RECENT_ITEMS", "RecommendRequest",
-           "RecommendResponse", "SCENE_PATTERN", "ScoredItem", "SimilarResponse"]
+def field_name(loc: Iterable[Any]) -> str:
+    """A pydantic error location as the field a client wrote (`("body", "filters", "genres", 0)` ->
+    `filters.genres.0`); the whole location when it names no field (a body that is not an object)."""
+    loc = tuple(loc)
+    return ".".join(str(p) for p in loc if p not in ("body", "query", "path")) or str(loc)
+
+
+def validation_error(errors: Iterable[Mapping[str, Any]]) -> ErrorBody:
+    """The 422 body for pydantic/FastAPI errors (dicts with `loc`, `msg`, `type`)."""
+    errors = list(errors)
+    fields = [field_name(e["loc"]) for e in errors]
+    return ErrorBody(error=f"invalid request: {', '.join(fields)}",
+                     detail=[FieldError(field=f, msg=e["msg"], type=e["type"]) for f, e in zip(fields, errors)])
+
+
+def http_error(detail: object) -> ErrorBody:
+    """The body of any other 4xx: its message (`detail` of the HTTPException) in both fields."""
+    if isinstance(detail, str):
+        return ErrorBody(error=detail, detail=detail)
+    return ErrorBody(error="invalid request", detail=None if detail is None else str(detail))
+
+
+ERROR_DESCRIPTIONS = {
+    401: "no API key (header x-api-key) while STREAMREC_API_KEYS is set",
+    403: "the API key is not accepted",
+    404: "unknown scene or item (the message names it)",
+    422: "invalid request (`error` and `detail` name the field)",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The `responses=` of a route: each status documented with `ErrorBody` (FastAPI's own 422 model
+    is replaced by it)."""
+    return {status: {"model": ErrorBody, "description": ERROR_DESCRIPTIONS[status]} for status in statuses}
+
+
+__all__ = ["DEFAULT_K", "ERROR_DESCRIPTIONS", "ErrorBody", "FieldError", "Filters", "HealthResponse", "MAX_ID_CHARS",
+           "MAX_K", "MAX_QUERY_CHARS", "MAX_RECENT_ITEMS", "ModelsResponse", "RecommendRequest", "RecommendResponse",
+           "ReplicaView", "SCENE_PATTERN", "SceneVersion", "ScoredItem", "SimilarResponse", "error_responses",
+           "field_name", "http_error", "validation_error"]

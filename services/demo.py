@@ -20,15 +20,18 @@ continuous trainer is replaced by two explicit training runs, so that each chang
 7. a natural-language query blended with a user's history
 8. the evaluation table of the last run and where its plots are
 
-Everything it shows comes from the HTTP API (`/v1/recommendations`, `/v1/items/{id}/similar`).
+Everything it shows comes from the HTTP API (`/v1/recommendations`, `/v1/items/{id}/similar`), through
+`services.api_client`. The tour's own process never connects to Ray: each training step runs in a
+child process started with the parts' environment (`services.demo_training`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -37,11 +40,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import requests
 from rich.markup import escape
 
-from services.up import POLL_INTERVAL_S, Up, UpError, UpOptions
+from services import demo_training
+from services.api_client import ApiClient, ApiError
+from services.demo_training import TrainStep
 from services.stack import stop_stack
+from services.up import POLL_INTERVAL_S, Up, UpError, UpOptions
 from streaming.settings import Settings
 
 READY_TIMEOUT_S = 600.0  # parts starting, the API answering with a version
@@ -49,7 +54,6 @@ INGEST_TIMEOUT_S = 300.0
 NEW_ITEM_TIMEOUT_S = 30.0  # the serving target is 5 s; the demo reports what it measured
 SHOW_K = 5
 USERS_SHOWN = 3
-HTTP_TIMEOUT_S = 15.0
 
 
 @dataclass(frozen=True)
@@ -150,12 +154,13 @@ class Tour:
         self.port = port or settings.serve_port
         self.up: Up | None = None
         self.base = f"http://127.0.0.1:{self.port}"
+        self.api = ApiClient(self.base)
         self.t0 = time.monotonic()
         self.step_no = 0
         self.titles: dict[str, str] = {}
         self.themes: dict[str, set[str]] = {}
         self.history: dict[str, list[str]] = {}
-        self.outcomes: list[Any] = []
+        self.outcomes: list[TrainStep] = []
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
 
@@ -179,23 +184,13 @@ class Tour:
         deadline = time.monotonic() + timeout_s
         while True:
             self._check_parts()
-            with contextlib.suppress(requests.RequestException):
+            with contextlib.suppress(ApiError):
                 value = cond()
                 if value:
                     return value
             if time.monotonic() > deadline:
                 raise DemoError(f"timed out after {timeout_s:.0f} s waiting for {what} (logs: {self.up.dir / 'logs'})")
             time.sleep(0.2)
-
-    def _get(self, path: str, **params) -> dict:
-        resp = requests.get(self.base + path, params=params, timeout=HTTP_TIMEOUT_S)
-        resp.raise_for_status()
-        return resp.json()
-
-    def _post(self, path: str, body: dict) -> dict:
-        resp = requests.post(self.base + path, json=body, timeout=HTTP_TIMEOUT_S)
-        resp.raise_for_status()
-        return resp.json()
 
     def _producer(self):
         from streaming.producer import EventProducer
@@ -228,10 +223,6 @@ class Tour:
         self.up = Up(s, UpOptions(port=self.port, train=False), echo=lambda line: log_file.write(line + "\n"))
         try:
             self.up.start()
-            for key in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):  # this process trains on that Ray head
-                if key in self.up.env:
-                    os.environ[key] = self.up.env[key]
-            os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")  # no C++ info lines in the narration
             self._poller = threading.Thread(target=self._poll_up, name="up-poll", daemon=True)
             self._poller.start()
             self.say(f"  broker {self.up.settings.kafka_bootstrap_servers}, Redis {self.up.settings.redis_url}, "
@@ -248,13 +239,12 @@ class Tour:
             if self._poller is not None:
                 self._poller.join(timeout=5)
             self.say("\nstopping the parts ...")
-            _disconnect_ray()  # a driver still connected when the head stops is ended by Ray itself
             self.up.stop()
+            self.api.close()
             log_file.close()
             self.say(f"stopped; nothing left running. Total {time.monotonic() - self.t0:.0f} s.")
 
     def _tour(self, items: list[dict], first: list[dict], rest: list[dict]) -> None:
-        s = self.up.settings
         self.step(f"Publish the catalog ({len(items):,} items) and the first {len(first):,} events to Kafka")
         with self._producer() as producer:
             for it in items:
@@ -314,11 +304,11 @@ class Tour:
                 self.titles[it.item_id] = it.title
             producer.flush(30)
         t_new = time.monotonic()
-        self._wait(lambda: all(self._similar_ok(it.item_id) for it in self.plan.new_items), NEW_ITEM_TIMEOUT_S,
+        self._wait(lambda: all(self.api.knows_item(it.item_id) for it in self.plan.new_items), NEW_ITEM_TIMEOUT_S,
                    "the new items in the index")
         self.say(f"  all {len(self.plan.new_items)} searchable {time.monotonic() - t_new:.1f} s after publishing")
         for it in self.plan.new_items[::2]:
-            sim = self._get(f"/v1/items/{it.item_id}/similar", k=SHOW_K)
+            sim = self.api.similar(it.item_id, k=SHOW_K)
             self.table(f"nearest items to new '{it.title}' ({it.theme}), from its text alone",
                        [(n + 1, self._label(x["item_id"]), f"{x['score']:.3f}") for n, x in enumerate(sim["items"])],
                        ("#", "item", "score"))
@@ -341,8 +331,8 @@ class Tour:
             self.say(f"  new items in {user}'s top 10: {verdict}")
 
         self.step(f"A text query blended with {a}'s history: {self.plan.query!r}")
-        plain = self._post("/v1/recommendations", {"user_id": a, "k": SHOW_K})
-        asked = self._post("/v1/recommendations", {"user_id": a, "k": SHOW_K, "query": self.plan.query})
+        plain = self.api.recommendations(a, k=SHOW_K)
+        asked = self.api.recommendations(a, k=SHOW_K, query=self.plan.query)
         rows = [(n + 1, self._label(p["item_id"]), self._label(q["item_id"]))
                 for n, (p, q) in enumerate(zip(plain["items"], asked["items"]))]
         self.table(f"{a}: history only vs history + query", rows, ("#", "history only", "with the query"))
@@ -369,34 +359,23 @@ class Tour:
         self.say(f"  ingested: {n:,} events in Redis and the Parquet log ({time.monotonic() - t:.1f} s)")
 
     def _train(self, incremental: bool) -> str | None:
-        import redis
-
-        from streaming.features import run_features
-        from training.train_run import TrainRequest, run_training
-        from training.presets import get_preset
-
-        s = self.up.settings
-        _quiet_ray_data()
-        client = redis.Redis.from_url(s.redis_url)
-        try:
-            res = run_features(s, redis_client=client, progress=True)
-        finally:
-            client.close()
-        self.say(f"  features v{res.version}: {res.new_events:,} new events folded in")
-        preset = get_preset(self.plan.preset)
-        tcfg = preset.train_config(incremental)
-        epochs = tcfg.epochs
-        req = TrainRequest(incremental=incremental, model_config=preset.model, train_config=tcfg, progress=True)
-        t = time.monotonic()
-        out = run_training(s, req)
+        """The feature job and a training run, in a child process with the parts' environment
+        (services/demo_training.py says why); its output goes to this terminal."""
+        result = self.dir / f"train-{len(self.outcomes) + 1}.json"
+        argv = demo_training.command(self.plan.preset, incremental, result)
+        sys.stdout.flush()  # the narration so far comes before the step's own lines
+        code = subprocess.run(argv, env=demo_training.step_env(self.up.env), check=False).returncode
+        if code != 0:
+            raise DemoError(f"the training step exited with status {code} (its output is above): {' '.join(argv)}")
+        out = demo_training.read_step(result)
         self.outcomes.append(out)
         m = out.metrics
-        self.say(f"  trained {epochs} epochs in {time.monotonic() - t:.0f} s: validation NDCG@10 {m['val_ndcg10']:.4f}, "
+        self.say(f"  trained {out.epochs} epochs in {out.seconds:.0f} s: validation NDCG@10 {m['val_ndcg10']:.4f}, "
                  f"test NDCG@10 {m['test_ndcg10']:.4f}; {out.gate_message}")
-        return out.published.version if out.published is not None else None
+        return out.published
 
     def _served(self) -> str | None:
-        return (self._get("/healthz").get("scenes") or {}).get("default")
+        return self.api.served_version("default")
 
     def _pick_users(self) -> tuple[str, str, str]:
         """A fan of each theme (the largest share of it among users with a long history), and the
@@ -424,11 +403,11 @@ class Tour:
         return escape(self.titles.get(item_id, item_id)) + (f" [dim]({escape(themes)})[/]" if themes else "")
 
     def _ids(self, user: str, k: int = SHOW_K) -> list[str]:
-        return [x["item_id"] for x in self._get("/v1/recommendations", user_id=user, k=k)["items"]]
+        return [x["item_id"] for x in self.api.recommendations(user, k=k)["items"]]
 
     def _show_user(self, user: str, *, k: int = SHOW_K, previous: list[tuple[str, float]] | None = None,
                    note: str = "", mark: set[str] | None = None) -> list[tuple[str, float]]:
-        body = self._get("/v1/recommendations", user_id=user, k=k)
+        body = self.api.recommendations(user, k=k)
         got = [(x["item_id"], x["score"]) for x in body["items"]]
         was = {i for i, _ in previous} if previous else None
         rows = []
@@ -458,32 +437,6 @@ class Tour:
         self.history.setdefault(user, []).extend(item_ids)
         self.say(f"  {user} clicked: " + ", ".join(escape(self.titles.get(i, i)) for i in item_ids))
 
-    def _similar_ok(self, item_id: str) -> bool:
-        return requests.get(f"{self.base}/v1/items/{item_id}/similar", params={"k": 1},
-                            timeout=HTTP_TIMEOUT_S).status_code == 200
-
-
-def _disconnect_ray() -> None:
-    import sys
-
-    if "ray" in sys.modules:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-
-
-def _quiet_ray_data() -> None:
-    """No execution plans or progress logs from Ray Data in the tour's terminal (the feature job and
-    training show their own progress bars)."""
-    import logging
-
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def run_demo(settings: Settings, *, quick: bool, port: int | None, stay: bool) -> int:

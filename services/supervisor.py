@@ -26,7 +26,7 @@ from typing import Callable
 
 import psutil
 
-from services.stack import StackError, _exited, _kill_spawned, _log_tail, _spawn, _terminate
+from services.processes import ProcessError, exited, kill_spawned, log_tail, spawn, terminate
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,8 @@ class Supervisor:
 
     def _spawn(self, st: PartState) -> None:
         try:
-            st.proc = _spawn(st.part.argv, self.log_path(st.part.name), env=st.part.env)
-        except StackError as exc:
+            st.proc = spawn(st.part.argv, self.log_path(st.part.name), env=st.part.env)
+        except ProcessError as exc:
             st.state, st.reason = "failed", str(exc)
             return
         st.state = "starting" if st.part.ready else "ready"
@@ -114,7 +114,7 @@ class Supervisor:
                         if st.part.ready():
                             st.state = "ready"
                 continue
-            _kill_spawned(st.proc)  # reaped already: this only forgets it in the stack's child table
+            kill_spawned(st.proc)  # reaped already: this only forgets it in the table of children
             self._reap_descendants(st)
             if self.stopping:
                 st.state = "stopped"
@@ -136,7 +136,7 @@ class Supervisor:
             st.state, st.next_start = "restarting", now + delay
 
     def _why(self, st: PartState, code: int) -> str:
-        return f"exit code {code}; last lines of {self.log_path(st.part.name)}:\n{_log_tail(self.log_path(st.part.name))}"
+        return f"exit code {code}; last lines of {self.log_path(st.part.name)}:\n{log_tail(self.log_path(st.part.name))}"
 
     def _track_descendants(self, st: PartState) -> None:
         with contextlib.suppress(psutil.Error):
@@ -146,9 +146,9 @@ class Supervisor:
     def _reap_descendants(self, st: PartState) -> None:
         """Stop what a part left running (processes it started that outlived it)."""
         for proc in st.descendants.values():
-            with contextlib.suppress(psutil.Error, StackError):
-                if not _exited(proc):
-                    _terminate(proc, ORPHAN_TIMEOUT_S)
+            with contextlib.suppress(psutil.Error, ProcessError):
+                if not exited(proc):
+                    terminate(proc, ORPHAN_TIMEOUT_S)
         st.descendants.clear()
 
     def status(self) -> list[PartState]:
@@ -162,18 +162,28 @@ class Supervisor:
         after the timeout, then any descendant still running."""
         self.stopping = True
         for st in reversed(list(self.parts.values())):
-            if st.proc is not None:
-                if st.proc.poll() is None:
-                    self._track_descendants(st)
-                _kill_spawned(st.proc, self.stop_timeout_s)
-            self._reap_descendants(st)
-            if st.state not in ("failed", "done"):
-                st.state = "stopped"
+            self._stop_part(st)
+
+    def remove(self, name: str) -> PartState:
+        """Stop one part (and what it started) and forget it, e.g. a start that must be retried
+        with other arguments."""
+        st = self.parts.pop(name)
+        self._stop_part(st)
+        return st
+
+    def _stop_part(self, st: PartState) -> None:
+        if st.proc is not None:
+            if st.proc.poll() is None:
+                self._track_descendants(st)
+            kill_spawned(st.proc, self.stop_timeout_s)
+        self._reap_descendants(st)
+        if st.state not in ("failed", "done"):
+            st.state = "stopped"
 
 
 def pid_alive(pid: int) -> bool:
     with contextlib.suppress(psutil.Error):
-        return not _exited(psutil.Process(pid))
+        return not exited(psutil.Process(pid))
     return False
 
 

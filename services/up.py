@@ -3,7 +3,8 @@
     streamrec up                                # embedded broker + Redis + local Ray; Ctrl-C stops
     streamrec up --train-every 5000events --preset quick --port 8001
 
-Parts, started in this order and stopped in the reverse one (`services.supervisor`):
+Parts, started in this order and stopped in the reverse one (`services.supervisor`); the others
+start once the Ray head answers, with its final address (`services.ray_head` says why):
 
 | part      | command                                   | when                                      |
 |-----------|-------------------------------------------|-------------------------------------------|
@@ -32,22 +33,20 @@ message; `--fresh` moves the old log, features, registry and runs to `<data dir>
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import logging
 import os
 import secrets
-import shutil
 import sys
-import tempfile
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from services.stack import HOST, StackError, _free_port, _port_open, stack_status, start_stack, stop_stack
+from services.api_client import ApiClient, ApiError
+from services.processes import HOST, free_port
+from services.ray_head import CPUS_MIN, RayHead, RayHeadError
+from services.stack import StackError, stack_status, start_stack, stop_stack
 from services.supervisor import Part, PartState, Supervisor
 from streaming.settings import Settings, settings_env
 from training.continuous_trainer import read_status
@@ -60,7 +59,6 @@ STATUS_MIN_INTERVAL_S = 2.0  # and at most this often
 STATUS_REDIS_TIMEOUT_S = 1.0  # the status line's Redis read gives up quickly: it retries next time
 STALE_CHECK_TIMEOUT_S = 5.0
 READY_PROBE_TIMEOUT_S = 2.0
-RAY_HEAD_CPUS_MIN = 4  # logical CPUs of the local head: Serve + a Train worker + Ray Data actors must fit at once
 UP_DIRNAME = "up"
 TRAINER_STATUS_FILE = "trainer.json"
 PART_ORDER = ("ray", "ingest", "trainer", "serve")
@@ -89,21 +87,6 @@ class UpOptions:
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "services.cli", *args]
-
-
-def _ray_bin() -> str:
-    exe = Path(sys.executable).with_name("ray")
-    return str(exe) if exe.exists() else (shutil.which("ray") or "ray")
-
-
-def _http_ok(url: str, want: Callable[[dict], bool] | None = None) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=READY_PROBE_TIMEOUT_S) as resp:
-            if resp.status != 200:
-                return False
-            return want(json.loads(resp.read())) if want else True
-    except (OSError, ValueError):
-        return False
 
 
 def _applied_offsets(settings: Settings, timeout_s: float) -> int:
@@ -158,6 +141,7 @@ class Up:
         self.started_stack = False
         self.shared_stack = False
         self.sup: Supervisor | None = None
+        self.ray_head: RayHead | None = None
         self.env: dict[str, str] = {}
         self.ready_announced = False
         self._last_line, self._last_line_t = "", 0.0
@@ -165,9 +149,10 @@ class Up:
         self._stopped = False
 
     # --- start ------------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, stop: threading.Event | None = None) -> None:
+        """Start everything; returns early, with only what was started so far, once `stop` is set."""
         s = self.settings
-        if not _port_free(self.opts.host, self.port):
+        if free_port(self.port, self.opts.host) != self.port:
             raise UpError(f"port {self.port} is in use: pass --port or set STREAMREC_SERVE_PORT")
         need_kafka, need_redis = s.kafka_bootstrap_servers is None, s.redis_url is None
         fresh_broker = False
@@ -198,45 +183,45 @@ class Up:
         from streaming.kafka_io import ensure_topics
 
         ensure_topics(s)
-        parts: list[Part] = []
+        self.sup = Supervisor([], self.dir / "logs")
+        self.echo(f"streamrec up: data in {s.data_dir}; publish events to Kafka topic {s.events_topic!r} and the "
+                  f"catalog to {s.items_topic!r} at {s.kafka_bootstrap_servers}; logs in {self.dir / 'logs'}")
         ray_address = s.ray_address
-        if not ray_address:
-            gcs_port = _free_port()
-            ray_address = f"{HOST}:{gcs_port}"
-            cpus = self.opts.ray_cpus or max(RAY_HEAD_CPUS_MIN, os.cpu_count() or 1)
-            argv = [_ray_bin(), "start", "--head", "--block", "--disable-usage-stats", "--include-dashboard", "false",
-                    "--node-ip-address", HOST, "--port", str(gcs_port), "--num-cpus", str(cpus),
-                    "--dashboard-port", str(_free_port()), "--ray-client-server-port", str(_free_port()),
-                    "--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port",
-                    str(_free_port()), "--metrics-export-port", str(_free_port())]
-            if not self.opts.gpu:
-                argv += ["--num-gpus", "0"]
-            parts.append(Part("ray", argv, ready=lambda: _port_open(gcs_port)))
-        self.settings = s = s.model_copy(update={"ray_address": ray_address, "serve_port": self.port})
-        self.env = {**os.environ, **settings_env(s), "RAY_ADDRESS": ray_address, "PYTHONUNBUFFERED": "1",
-                    "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        if parts:  # our own head: token authentication with a token of this run, known only to its parts
-            self.env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)})
+        auth: dict[str, str] = {}
+        if not ray_address:  # our own head: token authentication with a token of this run, known only to its parts
+            auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+            cpus = self.opts.ray_cpus or max(CPUS_MIN, os.cpu_count() or 1)
             # nothing is left to drain once the parts above it have stopped (they stop first)
-            parts[0] = dataclasses.replace(parts[0], env={**self.env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})
-        parts.append(Part("ingest", _cli("ingest", "--no-progress"), env=self.env))
+            self.ray_head = RayHead(self.sup, lambda address: {**self._env(s, address, auth),
+                                                               "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"},
+                                    cpus=cpus, gpu=self.opts.gpu)
+            try:
+                ray_address = self.ray_head.start(stop)
+            except RayHeadError as exc:
+                raise UpError(str(exc)) from None
+            if ray_address is None:  # asked to stop while the head was starting
+                return
+        self.settings = s = s.model_copy(update={"ray_address": ray_address, "serve_port": self.port})
+        self.env = self._env(s, ray_address, auth)
+        self.status_path.unlink(missing_ok=True)
+        self.sup.add(Part("ingest", _cli("ingest", "--no-progress"), env=self.env))
         if self.opts.train:
             argv = _cli("train-loop", "--every", self.opts.train_every, "--preset", self.opts.preset,
                         "--scene", self.opts.scene, "--workers", str(self.opts.workers),
                         "--min-events", str(self.opts.min_events), "--status-file", str(self.status_path))
-            parts.append(Part("trainer", argv + (["--gpu"] if self.opts.gpu else []), env=self.env))
-        self.status_path.unlink(missing_ok=True)
-        self.sup = Supervisor(parts, self.dir / "logs")
-        self.echo(f"streamrec up: data in {s.data_dir}; publish events to Kafka topic {s.events_topic!r} and the "
-                  f"catalog to {s.items_topic!r} at {s.kafka_bootstrap_servers}; logs in {self.dir / 'logs'}")
-        self.sup.start()
+            self.sup.add(Part("trainer", argv + (["--gpu"] if self.opts.gpu else []), env=self.env))
+
+    def _env(self, s: Settings, ray_address: str, auth: dict[str, str]) -> dict[str, str]:
+        """The whole environment of a part: these settings, this Ray cluster, no network at run time."""
+        s = s.model_copy(update={"ray_address": ray_address, "serve_port": self.port})
+        return {**os.environ, **settings_env(s), "RAY_ADDRESS": ray_address, "PYTHONUNBUFFERED": "1",
+                "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **auth}
 
     def _serve_part(self) -> Part:
-        base = f"http://{_probe_host(self.opts.host)}:{self.port}"
-        scene = self.opts.scene
+        api = ApiClient(f"http://{_probe_host(self.opts.host)}:{self.port}", timeout_s=READY_PROBE_TIMEOUT_S)
         return Part("serve", _cli("serve", "--port", str(self.port), "--host", self.opts.host,
                                   "--replicas", str(self.opts.replicas)), env=self.env,
-                    ready=lambda: _http_ok(f"{base}/healthz", lambda b: bool((b.get("scenes") or {}).get(scene))))
+                    ready=lambda: _serves(api, self.opts.scene))
 
     # --- watch ------------------------------------------------------------------------------
     def poll(self) -> None:
@@ -325,8 +310,8 @@ class Up:
             self.echo("stopping: " + ", ".join(reversed(list(self.sup.parts))))
             self.sup.stop()
             self.sup.poll()
-            if "ray" in self.sup.parts:
-                _forget_ray_head(self.settings.ray_address)
+            if self.ray_head is not None:
+                self.ray_head.forget()
         if self.started_stack:
             stop_stack(self.settings.data_dir)
             self.echo("embedded broker and Redis stopped (the broker's topics were in memory; use --keep-stack "
@@ -338,7 +323,7 @@ class Up:
     def run(self, stop: threading.Event) -> int:
         """The command: start, poll until `stop` or a part fails for good, stop. Returns the exit code."""
         try:
-            self.start()
+            self.start(stop)
             while not stop.is_set():
                 self.poll()
                 if self.failed():
@@ -350,29 +335,11 @@ class Up:
             self.stop()
 
 
-def _forget_ray_head(address: str | None) -> None:
-    """`ray start --head` records its address in /tmp/ray/ray_current_cluster, and a plain
-    `ray.init()` anywhere on the machine follows that file -- to a head that is gone once we stop it."""
-    if not address:
-        return
-    port = address.rsplit(":", 1)[-1]
-    path = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
-    with contextlib.suppress(OSError):
-        if path.read_text().strip().rsplit(":", 1)[-1] == port:
-            path.unlink()
-
-
-def _port_free(host: str, port: int) -> bool:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        # as the HTTP server will: a port in TIME_WAIT after an earlier run is free to it
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-            return True
-        except OSError:
-            return False
+def _serves(api: ApiClient, scene: str) -> bool:
+    try:
+        return api.served_version(scene) is not None
+    except ApiError:
+        return False
 
 
 def _probe_host(host: str) -> str:

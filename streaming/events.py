@@ -15,14 +15,23 @@ Unknown fields are accepted and dropped (kept out of features). Anything else wr
 -- not UTF-8, not JSON, not an object, a missing or ill-typed field, an unknown event
 type, a payload over the size limit -- is a `BadRecord` with a reason code and a
 detail, bound for the DLQ.
+
+This module is the one home of the contract. Everything else that spells out its fields is
+derived here from the two pydantic models: the Arrow columns datasets yield (`EVENT_COLUMNS`,
+`ITEM_COLUMNS`), the offline log's schemas (`EVENT_LOG_SCHEMA`, `ITEM_LOG_SCHEMA`: the contract
+plus where the consumer read the record), the ingest row builders, the columns the feature
+job reads and the fields the online store's Lua script receives. A field added to a model
+reaches all of them; `tests/streaming/test_contract.py` fails when a copy appears elsewhere.
 """
 
 from __future__ import annotations
 
 import json
+import types
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Callable, Union, get_args, get_origin
 
+import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 # Inclusive bounds on `ts` (epoch ms): 1970-01-01 .. 2200-01-01. Seconds instead of
@@ -65,6 +74,100 @@ class Item(_Record):
     attributes: dict[str, Any] | None = None
     ts: StrictInt = Field(ge=TS_MIN_MS, le=TS_MAX_MS)
     deleted: bool = False
+
+
+# --- the contract as Arrow columns --------------------------------------------------------
+
+# Arrow type of a field's plain Python type. Dicts travel as JSON text: their keys are free-form,
+# and a Parquet struct column would fix one set of keys for every record.
+ARROW_TYPES: dict[type, pa.DataType] = {str: pa.string(), int: pa.int64(), bool: pa.bool_(), dict: pa.string()}
+# `deleted` is a log column, not a dataset column: a dataset's catalog lists the items that
+# exist, and deletions only happen on the `items` topic.
+ITEM_LOG_ONLY_FIELDS = ("deleted",)
+# Where the consumer read the record; every log row ends with these.
+PROVENANCE_COLUMNS = pa.schema(
+    [
+        ("partition", pa.int32()),
+        ("offset", pa.int64()),
+        ("ingest_ts", pa.int64()),  # epoch ms when the consumer read it
+    ]
+)
+# Log columns no feature reads: `context` is free-form, `ingest_ts` is bookkeeping.
+NON_FEATURE_COLUMNS = ("context", "ingest_ts")
+
+
+def plain_type(annotation: Any) -> type:
+    """The Python type under a field annotation: `str` for `Annotated[str, ...]` and `str | None`,
+    `dict` for `dict[str, Any] | None`."""
+    while True:
+        origin = get_origin(annotation)
+        if origin is Annotated:
+            annotation = get_args(annotation)[0]
+        elif origin is Union or origin is types.UnionType:
+            args = [a for a in get_args(annotation) if a is not type(None)]
+            if len(args) != 1:
+                raise TypeError(f"no single type under {annotation!r}")
+            annotation = args[0]
+        else:
+            return origin or annotation
+
+
+def arrow_fields(model: type[BaseModel]) -> list[pa.Field]:
+    """The model's fields as Arrow fields, in declaration order (all nullable, as Parquet reads them)."""
+    out = []
+    for name, info in model.model_fields.items():
+        kind = plain_type(info.annotation)
+        if kind not in ARROW_TYPES:
+            raise TypeError(f"{model.__name__}.{name}: no Arrow column type for {info.annotation!r}")
+        out.append(pa.field(name, ARROW_TYPES[kind]))
+    return out
+
+
+def json_columns(model: type[BaseModel]) -> tuple[str, ...]:
+    """The model's dict fields, which are JSON text in Arrow columns."""
+    return tuple(n for n, info in model.model_fields.items() if plain_type(info.annotation) is dict)
+
+
+def json_text(value: dict | None) -> str | None:
+    """A dict field as its column value: compact JSON text (None stays None)."""
+    return json.dumps(value, separators=(",", ":")) if value is not None else None
+
+
+# The contract's tables: what a dataset yields, and how every log row starts.
+EVENT_COLUMNS = pa.schema(arrow_fields(Event))
+ITEM_COLUMNS = pa.schema([f for f in arrow_fields(Item) if f.name not in ITEM_LOG_ONLY_FIELDS])
+EVENT_JSON_COLUMNS = json_columns(Event)
+ITEM_JSON_COLUMNS = json_columns(Item)
+# The offline log's files: the whole record, then its provenance.
+EVENT_LOG_SCHEMA = pa.schema([*arrow_fields(Event), *PROVENANCE_COLUMNS])
+ITEM_LOG_SCHEMA = pa.schema([*arrow_fields(Item), *PROVENANCE_COLUMNS])
+# The log columns the feature job reads (streaming.features).
+EVENT_FEATURE_COLUMNS = tuple(n for n in EVENT_LOG_SCHEMA.names if n not in NON_FEATURE_COLUMNS)
+# An event's fields the online store applies, in the order its Lua script receives them after
+# the record's offset (streaming.online_store builds the payload and the script's indices from it).
+ONLINE_EVENT_FIELDS = ("user_id", "item_id", "ts")
+
+
+def log_row_builder(model: type[BaseModel], schema: pa.Schema, name: str) -> Callable[..., tuple]:
+    """A function `name(record, <provenance...>)` returning one log row: a tuple in `schema`'s
+    column order, dict fields as JSON text. The ingest hot loop builds hundreds of thousands of
+    rows a second, so the function is generated as the plain tuple expression one would write
+    by hand (a loop over the columns per row cost twice as much)."""
+    fields, as_json = model.model_fields, set(json_columns(model))
+    params = [n for n in schema.names if n not in fields]
+    values = [f"json_text(record.{n})" if n in as_json else f"record.{n}" if n in fields else n for n in schema.names]
+    source = f"def {name}(record, {', '.join(params)}):\n    return ({', '.join(values)},)\n"
+    namespace: dict[str, Any] = {"json_text": json_text}
+    exec(compile(source, f"<streaming.events.{name}>", "exec"), namespace)  # noqa: S102 (our own source)
+    builder = namespace[name]
+    builder.__module__ = __name__
+    builder.__doc__ = f"One `{model.__name__}` as a row of the log schema: ({', '.join(schema.names)})."
+    builder.source = source
+    return builder
+
+
+event_log_row = log_row_builder(Event, EVENT_LOG_SCHEMA, "event_log_row")
+item_log_row = log_row_builder(Item, ITEM_LOG_SCHEMA, "item_log_row")
 
 
 @dataclass(frozen=True)

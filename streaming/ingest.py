@@ -22,7 +22,6 @@ source headers).
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import sys
 import threading
@@ -40,8 +39,18 @@ from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from streaming import kafka_io
-from streaming.events import BadRecord, Event, Item, parse_event, parse_item
-from streaming.offline_log import EVENT_SCHEMA, ITEM_SCHEMA, OfflineLog
+from streaming.events import (
+    EVENT_LOG_SCHEMA,
+    ITEM_LOG_SCHEMA,
+    BadRecord,
+    Event,
+    Item,
+    event_log_row,
+    item_log_row,
+    parse_event,
+    parse_item,
+)
+from streaming.offline_log import OfflineLog
 from streaming.online_store import OnlineStore
 from streaming.settings import Settings
 
@@ -116,20 +125,9 @@ class ErrorHandler:
         log.debug("DLQ %s[%d]@%d: %s %s", record.topic, record.partition, record.offset, bad.reason, bad.detail)
 
 
-def _json_or_none(value) -> str | None:
-    return json.dumps(value, separators=(",", ":")) if value is not None else None
-
-
-# Log rows are tuples in the column order of EVENT_SCHEMA / ITEM_SCHEMA (the hot loop builds
-# hundreds of thousands per second; a dict per row cost more than the Parquet write).
-def _event_row(e: Event, partition: int, offset: int, now_ms: int) -> tuple:
-    return (e.event_id, e.user_id, e.item_id, e.type, e.ts, e.scene, _json_or_none(e.context), partition, offset, now_ms)
-
-
-def _item_row(it: Item, partition: int, offset: int, now_ms: int) -> tuple:
-    return (it.item_id, it.title, it.text, _json_or_none(it.attributes), it.ts, it.deleted, partition, offset, now_ms)
-
-
+# Log rows are tuples in the column order of EVENT_LOG_SCHEMA / ITEM_LOG_SCHEMA, built by
+# `streaming.events.event_log_row` / `item_log_row` (the hot loop builds hundreds of thousands
+# per second; a dict per row cost more than the Parquet write).
 def _rows_to_table(rows: list[tuple], schema: pa.Schema) -> pa.Table:
     columns = zip(*rows)
     return pa.Table.from_arrays([pa.array(col, type=f.type) for col, f in zip(columns, schema)], schema=schema)
@@ -225,7 +223,7 @@ class Ingestor:
                 self.stats.items += len(good)
             else:
                 self.stats.events += len(good)
-            to_row = _item_row if is_items else _event_row
+            to_row = item_log_row if is_items else event_log_row
             upto, partition, rows = state.logged_upto, tp.partition, state.rows
             for offset, rec in good:
                 if offset > upto:
@@ -304,7 +302,7 @@ class Ingestor:
         for tp in partitions:
             state = self.partitions[tp]
             if state.rows:
-                schema = ITEM_SCHEMA if tp.topic == self.settings.items_topic else EVENT_SCHEMA
+                schema = ITEM_LOG_SCHEMA if tp.topic == self.settings.items_topic else EVENT_LOG_SCHEMA
                 written = self.log.write(tp.topic, tp.partition, _rows_to_table(state.rows, schema))
                 state.logged_upto = written.end
                 state.rows = []

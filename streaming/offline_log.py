@@ -10,7 +10,8 @@ column. A file holds the records of one partition from `first` to `last` offset 
 the writer skips offsets at or below `logged_upto(topic, partition)`, so a replayed
 offset range is never written twice, and a file only appears whole (written under a
 hidden temporary name, then renamed; object stores publish a PUT atomically).
-Readers skip names that start with `.` or `_`.
+Readers skip names that start with `.` or `_`. The files' schemas are the contract's
+(`streaming.events.EVENT_LOG_SCHEMA` / `ITEM_LOG_SCHEMA`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,38 +27,9 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from streaming.versioned_store import fsync_dir
+from streaming.versioned_store import atomic_write
 
-# The contract's fields (streaming.events) as columns: what a dataset yields and a log row starts with.
-EVENT_FIELDS = pa.schema(
-    [
-        ("event_id", pa.string()),
-        ("user_id", pa.string()),
-        ("item_id", pa.string()),
-        ("type", pa.string()),
-        ("ts", pa.int64()),  # epoch ms
-        ("scene", pa.string()),
-        ("context", pa.string()),  # JSON text
-    ]
-)
-ITEM_FIELDS = pa.schema(
-    [
-        ("item_id", pa.string()),
-        ("title", pa.string()),
-        ("text", pa.string()),
-        ("attributes", pa.string()),  # JSON text
-        ("ts", pa.int64()),  # epoch ms
-    ]
-)
-# Where the consumer read the record.
-_PROVENANCE = [
-    ("partition", pa.int32()),
-    ("offset", pa.int64()),
-    ("ingest_ts", pa.int64()),  # epoch ms when the consumer read it
-]
-EVENT_SCHEMA = pa.schema([*EVENT_FIELDS, *_PROVENANCE])
-ITEM_SCHEMA = pa.schema([*ITEM_FIELDS, ("deleted", pa.bool_()), *_PROVENANCE])
-
+PARQUET_COMPRESSION = "zstd"
 _NAME = re.compile(r"^(?P<topic>[A-Za-z0-9._-]+)\+(?P<partition>\d+)\+(?P<start>\d+)\+(?P<end>\d+)\.parquet$")
 
 
@@ -135,18 +106,10 @@ class OfflineLog:
         final = f"{directory}/{file_name(topic, partition, start, end)}"
         self.fs.create_dir(directory, recursive=True)
         if self._local:
-            tmp = f"{directory}/.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "wb") as fh:
-                pq.write_table(table, fh, compression="zstd")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, final)
-            fsync_dir(directory)
+            atomic_write(final, lambda fh: pq.write_table(table, fh, compression=PARQUET_COMPRESSION))
         else:
-            pq.write_table(table, final, filesystem=self.fs, compression="zstd")
+            pq.write_table(table, final, filesystem=self.fs, compression=PARQUET_COMPRESSION)
         return LogFile(topic, partition, start, end, final)
-
-
 
 
 def read_table(log: OfflineLog, files: list[LogFile], schema: pa.Schema) -> pa.Table:

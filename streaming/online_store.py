@@ -24,19 +24,35 @@ so it needs a standalone Redis (or Redis Cluster with every key in one hash slot
 from __future__ import annotations
 
 import json
+import operator
 from typing import Iterable, Sequence
 
 import redis
 
-from streaming.events import Event, Item
+from streaming.events import ONLINE_EVENT_FIELDS, Event, Item
 
 # Entries kept in the catalog change log (approximate trim). A follower that falls further
 # behind than this (it polls every second) re-reads `items:live` instead.
 CATALOG_LOG_MAX = 100_000
 
+# What each record of the events script's batch holds: its offset, then the event's fields in
+# the contract's order (`streaming.events.ONLINE_EVENT_FIELDS`). The script reads the fields by
+# the index constants generated from this tuple, never by a hand-written position.
+LUA_RECORD_FIELDS = ("offset", *ONLINE_EVENT_FIELDS)
+LUA_FIELD_INDEX = {name: i for i, name in enumerate(LUA_RECORD_FIELDS, 1)}  # Lua arrays are 1-based
+
+
+def lua_field_constant(name: str) -> str:
+    """The Lua constant holding the index of record field `name` ("ts" -> "TS")."""
+    return name.upper()
+
+
 # KEYS[1] watermark; ARGV[1] key prefix; ARGV[2] recent-items cap;
-# ARGV[3] JSON [[offset, user_id, item_id, ts_text], ...] in offset order.
-_APPLY_EVENTS_LUA = """
+# ARGV[3] JSON [[offset, <ONLINE_EVENT_FIELDS...>], ...] in offset order.
+APPLY_EVENTS_LUA = (
+    "local " + ", ".join(lua_field_constant(n) for n in LUA_RECORD_FIELDS)
+    + " = " + ", ".join(str(LUA_FIELD_INDEX[n]) for n in LUA_RECORD_FIELDS) + "\n"
+) + """
 local wm = tonumber(redis.call('GET', KEYS[1]) or '-1')
 local prefix, cap = ARGV[1], tonumber(ARGV[2])
 local popularity = prefix .. 'pop:all'
@@ -44,14 +60,15 @@ local records = cjson.decode(ARGV[3])
 local applied, last = 0, nil
 local touched, counts = {}, {}
 for _, r in ipairs(records) do
-  if r[1] > wm then
-    local recent = prefix .. 'u:' .. r[2] .. ':recent'
-    if redis.call('ZADD', recent, 'GT', r[4], r[3]) > 0 then
+  if r[OFFSET] > wm then
+    local recent = prefix .. 'u:' .. r[USER_ID] .. ':recent'
+    -- cjson decodes numbers as doubles: the score goes out as integer text (ts < 2^53, exact)
+    if redis.call('ZADD', recent, 'GT', string.format('%d', r[TS]), r[ITEM_ID]) > 0 then
       touched[recent] = true  -- only a new member can push the set over its cap
     end
-    counts[r[3]] = (counts[r[3]] or 0) + 1
+    counts[r[ITEM_ID]] = (counts[r[ITEM_ID]] or 0) + 1
     applied = applied + 1
-    last = r[1]
+    last = r[OFFSET]
   end
 end
 for item, n in pairs(counts) do  -- one call per distinct item, not per event
@@ -65,6 +82,13 @@ if last then
 end
 return applied
 """
+
+_online_fields = operator.attrgetter(*ONLINE_EVENT_FIELDS)
+
+
+def lua_events_payload(records: Sequence[tuple[int, Event]]) -> str:
+    """ARGV[3] of the events script: JSON [[offset, <ONLINE_EVENT_FIELDS...>], ...]."""
+    return json.dumps([[o, *_online_fields(e)] for o, e in records], separators=(",", ":"))
 
 
 def popular_key(prefix: str) -> str:
@@ -81,7 +105,7 @@ class OnlineStore:
         self.r = client
         self.p = prefix
         self.recent_items_max = recent_items_max
-        self._apply_events_script = client.register_script(_APPLY_EVENTS_LUA)
+        self._apply_events_script = client.register_script(APPLY_EVENTS_LUA)
 
     # --- key names ------------------------------------------------------------------------
     def recent_key(self, user_id: str) -> str:
@@ -115,9 +139,7 @@ class OnlineStore:
         call per event costs about a fifth of the ingest rate.)"""
         if not records:
             return 0
-        payload = json.dumps(
-            [[o, e.user_id, e.item_id, str(e.ts)] for o, e in records], separators=(",", ":")
-        )
+        payload = lua_events_payload(records)
         return int(
             self._apply_events_script(
                 keys=[self.watermark_key(topic, partition)],
@@ -226,6 +248,22 @@ class OnlineStore:
         full read of the live set, then follow `catalog_changes` from it."""
         last = self.r.xrevrange(self.catalog_log_key, count=1)
         return last[0][0].decode() if last else "0-0"
+
+    def live_items(self) -> set[str]:
+        """Ids of every item that exists and is not deleted (`items:live`): what a follower that
+        fell behind the change log re-reads, after `catalog_position`."""
+        return {m.decode() for m in self.r.smembers(self.live_items_key)}
+
+    def deleted_items(self, item_ids: Iterable[str]) -> set[str]:
+        """Those of `item_ids` the store marks deleted (an id it never saw is not deleted: an item
+        known only from training stays), in one round trip."""
+        ordered = sorted(set(item_ids))
+        if not ordered:
+            return set()
+        pipe = self.r.pipeline(transaction=False)
+        for item_id in ordered:
+            pipe.hget(self.item_key(item_id), "deleted")
+        return {i for i, flag in zip(ordered, pipe.execute()) if flag is not None and flag.decode() == "1"}
 
     def popularity(self, item_ids: Iterable[str] | None = None) -> dict[str, int]:
         if item_ids is None:

@@ -11,10 +11,12 @@ and commit the result.
 """
 
 import importlib.util
+import re
 import struct
 from pathlib import Path
 
 import matplotlib
+import pytest
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 RENDER = "python docs/dataflow.py"
@@ -49,3 +51,33 @@ def test_committed_png_exists_at_readme_size():
     png = DOCS / "dataflow.png"
     assert png.is_file(), f"docs/dataflow.png is missing: run `{RENDER}`"
     assert _png_size(png) == (1300, 860)
+
+
+# A path the map names must exist: docs/architecture.md and the README are kept current by this.
+_PATH_RE = re.compile(r"(?<![\w./-])((?:streaming|training|services|tests|k8s|bench|docs)/[\w./-]*\w)")
+_MAPS = ("docs/architecture.md", "README.md")
+
+
+@pytest.mark.parametrize("doc", _MAPS)
+def test_every_path_the_map_names_exists(doc):
+    root = DOCS.parent
+    text = (root / doc).read_text(encoding="utf-8")
+    missing = sorted({p for p in _PATH_RE.findall(text) if not (root / p).exists() and "<" not in p
+                      and not p.startswith(("docs/dataflow.", "bench/results"))})
+    assert not missing, f"{doc} names paths that do not exist (update the map): {missing}"
+
+
+def test_architecture_names_every_module():
+    """A module is named by its file name, or, inside a subpackage (streaming/features/...), by the
+    subpackage's folder name."""
+    root = DOCS.parent
+    text = (DOCS / "architecture.md").read_text(encoding="utf-8")
+    unnamed = []
+    for pkg in ("streaming", "training", "services"):
+        for path in sorted((root / pkg).rglob("*.py")):
+            if path.name == "__init__.py" or "__pycache__" in path.parts:
+                continue
+            sub = path.parent.name if path.parent != root / pkg else None
+            if path.name not in text and not (sub and f"{sub}/" in text):
+                unnamed.append(str(path.relative_to(root)))
+    assert not unnamed, f"docs/architecture.md does not name these modules (add them to the layout): {unnamed}"

@@ -1,4 +1,5 @@
-"""Non-neural baselines for the evaluation harness (`training/evaluation.py`).
+"""Non-neural baselines, scored by `training/evaluation.py` beside the neural models (the evaluation
+harness, `training/eval_harness.py`, runs them all).
 
 - `PopularScorer` ("popular"): the training interaction count of each item, same list for all.
 - `ItemKNNScorer` ("itemknn"): item-to-item co-visitation. Two items co-occur when they are at
@@ -15,7 +16,7 @@ Content-free models (`content_free = True`: popular, itemknn) cannot score an it
 training interactions. They give such items (cold items of the cold-start protocol, items never
 interacted with) exactly 0, and every item with a training interaction a strictly positive score
 (itemknn adds a small popularity backoff below any co-visitation weight), so cold items always
-rank below every warm one; among themselves they are ordered by index (the harness's
+rank below every warm one; among themselves they are ordered by index (`evaluate`'s
 tie-break), so they get no accidental hits unless fewer than k warm candidates remain.
 
 Defaults (window 5, cosine, last 10 items, decay 0.8) were chosen on MovieLens-100K, test
@@ -200,7 +201,7 @@ class ZeroShotScorer:
 
     User vector = sum over the last `last_n` history items of decay**age * unit(e_item),
     normalized; score = cosine with every item's unit embedding. A user without history scores 0
-    everywhere (the harness's tie-break then ranks by index).
+    everywhere (`evaluate`'s tie-break then ranks by index).
     """
 
     name = "zeroshot_lm"

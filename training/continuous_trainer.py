@@ -1,4 +1,4 @@
-"""Continuous training: an incremental run whenever enough new data has arrived.
+"""The continuous trainer: an incremental training run whenever enough new data has arrived.
 
     streamrec train-loop --every 10m --preset quick     # what `streamrec up` runs; Ctrl-C stops
 
@@ -9,7 +9,7 @@ Each check (every `CHECK_INTERVAL_S`):
 2. new events = events in the feature tables - events in the live adapter's data window;
 3. when the schedule is due: train from scratch if the scene has no adapter yet (once at least
    `min_events` events are in), else incrementally from the live adapter (its data window ->
-   the new events + a replay sample); publish through the registry's gate.
+   the new events + a replay sample); publish through the gate (training/gate.py).
 
 The schedule (`parse_every`): `10m` (also `90s`, `1h`; a bare number is minutes) trains at most
 that often and only when there are new events; `5000events` trains once that many events arrived
@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
 import threading
 import time
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from streaming.versioned_store import atomic_write_json
 from training.corpus import CorpusError
 from training.presets import Preset, get_preset
 
@@ -89,10 +89,8 @@ class LoopStatus:
         self.updated_at = time.time()
         if path is None:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=1))
-        os.replace(tmp, path)  # a reader never sees half a status
+        # Atomic (a reader never sees half a status); not fsync'd: it is a progress line, rewritten every check.
+        atomic_write_json(path, dataclasses.asdict(self), indent=1, durable=False)
 
 
 def read_status(path: Path) -> dict[str, Any] | None:
@@ -118,6 +116,7 @@ class ContinuousTrainer:
         self.failures = 0
         self.last_attempt_t = -float("inf")
         self.last_attempt_events: int | None = None  # feature events at the last attempt (gate refusals wait for more)
+        self.stop = threading.Event()  # once set, no new training run starts (`run` watches the caller's event)
 
     # --- one step -------------------------------------------------------------------------------
     def check(self) -> str:
@@ -157,6 +156,8 @@ class ContinuousTrainer:
     def _maybe_train(self, incremental: bool) -> str:
         from training.train_run import TrainRequest, run_training
 
+        if self.stop.is_set():  # stopping: a run started now would only be abandoned
+            return self.status.state
         st = self.status
         tcfg = self.preset.train_config(incremental)
         epochs = tcfg.epochs
@@ -201,6 +202,7 @@ class ContinuousTrainer:
     def run(self, stop: threading.Event, check_interval_s: float = CHECK_INTERVAL_S) -> None:
         logger.info("continuous training of scene %r %s (preset %s); status in %s", self.scene, self.schedule,
                     self.preset.name, self.status_path)
+        self.stop = stop
         last_detail = None
         while not stop.is_set():
             self.check()

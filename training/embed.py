@@ -4,20 +4,20 @@ Each actor loads the adapter once (`ItemEmbedder.__init__`: base LM + LoRA + hea
 batches of item texts; warm items add their ID embedding, exactly like the item tower in
 training (`Recommender.item_table`). With a GPU, each actor takes one (`num_gpus=1`).
 
-Output: `item_embeddings.parquet` with `item_id`, `warm` and `embedding`
-(fixed-size list of float32, L2-normalized) in catalog order -- what serving loads instead of
-re-encoding the catalog.
+The result, one L2-normalized vector per item in catalog order, is what serving loads instead of
+re-encoding the catalog; its file is the adapter's (`training.adapter.write_embeddings`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-EMBEDDINGS_FILE = "item_embeddings.parquet"
+from training.adapter import load_adapter, load_adapter_model
+
 EMBED_BATCH_ROWS = 256
 ACTOR_CPUS = 0.5
 
@@ -26,10 +26,8 @@ class ItemEmbedder:
     """Ray Data callable class: rows (row, text) -> rows (row, embedding)."""
 
     def __init__(self, adapter_path: str, threads: int = 1) -> None:
-        from training.ray_trainer import load_adapter_model
-
         torch.set_num_threads(threads)
-        adapter = torch.load(adapter_path, weights_only=False)
+        adapter = load_adapter(adapter_path)
         # The batches bring the texts: no catalog to tokenize (ID embeddings keep their rows).
         self.model = load_adapter_model(adapter, catalog=False)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -78,22 +76,3 @@ def embed_catalog(adapter_path: Path, item_ids: list[str], texts: list[str], war
         raise RuntimeError(f"embedding job returned {result.shape[0]} rows for {n} items")
     return result
 
-
-def write_embeddings(path: Path, item_ids: list[str], warm: np.ndarray, embeddings: np.ndarray) -> Path:
-    dim = embeddings.shape[1]
-    table = pa.table({
-        "item_id": pa.array(item_ids, pa.string()),
-        "warm": pa.array(np.asarray(warm, dtype=bool)),
-        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1), pa.float32()), dim),
-    })
-    pq.write_table(table, path)
-    return path
-
-
-def read_embeddings(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(item_ids, warm, embeddings (n, dim) float32) from `write_embeddings`'s file."""
-    table = pq.read_table(path)
-    col = table.column("embedding").combine_chunks()
-    dim = col.type.list_size
-    emb = col.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32)
-    return table.column("item_id").to_pylist(), table.column("warm").to_numpy(zero_copy_only=False), emb

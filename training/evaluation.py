@@ -1,4 +1,5 @@
-"""Offline evaluation: one harness for every model (LoRA-tuned LM, baselines, SASRec).
+"""Offline evaluation: one protocol and one set of metrics for every model (LoRA-tuned LM, baselines,
+SASRec); the evaluation harness (`training/eval_harness.py`) runs them all.
 
 Protocol (the splits themselves live in `training/corpus.py`):
 
@@ -29,7 +30,7 @@ Ranking rules (deterministic; a model gains nothing from ties):
   lower index than the target);
 - the top-k lists use the same order (a constant scorer's top k are items 0..k-1);
 - NaN scores count as -inf; a -inf the *scorer* returns is still a candidate (ranked last, by
-  index), only the harness's own masks (non-live, seen) remove items;
+  index), only `evaluate`'s own masks (non-live, seen) remove items;
 - a case whose target is not a candidate -- a deleted (non-live) item, or, with
   `exclude_seen`, an item already in the user's history (a repeat) -- is kept in `n` and
   counted as a miss: the protocol's denominator does not depend on the model.
@@ -60,7 +61,7 @@ class Scorer(Protocol):
 
     `histories[r]`: the user's item indices (int32, chronological), `history_ts[r]` their epoch-ms
     timestamps, `now_ts[r]` the time of the target interaction. Returns (B, n_items) scores,
-    float32, higher = better. The harness masks seen and non-live items itself.
+    float32, higher = better. `evaluate` masks seen and non-live items itself.
     Optional attribute `content_free` (bool): the model cannot score items without interactions.
     """
 

@@ -23,8 +23,9 @@ through it: the text vectors of all items live in `text_cache` (refreshed by `re
 and each step re-encodes only `fresh_items` of its target items *with* gradients, writing them
 into a copy of the cache -- the LoRA weights learn from those, everything else sees the cache.
 
-The checkpoint / published adapter is one explicit dict (`checkpoint_dict`): format, configs,
-item ids and warm mask, LoRA weights and the heads' state (ID embeddings included).
+The checkpoint / published adapter is one explicit dict of the configs, item ids and warm mask,
+LoRA weights and the heads' state (`heads_state_dict`, ID embeddings included): its keys, files and
+loading are `training/adapter.py`'s.
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ from torch import nn
 from training.corpus import GAP_BUCKETS
 from training.lm import TextEncoder
 
-CHECKPOINT_FORMAT = 1
 FULL_SOFTMAX_MAX_ITEMS = 50_000
 ENCODE_BATCH = 128  # texts per LM forward when encoding the catalog
 NORM_EPS = 1e-6
@@ -296,40 +296,3 @@ class Recommender(nn.Module):
     def heads_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu() for k, v in self.state_dict().items() if not k.startswith("text.")}
 
-
-def checkpoint_dict(model: Recommender, item_ids: Sequence[str], warm: np.ndarray, extra: dict | None = None) -> dict:
-    """The one dict that is a checkpoint and a published adapter."""
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "model_config": model.cfg.to_dict(),
-        "item_ids": list(item_ids),
-        "warm": np.asarray(warm, dtype=bool),
-        "lora": model.text.lora_state_dict() if model.text is not None and model.cfg.lora else {},
-        "heads": model.heads_state_dict(),
-        "extra": extra or {},
-    }
-
-
-def load_state(model: Recommender, ckpt: dict, item_index: dict[str, int] | None = None) -> None:
-    """Load a checkpoint dict into `model`. With `item_index` (the new catalog), ID embeddings are
-    carried over by item id: rows of items the checkpoint did not know stay freshly initialized."""
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"unsupported adapter format {ckpt.get('format')!r} (expected {CHECKPOINT_FORMAT})")
-    if model.text is not None and ckpt.get("lora"):
-        model.text.load_lora_state_dict(ckpt["lora"])
-    heads = dict(ckpt["heads"])
-    old_ids = ckpt["item_ids"]
-    if "id_emb.weight" in heads and model.id_emb is not None:
-        old = heads.pop("id_emb.weight")
-        if item_index is None and old.shape == model.id_emb.weight.shape:
-            model.id_emb.weight.data.copy_(old)
-        else:
-            index = item_index or {}
-            src = [i + 1 for i, item in enumerate(old_ids) if item in index]
-            dst = [index[item] + 1 for item in old_ids if item in index]
-            if src:
-                model.id_emb.weight.data[torch.tensor(dst)] = old[torch.tensor(src)].to(model.id_emb.weight.dtype)
-    missing, unexpected = model.load_state_dict(heads, strict=False)
-    bad = [k for k in unexpected]
-    if bad:
-        raise ValueError(f"adapter does not fit this model: unexpected weights {bad[:3]}")

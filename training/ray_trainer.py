@@ -1,7 +1,4 @@
-"""Distributed fine-tuning with Ray Train: `fit` runs `train_loop_per_worker` in a `TorchTrainer`.
-
-    streamrec train --workers 2            # DDP over 2 CPU workers on the local Ray (or RAY_ADDRESS)
-    streamrec train --workers 4 --gpu      # one GPU per worker, bf16 autocast
+"""The Ray Train driver: `fit` runs `train_loop_per_worker` in a `TorchTrainer` (DDP over N workers).
 
 Data path: the training windows (`training.corpus.training_windows`) become a Ray Dataset;
 each worker reads its shard with `ray.train.get_dataset_shard("train")` and
@@ -11,13 +8,12 @@ each worker reads its shard with `ray.train.get_dataset_shard("train")` and
 Fault tolerance: every epoch rank 0 reports a checkpoint (`state.pt`: the adapter dict, the
 optimizer state, the epoch and the loss history). `FailureConfig(max_failures)` makes Ray Train
 restart a worker group whose worker died; the loop then resumes from `ray.train.get_checkpoint()`
-at the next epoch. Each worker writes its PID to `<run_dir>/workers/rank-<r>.pid` (the
-worker-kill test uses it).
+at the next epoch. (The test that kills a worker finds its pid through the fault-injection
+setting of `training.fault_injection`.)
 
 Progress: rank 0 appends its step count to `<run_dir>/progress.json`; the driver shows a tqdm bar
 from it (Ray workers' own stderr is not a terminal).
 """
-
 from __future__ import annotations
 
 import json
@@ -34,10 +30,14 @@ import pyarrow as pa
 import torch
 
 from streaming.ray_runtime import ensure_ray
+from streaming.versioned_store import atomic_write_json
+from training import fault_injection
+from training.adapter import checkpoint_dict, load_adapter, load_state, load_torch_file, save_adapter
+from training.model import ModelConfig
 from training.train_step import TrainConfig, build_model, make_optimizer, numpy_batches, train_epoch, unwrap
-from training.model import ModelConfig, checkpoint_dict, load_state
 
 STATE_FILE = "state.pt"
+PARENT_FILE = "parent.pt"  # the parent adapter, handed to the workers through the run directory
 PROGRESS_FILE = "progress.json"
 PROGRESS_POLL_S = 0.5
 PROGRESS_WRITE_EVERY_S = 0.5
@@ -62,10 +62,9 @@ def windows_dataset(windows: dict[str, np.ndarray]):
     return ray.data.from_arrow(pa.table({k: ArrowTensorArray.from_numpy(v) for k, v in windows.items()}))
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+def _write_progress(path: Path, progress: dict[str, Any]) -> None:
+    # Read by the driver's progress bar only: no fsync (a lost update is redrawn half a second later).
+    atomic_write_json(path, progress, indent=None, durable=False)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -76,12 +75,12 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     run_dir = Path(config["run_dir"])
-    (run_dir / "workers").mkdir(parents=True, exist_ok=True)
-    (run_dir / "workers" / f"rank-{rank}.pid").write_text(str(os.getpid()))
+    if config.get("write_worker_pids"):
+        fault_injection.write_worker_pid(run_dir, rank)
     torch.set_num_threads(int(config["threads"]))
     mcfg = ModelConfig.from_dict(config["model_config"])
     tcfg = TrainConfig.from_dict(config["train_config"])
-    parent = torch.load(config["parent_path"], weights_only=False) if config.get("parent_path") else None
+    parent = load_adapter(config["parent_path"]) if config.get("parent_path") else None
     index = {item: i for i, item in enumerate(config["item_ids"])}
     model = build_model(mcfg, config["item_texts"], np.asarray(config["warm"], dtype=bool), seed=tcfg.seed,
                         parent=parent, item_index=index)
@@ -90,7 +89,7 @@ def train_loop_per_worker(config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            state = torch.load(Path(d) / STATE_FILE, weights_only=False)
+            state = load_torch_file(Path(d) / STATE_FILE)
         load_state(model, state["adapter"])
         opt.load_state_dict(state["optimizer"])
         start_epoch, history, restored = state["epoch"] + 1, state["history"], state["epoch"]
@@ -111,7 +110,7 @@ def train_loop_per_worker(config: dict) -> None:
         now = time.monotonic()
         if now - last_write[0] >= PROGRESS_WRITE_EVERY_S:
             last_write[0] = now
-            _write_json_atomic(run_dir / PROGRESS_FILE, progress)
+            _write_progress(run_dir / PROGRESS_FILE, progress)
 
     cached: dict[str, np.ndarray] | None = None
     inner.refresh_text_cache()
@@ -142,7 +141,7 @@ def train_loop_per_worker(config: dict) -> None:
                            Path(tmp) / STATE_FILE)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 progress["loss"] = stats["loss"]
-                _write_json_atomic(run_dir / PROGRESS_FILE, progress)
+                _write_progress(run_dir / PROGRESS_FILE, progress)
             ray.train.report({"epoch": epoch, "loss": stats["loss"], "samples_per_s": stats["samples_per_s"]},
                              checkpoint=checkpoint)
 
@@ -200,8 +199,7 @@ def fit(*, windows: dict[str, np.ndarray], item_ids: list[str], item_texts: list
     run_dir.mkdir(parents=True, exist_ok=True)
     parent_path = None
     if parent is not None:
-        parent_path = run_dir / "parent.pt"
-        torch.save(parent, parent_path)
+        parent_path = save_adapter(parent, run_dir / PARENT_FILE)
     threads = threads_per_worker or max(1, (os.cpu_count() or 1) // max(workers, 1))
     config = {
         "run_dir": str(run_dir), "threads": threads, "model_config": model_config.to_dict(),
@@ -209,6 +207,8 @@ def fit(*, windows: dict[str, np.ndarray], item_ids: list[str], item_texts: list
         "warm": np.asarray(warm, dtype=bool).tolist(), "parent_path": str(parent_path) if parent_path else None,
         "log_q": None if log_q is None else np.asarray(log_q, dtype=np.float32).tolist(),
         "cache_shard": sum(v.nbytes for v in windows.values()) <= CACHE_SHARD_MAX_BYTES * max(workers, 1),
+        # Read here, not in the workers: they may run in processes started before it was set.
+        "write_worker_pids": fault_injection.active(fault_injection.WORKER_PIDS),
     }
     # One CPU per worker in Ray's books (the data shard readers need the rest); torch threads as set above.
     per_worker = {"CPU": 1} if not use_gpu else {"CPU": 1, "GPU": 1}
@@ -234,7 +234,7 @@ def fit(*, windows: dict[str, np.ndarray], item_ids: list[str], item_texts: list
     if result.checkpoint is None:
         raise RuntimeError(f"training produced no checkpoint (error: {result.error})")
     with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / STATE_FILE, weights_only=False)
+        state = load_torch_file(Path(d) / STATE_FILE)
     restored = None
     try:
         p = json.loads((run_dir / PROGRESS_FILE).read_text())
@@ -243,23 +243,3 @@ def fit(*, windows: dict[str, np.ndarray], item_ids: list[str], item_texts: list
         pass
     return FitResult(adapter=state["adapter"], history=state["history"], seconds=seconds, restored_from_epoch=restored)
 
-
-def load_adapter_model(adapter: dict, item_texts: list[str] | None = None, *, base_model: str | None = None,
-                       catalog: bool = True):
-    """Rebuild a `Recommender` from an adapter dict (for evaluation, embedding and serving).
-
-    `catalog=False`: skip tokenizing the catalog (serving and batch embedding bring their own
-    vectors or texts; at 100,000 items tokenizing alone takes seconds)."""
-    from training.model import Recommender
-
-    cfg = ModelConfig.from_dict(adapter["model_config"])
-    if base_model is not None:
-        cfg = ModelConfig.from_dict({**cfg.to_dict(), "base_model": base_model})
-    texts = item_texts if item_texts is not None else adapter.get("extra", {}).get("item_texts")
-    if not catalog:
-        texts = None
-    elif texts is None:
-        raise ValueError("the item texts are needed to rebuild the model")
-    model = Recommender(cfg, texts, np.asarray(adapter["warm"], dtype=bool))
-    load_state(model, adapter)
-    return model.eval()

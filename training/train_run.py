@@ -1,27 +1,21 @@
-"""`streamrec train` and `streamrec evaluate`: from feature tables to a published adapter.
-
-    streamrec train                          # scene "default": all events; full run
-    streamrec train --incremental            # from the live adapter: new data + a replay sample
-    streamrec train --scene home --workers 2 # one scene's adapter, DDP over 2 workers
-    streamrec evaluate                       # the whole evaluation table (all models, both protocols)
-
-A training run (`run_training`):
+"""One training run end to end: from the feature tables to a published adapter (`run_training`).
 
 1. reads the live feature tables (`sequences`, `items`) into a `Corpus`; splits leave-one-out;
-2. `--incremental`: loads the scene's live adapter as the parent; targets are the events past
-   the parent's data window (per-partition offsets) plus `replay_fraction` of the older ones;
+2. incremental: loads the scene's live adapter as the parent; targets are the events past the
+   parent's data window (`training.adapter.new_event_masks`) plus `replay_fraction` of the older
+   ones, so the adapter follows fresh data without forgetting the rest;
 3. trains with Ray Train (`training.ray_trainer.fit`), checkpoints every epoch;
 4. evaluates the candidate -- and the live adapter, on the same validation cases -- plus the
    popular and ItemKNN baselines on the test cases; writes the loss curve and the evaluation
    table (PNG, JSON, Markdown) into the run directory;
-5. embeds the catalog with Ray Data (`training.embed`), stages adapter + embeddings, and
-   publishes through the registry's gate (validation NDCG@10 not below the live adapter's minus
-   `gate_tolerance`) with compare-and-swap on the parent version.
+5. asks the gate once (`training.gate.decide`: validation NDCG@10 not below the live adapter's
+   minus `gate_tolerance`); only a candidate it lets through is embedded with Ray Data
+   (`training.embed`), staged as an adapter (`training.adapter`) and published, with
+   compare-and-swap on the parent version so the live adapter is still the one it was gated against.
 
 Scenes: the adapter of scene S learns to predict the events whose `scene` is S (all events of
 the user still form the history it reads); scene `default` uses every event.
 """
-
 from __future__ import annotations
 
 import dataclasses
@@ -36,20 +30,30 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
+from training.adapter import (
+    ADAPTER_FILE,
+    EMBEDDINGS_FILE,
+    data_window,
+    load_adapter,
+    manifest_payload,
+    new_event_masks,
+    save_adapter,
+    set_covis_prior,
+    with_catalog,
+    write_embeddings,
+)
 from training.corpus import Corpus, CorpusError, Split, leave_one_out, popularity_log_q, training_windows
-from training.embed import EMBEDDINGS_FILE, embed_catalog, write_embeddings
 from training.covis import CovisPrior, tune_beta
+from training.embed import embed_catalog
 from training.inference import ModelScorer
-from training.lm import model_hash, resolve_base_model
-from training.train_step import TrainConfig, build_model
+from training.lm import resolve_base_model
 from training.model import ModelConfig
 from training.ray_trainer import FitResult, fit
+from training.train_step import TrainConfig, build_model
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_FILE = "adapter.pt"
 DEFAULT_SCENE = "default"
 REPLAY_SEED = 1234
 
@@ -93,29 +97,8 @@ def scene_masks(corpus: Corpus, scene: str) -> list[np.ndarray] | None:
     return masks
 
 
-def new_event_masks(corpus: Corpus, data_window: dict) -> list[np.ndarray]:
-    """Per user, which events are past a parent's data window (offsets when known, else timestamps)."""
-    wms = (data_window.get("watermarks") or {})
-    events_wm = next(iter(wms.values()), None) if len(wms) == 1 else wms.get("events")
-    if corpus.offsets is not None and events_wm:
-        out = []
-        for parts, offs in zip(corpus.partitions, corpus.offsets):
-            wm = np.array([int(events_wm.get(str(int(p)), -1)) for p in parts], dtype=np.int64)
-            out.append(offs > wm)
-        return out
-    max_ts = data_window.get("max_ts")
-    if max_ts is None:
-        return [np.ones(len(s), dtype=bool) for s in corpus.items]
-    return [t > int(max_ts) for t in corpus.ts]
-
-
 def _cut_like(masks: list[np.ndarray], split: Split) -> list[np.ndarray]:
     return [m[: len(s)] for m, s in zip(masks, split.train_items)]
-
-
-def data_window(corpus: Corpus) -> dict[str, Any]:
-    return {"watermarks": corpus.watermarks, "max_ts": corpus.max_ts(), "events": corpus.n_events,
-            "users": len(corpus.user_ids), "items": len(corpus.catalog)}
 
 
 # --- training on a split ---------------------------------------------------------------------
@@ -166,7 +149,7 @@ def attach_covis_prior(adapter: dict, split: Split, base: ModelScorer) -> CovisP
 
         prior.beta, prior.tuning = tune_beta(full_mrr)
     logger.info("co-visitation prior: beta %.3g (validation full-ranking MRR by beta: %s)", prior.beta, prior.tuning)
-    adapter["covis"] = prior.to_dict()
+    set_covis_prior(adapter, prior)
     base.prior = prior
     return prior
 
@@ -230,6 +213,7 @@ def run_training(settings: Any, req: TrainRequest, corpus: Corpus | None = None)
     from streaming.features import load_feature_tables
     from training.baselines import ItemKNNScorer, PopularScorer
     from training.evaluation import evaluate, save_report
+    from training.gate import decide, publish_gated
     from training.registry import Registry
 
     if corpus is None:
@@ -250,7 +234,7 @@ def run_training(settings: Any, req: TrainRequest, corpus: Corpus | None = None)
         if current is None:
             logger.warning("--incremental: scene %r has no live adapter yet; training from scratch", req.scene)
         else:
-            parent = torch.load(registry.open(req.scene, current.version) / ADAPTER_FILE, weights_only=False)
+            parent = load_adapter(registry.open(req.scene, current.version) / ADAPTER_FILE)
             mcfg = ModelConfig.from_dict({**parent["model_config"], "base_model": mcfg.base_model})
             new = new_event_masks(corpus, current.manifest.get("data_window") or {})
             rng = np.random.default_rng(REPLAY_SEED)
@@ -279,8 +263,8 @@ def run_training(settings: Any, req: TrainRequest, corpus: Corpus | None = None)
     current_valid = None
     if current is not None:
         try:
-            live_adapter = parent if parent is not None else torch.load(
-                registry.open(req.scene, current.version) / ADAPTER_FILE, weights_only=False)
+            live_adapter = parent if parent is not None else load_adapter(
+                registry.open(req.scene, current.version) / ADAPTER_FILE)
             cur = scorer_for(live_adapter, corpus, f"live {current.version}")
             results[f"live {current.version}"] = {"valid": evaluate(cur, valid, live=live),
                                                   "test": evaluate(cur, test, live=live)}
@@ -299,36 +283,27 @@ def run_training(settings: Any, req: TrainRequest, corpus: Corpus | None = None)
 
     published, message = None, "not published (--no-publish)"
     if req.publish:
-        from training.registry import GateRefused, gate_decision
-
-        ok, message = gate_decision(metrics["val_ndcg10"], current_valid, settings.gate_tolerance)
-        staged = Path(tempfile.mkdtemp(prefix="stage-", dir=run_dir))
-        adapter = dict(result.adapter)
-        adapter["extra"] = {**adapter.get("extra", {}), "item_texts": corpus.catalog.texts,
-                            "item_titles": corpus.catalog.titles}
-        torch.save(adapter, staged / ADAPTER_FILE)
-        if ok or req.force:
-            t0 = time.perf_counter()
-            emb = embed_catalog(staged / ADAPTER_FILE, corpus.catalog.item_ids, corpus.catalog.texts, adapter["warm"],
-                                actors=req.embed_actors, use_gpu=req.use_gpu)
-            write_embeddings(staged / EMBEDDINGS_FILE, corpus.catalog.item_ids, adapter["warm"], emb)
-            logger.info("embedded %d items in %.1f s (Ray Data)", len(emb), time.perf_counter() - t0)
-        manifest = {
-            "base_model": mcfg.base_model, "base_model_sha256": model_hash(mcfg.base_model),
-            "model_config": mcfg.to_dict(), "train_config": req.train_config.to_dict(),
-            "data_window": data_window(corpus), "metrics": metrics, "run_dir": str(run_dir),
-            "workers": req.workers, "use_gpu": req.use_gpu, "incremental": parent is not None,
-        }
-        try:
-            published = registry.publish(req.scene, staged, manifest,
-                                         expected_parent=current.version if current else None,
-                                         gate=(metrics["val_ndcg10"], current_valid),
-                                         tolerance=settings.gate_tolerance, force=req.force)
-            message = f"published {req.scene}/{published.version} ({message})"
-        except GateRefused as exc:
-            message = f"gate refused: {exc}"
-        finally:
-            shutil.rmtree(staged, ignore_errors=True)
+        decision = decide(metrics["val_ndcg10"], current_valid, settings.gate_tolerance, force=req.force)
+        if not decision.allows_publish:
+            message = f"gate refused: {decision.refusal(req.scene)}"
+        else:
+            staged = Path(tempfile.mkdtemp(prefix="stage-", dir=run_dir))
+            try:
+                adapter = with_catalog(result.adapter, corpus.catalog.texts, corpus.catalog.titles)
+                save_adapter(adapter, staged / ADAPTER_FILE)
+                t0 = time.perf_counter()
+                emb = embed_catalog(staged / ADAPTER_FILE, corpus.catalog.item_ids, corpus.catalog.texts,
+                                    adapter["warm"], actors=req.embed_actors, use_gpu=req.use_gpu)
+                write_embeddings(staged / EMBEDDINGS_FILE, corpus.catalog.item_ids, adapter["warm"], emb)
+                logger.info("embedded %d items in %.1f s (Ray Data)", len(emb), time.perf_counter() - t0)
+                manifest = manifest_payload(model_config=mcfg, train_config=req.train_config,
+                                            window=data_window(corpus), metrics=metrics, run_dir=run_dir,
+                                            workers=req.workers, use_gpu=req.use_gpu, incremental=parent is not None)
+                published = publish_gated(registry, req.scene, staged, manifest, decision,
+                                          expected_parent=current.version if current else None)
+                message = f"published {req.scene}/{published.version} ({decision.reason})"
+            finally:
+                shutil.rmtree(staged, ignore_errors=True)
     (run_dir / "outcome.json").write_text(json.dumps({
         "published": published.version if published else None, "gate": message, "metrics": metrics,
         "restored_from_epoch": result.restored_from_epoch, "seconds": result.seconds}, indent=1))

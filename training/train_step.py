@@ -1,4 +1,4 @@
-"""The training loop itself, shared by Ray Train workers and the bare PyTorch baseline.
+"""The training step: one optimisation pass, shared by Ray Train workers and the bare PyTorch baseline.
 
 `TrainConfig` holds the optimisation knobs; `build_model` makes a `Recommender` for a catalog
 (optionally from a parent adapter); `train_epoch` runs one pass over an iterable of batches.
@@ -16,7 +16,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from training.model import ModelConfig, Recommender, load_state
+from training.adapter import load_state
+from training.model import ModelConfig, Recommender
 
 
 @dataclass(frozen=True)

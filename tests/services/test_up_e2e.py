@@ -22,7 +22,8 @@ import psutil
 import pytest
 import requests
 
-from services.stack import _free_port, _port_open, stack_status
+from services.processes import free_port, port_open
+from services.stack import stack_status
 from streaming.datasets import load_dataset
 from streaming.producer import EventProducer
 from streaming.settings import load_settings
@@ -92,7 +93,7 @@ def _recs(base: str, user: str, k: int = 10) -> dict:
 
 def test_up_runs_the_whole_loop_and_leaves_nothing_behind(tmp_path):
     data_dir = tmp_path / "data"
-    port = _free_port()
+    port = free_port()
     out_path = tmp_path / "up.out"
     out = open(out_path, "wb")
     proc = subprocess.Popen(
@@ -203,5 +204,5 @@ def test_up_runs_the_whole_loop_and_leaves_nothing_behind(tmp_path):
     ports = {"api": port}
     if info:
         ports.update(kafka=int(info.kafka_bootstrap.rsplit(":", 1)[1]), redis=int(info.redis_url.rsplit(":", 1)[1].split("/")[0]))
-    assert not [name for name, p in ports.items() if _port_open(p)], f"ports still open: {ports}"
+    assert not [name for name, p in ports.items() if port_open(p)], f"ports still open: {ports}"
     assert stack_status(data_dir) is None

@@ -9,8 +9,9 @@ from pathlib import Path
 import pyarrow as pa
 import redis
 
+from streaming.events import EVENT_LOG_SCHEMA, ITEM_LOG_SCHEMA
 from streaming.kafka_io import ensure_topics
-from streaming.offline_log import EVENT_SCHEMA, ITEM_SCHEMA, OfflineLog, read_table
+from streaming.offline_log import OfflineLog, read_table
 from streaming.settings import Settings, load_settings
 
 WAIT_POLL_S = 0.05
@@ -54,7 +55,7 @@ def wait_for(condition, timeout_s: float, what: str):
 def read_log(settings: Settings, topic: str | None = None) -> pa.Table:
     log = OfflineLog(settings.log_dir)
     topic = topic or settings.events_topic
-    schema = ITEM_SCHEMA if topic == settings.items_topic else EVENT_SCHEMA
+    schema = ITEM_LOG_SCHEMA if topic == settings.items_topic else EVENT_LOG_SCHEMA
     return read_table(log, log.list_files(topic), schema)
 
 

@@ -17,8 +17,9 @@ import pyarrow as pa
 import pytest
 
 from streaming import features
-from streaming.features import load_feature_tables, push_popularity_to_redis, run_features
-from streaming.offline_log import EVENT_SCHEMA, ITEM_SCHEMA, OfflineLog
+from streaming.events import EVENT_LOG_SCHEMA, ITEM_LOG_SCHEMA
+from streaming.features import load_feature_tables, push_popularity_to_redis, run_features, store
+from streaming.offline_log import OfflineLog
 from streaming.settings import Settings
 
 EVENTS, ITEMS = "events", "items"
@@ -46,7 +47,7 @@ def it(item, title, ts, partition, offset, deleted=None) -> dict:
 def write(settings: Settings, topic: str, rows: list[dict]) -> None:
     """Write `rows` as one log file per partition (like the consumer's flush)."""
     log = OfflineLog(settings.log_dir)
-    schema = EVENT_SCHEMA if topic == EVENTS else ITEM_SCHEMA
+    schema = EVENT_LOG_SCHEMA if topic == EVENTS else ITEM_LOG_SCHEMA
     by_part = defaultdict(list)
     for r in rows:
         by_part[r["partition"]].append(r)
@@ -319,7 +320,7 @@ def test_crash_before_publish_keeps_previous_version(tmp_path, ray_local, monkey
     def boom(*args, **kwargs):
         raise RuntimeError("simulated crash before the manifest swap")
 
-    monkeypatch.setattr(features, "_publish_manifest", boom)
+    monkeypatch.setattr(store, "publish_manifest", boom)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_features(crashed)
     monkeypatch.undo()
@@ -337,7 +338,7 @@ def test_crash_before_publish_keeps_previous_version(tmp_path, ray_local, monkey
 def test_a_second_run_waits_for_the_lock(tmp_path, monkeypatch):
     s = make_settings(tmp_path)
     s.features_dir.mkdir(parents=True)
-    monkeypatch.setattr(features, "LOCK_WAIT_S", 0.3)
+    monkeypatch.setattr(store, "LOCK_WAIT_S", 0.3)
     with open(s.features_dir / ".lock", "a+") as held:  # another run, as far as flock can tell
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(features.FeaturesBusyError):
@@ -420,7 +421,7 @@ def test_push_to_redis(tmp_path, ray_local, redis_url, monkeypatch):
     assert client.zrevrange(f"{prefix}feat:trending", 0, -1) == ["c", "b"]
 
     # A run on another host holds the redis lock: this one waits, then gives up.
-    monkeypatch.setattr(features, "LOCK_WAIT_S", 0.3)
+    monkeypatch.setattr(store, "LOCK_WAIT_S", 0.3)
     client.set(f"{prefix}feat:lock", "another-host", px=60_000)
     with pytest.raises(features.FeaturesBusyError):
         run_features(s, redis_client=client)

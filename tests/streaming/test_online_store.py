@@ -58,3 +58,19 @@ def test_applied_offsets_sum_every_partitions_watermark(store):
     store.apply_events("events", 3, [(7, ev(3))])  # offsets 0..6 of partition 3 were other records
     store.apply_items("items", 0, [(0, _item("a"))])
     assert store.applied_offsets("events") == 3 + 8 and store.applied_offsets("items") == 1
+
+
+def test_apply_events_keeps_exact_ts_scores_caps_recent_items_and_skips_replays(embedded_stack):
+    from streaming.events import TS_MAX_MS, Event
+
+    store = OnlineStore(redis.Redis.from_url(embedded_stack.redis_url), f"t{uuid.uuid4().hex[:8]}:", recent_items_max=3)
+    ev = lambda n, item, ts: Event(event_id=f"e{n}", user_id="u", item_id=item, type="click", ts=ts)
+    batch = [(0, ev(0, "a", TS)), (1, ev(1, "b", TS + 1)), (2, ev(2, "a", TS - 5)),  # late: a keeps TS
+             (3, ev(3, "c", TS_MAX_MS)), (4, ev(4, "d", TS + 2))]
+    assert store.apply_events("events", 0, batch) == 5
+    assert store.apply_events("events", 0, batch[3:]) == 0  # a replay changes nothing
+    recent = store.r.zrange(store.recent_key("u"), 0, -1, withscores=True)
+    # Scores are the events' exact epoch ms (the largest a double holds exactly is far above TS_MAX_MS).
+    assert [(m.decode(), int(s)) for m, s in recent] == [("b", TS + 1), ("d", TS + 2), ("c", TS_MAX_MS)]
+    assert store.popularity() == {"a": 2, "b": 1, "c": 1, "d": 1}
+    assert store.watermark("events", 0) == 4

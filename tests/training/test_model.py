@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from training.adapter import checkpoint_dict, load_state
 from training.corpus import CorpusError, gap_bucket, history_features, training_windows
 from training.lm import resolve_base_model
+from training.model import ModelConfig
 from training.train_step import TrainConfig, build_model, make_optimizer, numpy_batches, train_epoch
-from training.model import ModelConfig, checkpoint_dict, load_state
 
 TEXTS = [f"item {i} about {'space rockets' if i % 2 else 'garden flowers'}" for i in range(12)]
 

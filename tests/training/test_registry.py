@@ -1,9 +1,10 @@
-"""The adapter registry (training/registry.py) and its CLI, on the real filesystem.
+"""The adapter registry (training/registry.py, training/registry_storage.py) and its CLI, on the
+real filesystem.
 
 Covers: the publish/open round trip, atomic visibility under concurrent readers, crash safety
-at every publish step (a subprocess killed through the STREAMREC_REGISTRY_CRASH_AT test hook),
-checksum verification, the gate, compare-and-swap on the parent, rollback, a pyarrow.fs URI
-root, and `streamrec registry list|show|rollback`.
+at every publish step (a subprocess killed through the fault-injection setting of
+training/fault_injection.py), checksum verification, compare-and-swap on the parent, rollback, a
+pyarrow.fs URI root, and `streamrec registry list|show|rollback`. The gate: tests/training/test_gate.py.
 """
 
 from __future__ import annotations
@@ -20,19 +21,16 @@ import pytest
 from typer.testing import CliRunner
 
 from services.registry_cli import registry_app
+from training.fault_injection import CRASH_EXIT_CODE, FAULT_ENV, registry_point
 from training.registry import (
-    CRASH_ENV,
-    CRASH_EXIT_CODE,
     MANIFEST,
     POINTER,
     ChecksumMismatch,
     ConcurrentPublish,
-    GateRefused,
     Registry,
     RegistryError,
     VersionNotFound,
     file_checksums,
-    gate_decision,
     sha256_file,
 )
 
@@ -187,7 +185,7 @@ Registry(sys.argv[1]).publish(sys.argv[2], pathlib.Path(sys.argv[3]), {"metrics"
 
 
 def _publish_in_subprocess(root: str, staged: Path, crash_at: str) -> int:
-    env = {**os.environ, CRASH_ENV: crash_at, "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, FAULT_ENV: registry_point(crash_at), "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.run(
         [sys.executable, "-c", _CRASHING_PUBLISH, root, SCENE, str(staged)],
         env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
@@ -276,39 +274,6 @@ def test_a_corrupt_file_is_detected_and_a_corrupt_version_cannot_be_rolled_back_
     (v1_dir / "extra.bin").unlink()
     with pytest.raises(RegistryError, match="missing file.*extra.bin"):
         reg.open(SCENE, "v000001")
-
-
-# --- gate ----------------------------------------------------------------------------------
-def test_gate_decision():
-    assert gate_decision(0.30, None, 0.005)[0]
-    ok, why = gate_decision(0.296, 0.30, 0.005)
-    assert ok and "0.2960" in why and "0.3000" in why
-    assert gate_decision(0.295, 0.30, 0.005)[0]  # exactly at the threshold
-    ok, why = gate_decision(0.29, 0.30, 0.005)
-    assert not ok and "refused" in why and "0.2950" in why
-    assert not gate_decision(float("nan"), 0.30, 0.005)[0]
-    with pytest.raises(ValueError):
-        gate_decision(0.3, 0.3, -0.1)
-
-
-def test_gate_refuses_a_worse_candidate_accepts_within_tolerance_and_force_bypasses(tmp_path):
-    reg = Registry(str(tmp_path / "registry"))
-    publish_tagged(reg, tmp_path, "a", ndcg=0.30, gate=(0.30, None))
-
-    with pytest.raises(GateRefused) as err:
-        publish_tagged(reg, tmp_path, "worse", ndcg=0.28, gate=(0.28, 0.30), tolerance=0.005)
-    assert (err.value.candidate, err.value.current, err.value.tolerance) == (0.28, 0.30, 0.005)
-    assert "0.2800" in str(err.value) and SCENE in str(err.value)
-    assert [v.version for v in reg.versions(SCENE)] == ["v000001"]
-    assert sorted(p.name for p in (tmp_path / "registry" / SCENE).iterdir()) == [".lock", POINTER, "v000001"]
-
-    within = publish_tagged(reg, tmp_path, "within", ndcg=0.297, gate=(0.297, 0.30), tolerance=0.005)
-    assert within.version == "v000002"
-    assert within.manifest["gate"]["passed"] and not within.manifest["gate"]["forced"]
-
-    forced = publish_tagged(reg, tmp_path, "forced", ndcg=0.10, gate=(0.10, 0.297), force=True)
-    assert forced.version == "v000003" and reg.current(SCENE).version == "v000003"
-    assert forced.manifest["gate"]["passed"] is False and forced.manifest["gate"]["forced"] is True
 
 
 # --- compare-and-swap ----------------------------------------------------------------------

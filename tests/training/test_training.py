@@ -23,13 +23,15 @@ from streaming.datasets import load_dataset
 from streaming.features import run_features
 from streaming.settings import Settings
 from tests.streaming.test_features import write
+from training.adapter import ADAPTER_FILE, EMBEDDINGS_FILE, load_adapter, read_embeddings
 from training.corpus import Corpus, leave_one_out, training_windows
+from training.fault_injection import FAULT_ENV, WORKER_PIDS, worker_pid_file
 from training.lm import resolve_base_model
-from training.train_step import TrainConfig
 from training.model import ModelConfig
-from training.train_run import ADAPTER_FILE, TrainRequest, run_training
-from training.registry import Registry
 from training.ray_trainer import PROGRESS_FILE, fit
+from training.registry import Registry
+from training.train_run import TrainRequest, run_training
+from training.train_step import TrainConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -84,12 +86,10 @@ def test_train_publish_incremental_and_gate(tmp_path, ray_local, synthetic):
     registry = Registry(settings.registry_uri)
     live = registry.current("default")
     files = set(live.manifest["files"])
-    assert {ADAPTER_FILE, "item_embeddings.parquet"} <= files
+    assert {ADAPTER_FILE, EMBEDDINGS_FILE} <= files
     assert live.manifest["data_window"]["watermarks"]["events"]  # offsets of the data it saw
     assert live.manifest["base_model_sha256"] and live.manifest["metrics"]["val_ndcg10"] > 0
-    from training.embed import read_embeddings
-
-    ids, warm, emb = read_embeddings(registry.open("default") / "item_embeddings.parquet")
+    ids, warm, emb = read_embeddings(registry.open("default") / EMBEDDINGS_FILE)
     assert len(ids) == 80 and emb.shape == (80, 32)
     assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
 
@@ -99,8 +99,8 @@ def test_train_publish_incremental_and_gate(tmp_path, ray_local, synthetic):
     second = run_training(settings, inc_req)
     assert second.published is not None, second.gate_message
     assert second.published.manifest["parent"] == "v000001" and second.published.manifest["incremental"]
-    parent = torch.load(registry.open("default", "v000001") / ADAPTER_FILE, weights_only=False)
-    child = torch.load(registry.open("default", "v000002") / ADAPTER_FILE, weights_only=False)
+    parent = load_adapter(registry.open("default", "v000001") / ADAPTER_FILE)
+    child = load_adapter(registry.open("default", "v000002") / ADAPTER_FILE)
     a, b = parent["heads"]["id_emb.weight"][1:], child["heads"]["id_emb.weight"][1:]
     similarity = torch.nn.functional.cosine_similarity(a, b, dim=1).mean().item()
     assert similarity > 0.8, similarity  # it continued from the parent rather than from a fresh init
@@ -112,7 +112,7 @@ def test_train_publish_incremental_and_gate(tmp_path, ray_local, synthetic):
     assert registry.current("default").version == "v000002"
 
 
-def test_killed_worker_resumes_from_its_checkpoint(tmp_path, ray_local, synthetic):
+def test_killed_worker_resumes_from_its_checkpoint(tmp_path, ray_local, synthetic, monkeypatch):
     corpus = Corpus.from_dataset(synthetic)
     split = leave_one_out(corpus)
     cfg = ModelConfig(base_model=resolve_base_model(None), **SMALL_MODEL)
@@ -123,6 +123,7 @@ def test_killed_worker_resumes_from_its_checkpoint(tmp_path, ray_local, syntheti
 
     clean = fit(run_dir=tmp_path / "clean", **common)
     killed_dir = tmp_path / "killed"
+    monkeypatch.setenv(FAULT_ENV, WORKER_PIDS)  # the workers write their pids, for the kill below
     box: dict = {}
     runner = threading.Thread(target=lambda: box.update(result=fit(run_dir=killed_dir, max_failures=2, **common)))
     runner.start()
@@ -133,7 +134,7 @@ def test_killed_worker_resumes_from_its_checkpoint(tmp_path, ray_local, syntheti
         try:
             progress = json.loads((killed_dir / PROGRESS_FILE).read_text())
             if progress["epoch"] >= 2 and progress["steps"] > 0:
-                pid = int((killed_dir / "workers" / "rank-0.pid").read_text())
+                pid = int(worker_pid_file(killed_dir, 0).read_text())
                 break
         except (OSError, ValueError, KeyError):
             pass

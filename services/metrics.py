@@ -1,0 +1,91 @@
+"""Prometheus metrics of one API replica, and how an error that a replica survives is reported.
+
+Each replica has a registry of its own (its `GET /metrics` exports it, labelled with
+`streamrec_replica_info`), so that unit tests and several replicas in one process do not share
+counters.
+
+A replica survives some errors on purpose -- Redis down (popularity fallback), a registry
+that cannot be read this second, one malformed catalog record -- and keeps serving. Such an error
+must not vanish: `ServeMetrics.survived` counts every one (`streamrec_background_errors_total{loop}`
+for the follower loops, `streamrec_request_errors_total{what}` for a request answered in a degraded
+way) and logs it at WARNING, at most once per `ERROR_LOG_INTERVAL_S` for each label, so a Redis
+outage under load writes a line every half minute instead of one per request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+logger = logging.getLogger(__name__)
+
+ERROR_LOG_INTERVAL_S = 30.0  # per label: the first error is logged at once, the next ones at most this often
+LATENCY_BUCKETS_S = (.002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5)
+
+# the follower loops of a replica (label `loop` of streamrec_background_errors_total)
+BACKGROUND_LOOPS = ("registry", "catalog", "popularity", "heartbeat")
+# what a request does without (label `what` of streamrec_request_errors_total)
+REQUEST_DEGRADATIONS = ("recent_items", "model", "genres", "trending", "replicas")
+
+
+class ServeMetrics:
+    def __init__(self, replica: str, *, clock: Callable[[], float] = time.monotonic) -> None:
+        r = self.registry = CollectorRegistry()
+        self.latency = Histogram("streamrec_request_seconds", "request latency", ["route"], registry=r,
+                                 buckets=LATENCY_BUCKETS_S)
+        self.requests = Counter("streamrec_requests_total", "requests by route and status", ["route", "status"],
+                                registry=r)
+        self.version = Gauge("streamrec_active_adapter", "1 for the active version of each scene",
+                             ["scene", "version"], registry=r)
+        self.reloads = Counter("streamrec_adapter_reloads_total", "adapter versions swapped in", ["scene"], registry=r)
+        self.reload_failures = Counter("streamrec_adapter_reload_failures_total", "versions refused", ["scene"],
+                                       registry=r)
+        self.fallbacks = Counter("streamrec_fallbacks_total", "answers not from the model", ["kind"], registry=r)
+        self.index_size = Gauge("streamrec_index_items", "items in the active index", ["scene"], registry=r)
+        self.index_recall = Gauge("streamrec_index_recall", "measured recall@10 of the active index vs exact search",
+                                  ["scene"], registry=r)
+        self.background_errors = Counter(
+            "streamrec_background_errors_total",
+            "errors a follower loop survived (Redis or registry unreachable, a malformed record, a load to retry)",
+            ["loop"], registry=r)
+        self.request_errors = Counter(
+            "streamrec_request_errors_total",
+            "errors a request survived by answering without something (recent items, the model, the genre filter, ...)",
+            ["what"], registry=r)
+        self.replica = Gauge("streamrec_replica_info", "the replica these metrics come from", ["replica"], registry=r)
+        self.replica.labels(replica).set(1)
+        for loop in BACKGROUND_LOOPS:  # exported at 0 from the start: an alert can use rate() at once
+            self.background_errors.labels(loop)
+        for what in REQUEST_DEGRADATIONS:
+            self.request_errors.labels(what)
+        self._clock = clock
+        self._log_lock = threading.Lock()  # catalog work runs in threads
+        self._last_logged: dict[str, float] = {}
+        self._unlogged: dict[str, int] = {}
+
+    def survived(self, where: str, exc: BaseException, what: str, *, level: int = logging.WARNING) -> None:
+        """Count `exc`, which `where` (a background loop or a request degradation) survived, and log
+        `what` happened (rate-limited per `where`)."""
+        if where in BACKGROUND_LOOPS:
+            self.background_errors.labels(where).inc()
+        elif where in REQUEST_DEGRADATIONS:
+            self.request_errors.labels(where).inc()
+        else:
+            raise ValueError(f"unknown error site {where!r}: expected one of {BACKGROUND_LOOPS + REQUEST_DEGRADATIONS}")
+        now = self._clock()
+        with self._log_lock:
+            last = self._last_logged.get(where)
+            if last is not None and now - last < ERROR_LOG_INTERVAL_S:
+                self._unlogged[where] = self._unlogged.get(where, 0) + 1
+                return
+            self._last_logged[where] = now
+            skipped = self._unlogged.pop(where, 0)
+        more = f" ({skipped} more since the last report)" if skipped else ""
+        logger.log(level, "%s: %s (%s: %s)%s", where, what, type(exc).__name__, exc, more)
+
+
+__all__ = ["BACKGROUND_LOOPS", "ERROR_LOG_INTERVAL_S", "REQUEST_DEGRADATIONS", "ServeMetrics"]
