@@ -163,10 +163,36 @@ def load_torch_file(path: str | Path, *, map_location: Any = None) -> Any:
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
+# The catalog's string lists are stored packed: one string and the lengths of its parts. The
+# `weights_only` unpickler is pure Python and pays per object -- a 100,000-item catalog (ids, texts,
+# titles) took 2 s to load as lists, against 0.05 s packed; serving loads an adapter on every swap.
+PACKED_STRINGS = "packed_strings"
+
+
+def pack_strings(values: Sequence[str]) -> dict[str, Any]:
+    """A list of strings as one string plus the lengths of its parts (see `unpack_strings`)."""
+    values = [str(v) for v in values]
+    return {PACKED_STRINGS: "".join(values), "lengths": np.fromiter(map(len, values), np.int64, len(values))}
+
+
+def unpack_strings(packed: Any) -> Any:
+    """The list `pack_strings` packed; anything else (an adapter saved with plain lists) as it is."""
+    if not (isinstance(packed, dict) and PACKED_STRINGS in packed):
+        return packed
+    text, ends = packed[PACKED_STRINGS], np.cumsum(packed["lengths"]).tolist()
+    return [text[start:end] for start, end in zip([0, *ends[:-1]], ends)]
+
+
+def _map_catalog_lists(adapter: dict, convert: Any) -> dict:
+    extra = adapter.get("extra") or {}
+    return {**adapter, "item_ids": convert(adapter["item_ids"]),
+            "extra": {k: convert(v) if k in CATALOG_KEYS and v is not None else v for k, v in extra.items()}}
+
+
 def save_adapter(adapter: dict, path: str | Path) -> Path:
     """Write an adapter dict (usually to ``<version dir>/ADAPTER_FILE``)."""
     path = Path(path)
-    torch.save(check_adapter(adapter, str(path)), path)
+    torch.save(_map_catalog_lists(check_adapter(adapter, str(path)), pack_strings), path)
     return path
 
 
@@ -175,7 +201,8 @@ def load_adapter(path: str | Path, *, map_location: Any = "cpu") -> dict:
     path = Path(path)
     if path.is_dir():
         path = path / ADAPTER_FILE
-    return check_adapter(load_torch_file(path, map_location=map_location), str(path))
+    return _map_catalog_lists(check_adapter(load_torch_file(path, map_location=map_location), str(path)),
+                              unpack_strings)
 
 
 def write_embeddings(path: Path, item_ids: list[str], warm: np.ndarray, embeddings: np.ndarray) -> Path:
@@ -239,5 +266,5 @@ def manifest_payload(*, model_config: ModelConfig, train_config: Any, window: di
 __all__ = ["ADAPTER_FILE", "CATALOG_KEYS", "CHECKPOINT_FORMAT", "CHECKPOINT_KEYS", "COVIS_KEY", "DATA_WINDOW_FIELDS",
            "EMBEDDINGS_FILE", "MANIFEST_FIELDS", "catalog_texts", "check_adapter", "checkpoint_dict", "data_window",
            "load_adapter", "load_adapter_model", "load_state", "load_torch_file", "manifest_payload",
-           "new_event_masks", "read_embeddings", "save_adapter", "set_covis_prior", "with_catalog",
-           "write_embeddings"]
+           "new_event_masks", "pack_strings", "read_embeddings", "save_adapter", "set_covis_prior", "with_catalog",
+           "unpack_strings", "write_embeddings"]

@@ -24,11 +24,14 @@ from training.adapter import (
     data_window,
     load_adapter,
     load_adapter_model,
+    load_torch_file,
     manifest_payload,
     new_event_masks,
+    pack_strings,
     read_embeddings,
     save_adapter,
     set_covis_prior,
+    unpack_strings,
     with_catalog,
     write_embeddings,
 )
@@ -115,6 +118,24 @@ def test_save_load_round_trip_gives_the_same_model_outputs(model, tmp_path):
     write_embeddings(tmp_path / EMBEDDINGS_FILE, IDS, np.ones(N_ITEMS, dtype=bool), emb)
     ids, warm, back = read_embeddings(tmp_path / EMBEDDINGS_FILE)
     assert ids == IDS and warm.all() and np.array_equal(back, emb)
+
+
+@pytest.mark.parametrize("values", [[], [""], ["a", "", "bé", "日本語 title", "x" * 1000, "\x00nul", "a"]])
+def test_packed_strings_round_trip(values):
+    assert unpack_strings(pack_strings(values)) == values
+
+
+def test_the_catalog_lists_are_stored_packed_and_come_back_as_lists(model, tmp_path):
+    adapter = published(model)
+    path = save_adapter(adapter, tmp_path / ADAPTER_FILE)
+    raw = load_torch_file(path)  # the file as written, before load_adapter unpacks it
+    assert not isinstance(raw["item_ids"], list) and not isinstance(raw["extra"]["item_texts"], list)
+    back = load_adapter(path)
+    assert back["item_ids"] == list(adapter["item_ids"])
+    assert {k: back["extra"][k] for k in CATALOG_KEYS} == {k: list(adapter["extra"][k]) for k in CATALOG_KEYS}
+    # an adapter written with plain lists (before packing) still loads
+    torch.save(adapter, tmp_path / "plain.pt")
+    assert load_adapter(tmp_path / "plain.pt")["item_ids"] == list(adapter["item_ids"])
 
 
 def test_manifest_payload_and_data_window_have_exactly_the_documented_fields(tmp_path):
