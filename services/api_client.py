@@ -1,4 +1,4 @@
-"""A client of the streamrec HTTP API for the demo and `up`'s readiness probe.
+"""A client of the streamrec HTTP API for the demo and `up`'s readiness wait (`GET /readyz`).
 
 One `requests.Session` per client (connections are reused between the many small requests of
 the demo), one timeout for every request, and one error type: `ApiError`, for a server that is
@@ -21,7 +21,8 @@ class ApiError(RuntimeError):
 
 
 class ApiClient:
-    """`GET /healthz`, `GET|POST /v1/recommendations` and `GET /v1/items/{id}/similar` at `base_url`."""
+    """`GET /healthz`, `GET /readyz`, `GET|POST /v1/recommendations` and `GET /v1/items/{id}/similar` at
+    `base_url`."""
 
     def __init__(self, base_url: str, timeout_s: float = HTTP_TIMEOUT_S) -> None:
         self.base_url, self.timeout_s = base_url.rstrip("/"), timeout_s
@@ -33,9 +34,9 @@ class ApiClient:
         except requests.RequestException as exc:
             raise ApiError(f"{method} {self.base_url}{path}: {exc}") from exc
 
-    def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+    def _json(self, method: str, path: str, *, ok: tuple[int, ...] = (200,), **kwargs: Any) -> dict[str, Any]:
         resp = self._call(method, path, **kwargs)
-        if resp.status_code != 200:
+        if resp.status_code not in ok:
             raise ApiError(f"{method} {self.base_url}{path}: HTTP {resp.status_code}: {resp.text[:200]}")
         try:
             return resp.json()
@@ -43,7 +44,18 @@ class ApiClient:
             raise ApiError(f"{method} {self.base_url}{path}: not JSON: {resp.text[:200]!r}") from exc
 
     def health(self) -> dict[str, Any]:
+        """Liveness: the answering replica runs, with its scenes' versions."""
         return self._json("GET", "/healthz")
+
+    def readiness(self) -> dict[str, Any]:
+        """`GET /readyz` of the answering replica: `ready`, and each scene's `state` (loaded, loading,
+        fallback). A 503 is an answer here too (not ready yet, same body); anything else is ApiError."""
+        return self._json("GET", "/readyz", ok=(200, 503))
+
+    def ready(self, scene: str | None = None) -> bool:
+        """Whether the API can answer: ready, and `scene` (when given) loaded or on a declared fallback."""
+        body = self.readiness()
+        return body.get("ready") is True and (scene is None or scene in (body.get("scenes") or {}))
 
     def served_version(self, scene: str = "default") -> str | None:
         """The adapter version the API serves for `scene` (None: none yet)."""

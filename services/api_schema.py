@@ -7,8 +7,13 @@ route's documented answer or an emitted error drifts from them.
 
 Every bound is a named constant here, and every request model forbids unknown fields, so a bad
 request is a 422 whose `error` names the field: `{"error": "invalid request: k", "detail":
-[{"field": "k", "msg": ..., "type": ...}]}`. Other errors (401, 403, 404) carry their message in
-both `error` and `detail`.
+[{"field": "k", "msg": ..., "type": ...}]}`. Other errors (401, 403, 404, and the 503 of a scene
+this replica is still loading, with a `Retry-After` header) carry their message in both `error` and
+`detail`.
+
+The probes: `GET /healthz` (liveness: `HealthResponse`, or a 503 `ErrorBody` naming a stopped
+follower) and `GET /readyz` (readiness: `ReadinessResponse`, with 200 when ready and 503 when not --
+a probe's answer, not an error of the request, so the same model both times).
 """
 
 from __future__ import annotations
@@ -98,9 +103,36 @@ class ModelsResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
+    """Liveness: the replica's process and every follower loop run (a stopped one is a 503 `ErrorBody`)."""
+
     status: Literal["ok"]
-    scenes: dict[str, str]
+    scenes: dict[str, str] = Field(description="scene -> the version this replica serves")
     replica: str
+
+
+class SceneState(BaseModel):
+    """Where one scene of the registry's live set stands on one replica."""
+
+    state: Literal["loaded", "loading", "fallback"] = Field(
+        description="loaded: a version answers; loading: nothing answers yet (requests get 503 with Retry-After); "
+                    "fallback: no version can answer (the live one was refused and none older is loaded), so "
+                    "recommendations come from the popular/trending fallback, flagged in `fallback`")
+    version: str | None = Field(description="loaded: the version serving; loading: the one being loaded; "
+                                            "fallback: the one that cannot serve (null if unknown)")
+    reason: str | None = Field(default=None,
+                               description="why a load is being retried, or why the scene is on fallback")
+
+
+class ReadinessResponse(BaseModel):
+    """Readiness (`GET /readyz`): 200 once every scene of the registry's live set (the scenes with a
+    CURRENT pointer, or a pin) is loaded or on fallback; 503, with `Retry-After`, until then."""
+
+    ready: bool
+    scenes: dict[str, SceneState] = Field(
+        description="every scene this replica knows of: the live set and those it serves")
+    replica: str
+    detail: str | None = Field(default=None, description="why not ready, when it is not about one scene "
+                                                         "(the registry not read yet)")
 
 
 class FieldError(BaseModel):
@@ -110,7 +142,8 @@ class FieldError(BaseModel):
 
 
 class ErrorBody(BaseModel):
-    """Every 4xx answer: `error` is a message naming the bad value; `detail` the per-field list on a 422."""
+    """Every error answer (4xx, and a route's 503): `error` is a message naming the bad value (or the
+    scene still loading); `detail` the per-field list on a 422."""
 
     error: str
     detail: list[FieldError] | str | None = None
@@ -143,6 +176,8 @@ ERROR_DESCRIPTIONS = {
     403: "the API key is not accepted",
     404: "unknown scene or item (the message names it)",
     422: "invalid request (`error` and `detail` name the field)",
+    503: "the scene exists but this replica is still loading its adapter (warm-up), or has none that can answer "
+         "this route; retry after the `Retry-After` header's seconds when it is given",
 }
 
 
@@ -153,6 +188,6 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 __all__ = ["DEFAULT_K", "ERROR_DESCRIPTIONS", "ErrorBody", "FieldError", "Filters", "HealthResponse", "MAX_ID_CHARS",
-           "MAX_K", "MAX_QUERY_CHARS", "MAX_RECENT_ITEMS", "ModelsResponse", "RecommendRequest", "RecommendResponse",
-           "ReplicaView", "SCENE_PATTERN", "SceneVersion", "ScoredItem", "SimilarResponse", "error_responses",
-           "field_name", "http_error", "validation_error"]
+           "MAX_K", "MAX_QUERY_CHARS", "MAX_RECENT_ITEMS", "ModelsResponse", "ReadinessResponse", "RecommendRequest",
+           "RecommendResponse", "ReplicaView", "SCENE_PATTERN", "SceneState", "SceneVersion", "ScoredItem",
+           "SimilarResponse", "error_responses", "field_name", "http_error", "validation_error"]

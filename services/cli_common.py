@@ -30,10 +30,18 @@ def setup_logging(verbose: bool = False) -> None:
     logging.getLogger("kafka").setLevel(logging.WARNING)
 
 
-def fail(message: str, code: int = EXIT_FAILURE) -> typer.Exit:
+class CommandFailed(typer.Exit):
+    """The exit `fail` returns: its status, and the message it printed (for an outcome record)."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(code)
+        self.message = message
+
+
+def fail(message: str, code: int = EXIT_FAILURE) -> CommandFailed:
     """Print `error: message` (red, stderr); the exit to raise."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code)
+    return CommandFailed(message, code)
 
 
 def settings_or_exit(**overrides: Any) -> Settings:
@@ -97,5 +105,5 @@ def schedule_or_exit(text: str):
         raise fail(str(exc), EXIT_CONFIG) from None
 
 
-__all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "PRESET_HELP", "fail", "guard", "preset_or_exit", "schedule_or_exit",
-           "settings_or_exit", "setup_logging", "training_guard", "with_stack"]
+__all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "PRESET_HELP", "CommandFailed", "fail", "guard", "preset_or_exit",
+           "schedule_or_exit", "settings_or_exit", "setup_logging", "training_guard", "with_stack"]

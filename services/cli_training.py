@@ -12,6 +12,7 @@ import typer
 
 from services.cli_common import (
     EXIT_FAILURE,
+    CommandFailed,
     PRESET_HELP,
     fail,
     preset_or_exit,
@@ -57,12 +58,55 @@ def train(
                                           "of the feature tables (its data window is then timestamps only)."),
     preset: str = typer.Option("default", help=f"Model and training size: {PRESET_HELP}."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    outcome_json: Optional[Path] = typer.Option(None, "--outcome-json", help="Also write how the run ended to this "
+                                                "JSON file (outcome: published, gate_refused, not_published, "
+                                                "nothing_new or failed), for monitoring; 'running' while it runs."),
 ) -> None:
-    """Fine-tune LoRA adapters + heads with Ray Train, evaluate, and publish through the gate."""
+    """Fine-tune LoRA adapters + heads with Ray Train, evaluate, and publish through the gate.
+
+    Ends with one `outcome:` line. Exit status 0 for every normal end -- published, gate refused
+    (the live adapter stays), nothing new to train on, --no-publish -- so that a failed run (a
+    scheduler's failed Job) means a failure: 1 for a failure, 2 for bad configuration."""
     setup_logging()
+    from training.train_run import FAILED, RUNNING, outcome_line, outcome_record
+
+    try:
+        _write_outcome(outcome_json, outcome_record(RUNNING, "", scene=scene))
+    except OSError as exc:
+        raise fail(f"--outcome-json {outcome_json}: {exc}") from None
+    try:
+        record = _train(scene, workers, gpu, incremental, epochs, batch_size, force, publish, dataset, preset, progress)
+    except BaseException as exc:
+        if isinstance(exc, typer.Exit) and exc.exit_code == 0:
+            raise
+        code = exc.exit_code if isinstance(exc, typer.Exit) else EXIT_FAILURE
+        detail = (exc.message if isinstance(exc, CommandFailed)
+                  else f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        failed = outcome_record(FAILED, detail, scene=scene, exit_code=code)
+        typer.echo(outcome_line(failed), err=True)
+        try:
+            _write_outcome(outcome_json, failed)
+        except OSError as write_error:  # the failure itself is what matters; say why the file is stale
+            typer.echo(f"--outcome-json {outcome_json}: {write_error}", err=True)
+        raise
+    _write_outcome(outcome_json, {**record, "exit_code": 0})
+    typer.echo(outcome_line(record))
+
+
+def _write_outcome(path: Path | None, record: dict) -> None:
+    if path is not None:
+        from streaming.versioned_store import atomic_write_json
+
+        atomic_write_json(path, record)  # whole or not at all: a monitor may read it at any time
+
+
+def _train(scene: str, workers: int, gpu: bool, incremental: bool, epochs: int | None, batch_size: int | None,
+           force: bool, publish: bool, dataset: str | None, preset: str, progress: bool) -> dict:
+    """`streamrec train` up to its outcome record (failures raise)."""
     import dataclasses as dc
 
-    from training.train_run import TrainRequest, run_training
+    from training.corpus import NotEnoughData
+    from training.train_run import NOTHING_NEW, TrainRequest, outcome_record, run_training
     from training.registry import validate_name
 
     settings = settings_or_exit()
@@ -80,18 +124,22 @@ def train(
             from training.corpus import Corpus
 
             corpus = Corpus.from_dataset(load_dataset(dataset, settings.datasets_dir), source=dataset)
-        return run_training(settings, req, corpus)
+        try:
+            return run_training(settings, req, corpus)
+        except NotEnoughData as exc:  # a normal end of a scheduled run (exit 0), not a failure
+            return outcome_record(NOTHING_NEW, str(exc), scene=scene)
 
     if gpu:
         _check_gpus(settings.ray_address or os.environ.get("RAY_ADDRESS"), workers)
     outcome = training_guard(go)
+    if isinstance(outcome, dict):
+        return outcome
     m = outcome.metrics
     typer.echo(f"validation NDCG@10 {m['val_ndcg10']:.4f}, test NDCG@10 {m['test_ndcg10']:.4f}, "
                f"test Recall@10 {m['test_recall10']:.4f}")
     typer.echo(outcome.gate_message)
-    typer.echo(f"run directory: {outcome.run_dir} (loss.png, evaluation.md/.json/.png)")
-    if outcome.published is None and publish:
-        raise typer.Exit(EXIT_FAILURE)
+    typer.echo(f"run directory: {outcome.run_dir} (loss.png, evaluation.md/.json/.png, outcome.json)")
+    return outcome.record(scene)
 
 
 def train_loop(

@@ -56,6 +56,11 @@ class ServeMetrics:
             "streamrec_request_errors_total",
             "errors a request survived by answering without something (recent items, the model, the genre filter, ...)",
             ["what"], registry=r)
+        self.ready = Gauge("streamrec_replica_ready", "1 once every scene of the registry's live set is loaded or on "
+                           "fallback on this replica (GET /readyz)", registry=r)
+        self.scene_fallback = Gauge("streamrec_scene_fallback", "1 for a live scene no version of which can answer on "
+                                    "this replica: its answers come from the popular/trending fallback", ["scene"],
+                                    registry=r)
         self.replica = Gauge("streamrec_replica_info", "the replica these metrics come from", ["replica"], registry=r)
         self.replica.labels(replica).set(1)
         for loop in BACKGROUND_LOOPS:  # exported at 0 from the start: an alert can use rate() at once

@@ -21,6 +21,16 @@ active indexes), the popularity snapshot (`POPULAR_REFRESH_S`, served with `fall
 when Redis is down) and a heartbeat (`HEARTBEAT_S`, this replica's versions for `GET /v1/models`).
 An error a follower or a request survives is logged (rate-limited) and counted
 (`services/metrics.py`).
+
+Probes. Liveness: `GET /healthz` answers 200 while every follower runs, 503 naming the one that
+stopped; `check_health` raises then too, so Serve replaces the replica. Readiness: `GET /readyz`
+answers 200 once every scene of the registry's live set is loaded or on fallback
+(`services/registry_follower.py` defines the states), 503 with Retry-After before. Serve sends a
+replica requests once its constructor and first `reconfigure` (which brings the pins) return, so
+that first `reconfigure` starts the registry follower and waits (at most `WARMUP_WAIT_S`) for the
+live set to load: a restarted or autoscaled replica takes no request it could not answer, and never
+loads CURRENT where a pin says otherwise. A request for a scene that exists but is still loading
+here gets 503 with `Retry-After: RETRY_AFTER_S`; a scene the registry does not have stays a 404.
 """
 
 import asyncio
@@ -40,9 +50,9 @@ from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.api_schema import (
-    DEFAULT_K, MAX_ID_CHARS, MAX_K, SCENE_PATTERN, ErrorBody, HealthResponse, ModelsResponse, RecommendRequest,
-    RecommendResponse, ReplicaView, SceneVersion, ScoredItem, SimilarResponse, error_responses, http_error,
-    validation_error,
+    DEFAULT_K, MAX_ID_CHARS, MAX_K, SCENE_PATTERN, ErrorBody, HealthResponse, ModelsResponse, ReadinessResponse,
+    RecommendRequest, RecommendResponse, ReplicaView, SceneVersion, ScoredItem, SimilarResponse, error_responses,
+    http_error, validation_error,
 )
 from services.metrics import ServeMetrics
 from streaming.online_store import popular_key, trending_key
@@ -58,6 +68,12 @@ BATCH_WAIT_S = 0.002  # the user tower costs ~0.7 ms alone and ~0.15 ms/request 
 MAX_MODELS_PER_REPLICA = 6  # scenes x (live + previous version); the least recently used is unloaded
 GENRE_FETCH_FACTOR = 4  # candidates fetched per requested item when a genre filter may drop some
 API_KEY_HEADER = "x-api-key"
+# A new replica's first reconfigure waits this long at most for the live set to load (an adapter
+# loads in ~15 s; a registry of a few scenes fits with room to spare); past it the replica starts
+# anyway, says what is still loading on /readyz, and answers those scenes with 503 until they load.
+WARMUP_WAIT_S = 300.0
+WARMUP_CHECK_S = 0.1  # how often that wait looks whether the warm-up is done
+RETRY_AFTER_S = 5  # the Retry-After (seconds) of a 503 for a scene still loading (/readyz too)
 TORCH_THREADS = 1
 # Serve runs user code on an event loop of its own thread by default; on the replica's main loop a
 # request skips two cross-thread hand-offs (bench/serve.py). Our request path never blocks that
@@ -72,7 +88,7 @@ STORE_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError)
 MODEL_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, ValueError, IndexError, KeyError)
 # A heartbeat entry another replica (or an older release) wrote that does not parse.
 HEARTBEAT_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, TypeError)
-ROUTES_4XX = (401, 403, 404, 422)  # what the /v1 routes with parameters answer besides 200
+ROUTES_ERRORS = (401, 403, 404, 422, 503)  # what the /v1 routes with parameters answer besides 200
 
 # FastAPI's native OpenTelemetry hooks are off: the service exports its own Prometheus metrics, and
 # the hooks cost CPU on every request even with no exporter configured.
@@ -92,10 +108,10 @@ def _redis_kwargs(settings) -> dict:
     return {"url": settings.redis_url, "socket_timeout": REDIS_TIMEOUT_S, "socket_connect_timeout": REDIS_TIMEOUT_S}
 
 
-def _json(answer: BaseModel) -> Response:
+def _json(answer: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     """A typed answer serialized once: returned as a Response, FastAPI does not validate it again
     against the route's response_model (which documents it at /docs)."""
-    return Response(answer.model_dump_json(), media_type="application/json")
+    return Response(answer.model_dump_json(), status_code=status, media_type="application/json", headers=headers)
 
 
 def _error(status: int, body: ErrorBody, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -113,7 +129,7 @@ async def validation_error_handler(request: Request, exc: RequestValidationError
 
 @api.exception_handler(StarletteHTTPException)
 async def http_error_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    """Every other 4xx: the message in `error` (and `detail`)."""
+    """Every other error (4xx, a 503): the message in `error` (and `detail`), the headers (Retry-After)."""
     return _error(exc.status_code, http_error(exc.detail), exc.headers)
 
 
@@ -153,22 +169,53 @@ class Api:
                                        active=lambda: [f"{s}@{v}" for s, v in self.versions.active.items()])
         self.popular: list[tuple[str, float]] = []
         self.api_keys = set(self.settings.api_keys or ())
+        # the registry follower starts in the first reconfigure, once the pins are known
         loop = asyncio.get_event_loop()
-        self._followers = [loop.create_task(f) for f in (self.versions.run(), self.catalog.run(),
-                                                         self._follow_popularity(), self._heartbeat())]
+        self._followers = {name: loop.create_task(coro, name=f"follower-{name}") for name, coro in (
+            ("catalog", self.catalog.run()), ("popularity", self._follow_popularity()),
+            ("heartbeat", self._heartbeat()))}
 
-    def reconfigure(self, user_config: dict) -> None:
+    async def _warm_up(self) -> None:
+        """Wait until the registry follower is ready, a follower stopped, or WARMUP_WAIT_S passed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WARMUP_WAIT_S
+        while not self.versions.ready and not self.stopped_followers() and loop.time() < deadline:
+            await asyncio.sleep(WARMUP_CHECK_S)
+        if not self.versions.ready:
+            states = self.versions.scene_states()
+            logger.warning("replica %s starts before its warm-up is done (%s); /readyz says 503 until it is",
+                           self.replica, ", ".join(f"{s}={st.state}" for s, st in states.items())
+                           or self.versions.read_error or "registry not read yet")
+
+    async def reconfigure(self, user_config: dict) -> None:
+        """Serve calls it with the user_config after the constructor and whenever it changes. The
+        first call starts the registry follower with the pins in place and waits for the warm-up:
+        Serve routes no request to the replica before it returns."""
         self.versions.set_pins((user_config or {}).get("pins") or {})
+        if "registry" not in self._followers:
+            self._followers["registry"] = asyncio.create_task(self.versions.run(), name="follower-registry")
+            await self._warm_up()
+
+    def stopped_followers(self) -> dict[str, str]:
+        """Follower name -> how it ended, for each follower loop that is no longer running."""
+        stopped = {}
+        for name, task in self._followers.items():
+            if task.done():
+                stopped[name] = "cancelled" if task.cancelled() else repr(task.exception() or "returned")
+        return stopped
 
     def check_health(self) -> None:
-        for t in self._followers:
-            if t.done():
-                raise RuntimeError(f"a follower task stopped: {t.exception()!r}")
+        """Serve's liveness check: raises when a follower stopped, so Serve replaces the replica."""
+        if stopped := self.stopped_followers():
+            raise RuntimeError(f"follower(s) stopped: {stopped}")
+        if "registry" not in self._followers:
+            raise RuntimeError("the registry follower never started: it starts in the first reconfigure, so Api "
+                               "needs a user_config (build_app gives it one)")
 
     def stop_followers(self) -> None:
         """Cancel the follower tasks (a replica's process ends with them; this is for a replica
         built in-process, as tests do)."""
-        for t in self._followers:
+        for t in self._followers.values():
             t.cancel()
 
     # adapters -----------------------------------------------------------------------------------
@@ -192,11 +239,24 @@ class Api:
         return await self.get_model(f"{scene}@{version}")
 
     async def _adapter(self, scene: str):
-        active = self.versions.active
-        version = active.get(scene)
-        if version is None:
-            raise HTTPException(404, detail=f"scene {scene!r} has no adapter (known: {sorted(active)})")
-        return await self.get_model(f"{scene}@{version}")
+        """The scene's active adapter; None when the scene is on fallback (no version can answer).
+        A scene still loading here is a 503 with Retry-After; one the registry does not have a 404."""
+        versions = self.versions
+        version = versions.active.get(scene)
+        if version is not None:
+            return await self.get_model(f"{scene}@{version}")
+        state = versions.scene_state(scene)
+        retry = {"Retry-After": str(RETRY_AFTER_S)}
+        if state is None and not versions.listed:
+            raise HTTPException(503, detail=f"scene {scene!r}: this replica has not read the registry yet "
+                                            f"(warm-up); retry in {RETRY_AFTER_S} s", headers=retry)
+        if state is None:
+            known = sorted(versions.scene_states())
+            raise HTTPException(404, detail=f"scene {scene!r} has no adapter (known: {known})")
+        if state.state == "loading":
+            raise HTTPException(503, detail=f"scene {scene!r} is still loading on this replica (version "
+                                            f"{state.version}; warm-up); retry in {RETRY_AFTER_S} s", headers=retry)
+        return None
 
     # followers of Redis (the registry and catalog followers are their own classes) ---------------
     async def _follow_popularity(self) -> None:
@@ -251,9 +311,29 @@ class Api:
         return views
 
     # routes -------------------------------------------------------------------------------------
-    @api.get("/healthz", response_model=HealthResponse)
+    @api.get("/healthz", response_model=HealthResponse, responses={503: {
+        "model": ErrorBody, "description": "a follower loop of this replica stopped (Serve replaces the replica)"}})
     async def healthz(self) -> Response:
+        """Liveness, always open: the replica's process answers and its follower loops run."""
+        if stopped := self.stopped_followers():
+            return _error(503, http_error(f"replica {self.replica}: follower(s) stopped: {stopped}"))
         return _json(HealthResponse(status="ok", scenes=dict(self.versions.active), replica=self.replica))
+
+    @api.get("/readyz", response_model=ReadinessResponse, responses={503: {
+        "model": ReadinessResponse, "description": "not ready: a scene of the registry's live set is still loading "
+                                                   "(or the registry was not read yet); retry after Retry-After"}})
+    async def readyz(self) -> Response:
+        """Readiness, always open: 200 once every scene of the registry's live set is loaded or on
+        fallback (each scene's state says which, and why), 503 with Retry-After before."""
+        versions = self.versions
+        detail = None
+        if not versions.listed:
+            detail = "the registry has not been read yet" + (f": {versions.read_error}" if versions.read_error else "")
+        answer = ReadinessResponse(ready=versions.ready, scenes=versions.scene_states(), replica=self.replica,
+                                   detail=detail)
+        if answer.ready:
+            return _json(answer)
+        return _json(answer, 503, {"Retry-After": str(RETRY_AFTER_S)})
 
     @api.get("/metrics", response_class=PlainTextResponse)
     async def metrics_route(self) -> Response:
@@ -272,7 +352,7 @@ class Api:
             refused={s: sorted(v) for s, v in versions.refused.items() if v},
             replica=self.replica, replicas=dict(sorted(replicas.items()))))
 
-    @api.get("/v1/recommendations", response_model=RecommendResponse, responses=error_responses(*ROUTES_4XX))
+    @api.get("/v1/recommendations", response_model=RecommendResponse, responses=error_responses(*ROUTES_ERRORS))
     async def recommend_get(self, request: Request, user_id: str = Query(..., min_length=1, max_length=MAX_ID_CHARS),
                             k: int = Query(DEFAULT_K, ge=1, le=MAX_K),
                             scene: str = Query("default", pattern=SCENE_PATTERN),
@@ -284,17 +364,21 @@ class Api:
             raise RequestValidationError(exc.errors()) from None
         return await self._recommend(body, "GET /v1/recommendations")
 
-    @api.post("/v1/recommendations", response_model=RecommendResponse, responses=error_responses(*ROUTES_4XX))
+    @api.post("/v1/recommendations", response_model=RecommendResponse, responses=error_responses(*ROUTES_ERRORS))
     async def recommend_post(self, request: Request, body: RecommendRequest) -> Response:
         self._auth(request)
         return await self._recommend(body, "POST /v1/recommendations")
 
-    @api.get("/v1/items/{item_id}/similar", response_model=SimilarResponse, responses=error_responses(*ROUTES_4XX))
+    @api.get("/v1/items/{item_id}/similar", response_model=SimilarResponse, responses=error_responses(*ROUTES_ERRORS))
     async def similar(self, request: Request, item_id: str, k: int = Query(DEFAULT_K, ge=1, le=MAX_K),
                       scene: str = Query("default", pattern=SCENE_PATTERN)) -> Response:
         self._auth(request)
         t0 = time.perf_counter()
         adapter = await self._adapter(scene)
+        if adapter is None:  # on fallback: popular items are no answer to "similar to this item"
+            state = self.versions.scene_state(scene)
+            raise HTTPException(503, detail=f"scene {scene!r} has no version that can answer on this replica "
+                                            f"({state.reason if state else 'none loaded'})")
         found = adapter.similar(item_id, k)
         if found is None:
             raise HTTPException(404, detail=f"item_id {item_id!r} is not in the catalog of {adapter.model_id}")
@@ -340,6 +424,8 @@ class Api:
         exclude = set(body.filters.exclude_items) if body.filters else set()
         if body.exclude_seen:
             exclude |= set(history)
+        if adapter is None:  # the scene is on fallback (its state on /readyz says why)
+            return self._fallback(route, t0, "popular", self._popular_answer(body, exclude, "popular"))
         genres = body.filters.genres if body.filters else []
         fetch = body.k * (GENRE_FETCH_FACTOR if genres else 1)
         try:

@@ -13,6 +13,9 @@ start once the Ray head answers, with its final address (`services.ray_head` say
 | `trainer` | `streamrec train-loop --every ...`        | unless `--no-train`                       |
 | `serve`   | `streamrec serve --port ...`              | once the registry holds an adapter        |
 
+`serve` counts as ready -- and the "streamrec is up" banner appears -- once `GET /readyz` answers
+200 with the scene in it (`ApiClient.ready`): the API can answer, not merely runs.
+
 Every part gets the same settings through its environment (`settings_env`), with the embedded
 stack's addresses and the Ray head's address filled in, so all of them talk to one broker, one
 Redis and one Ray cluster. A part that exits is restarted with back-off; one that keeps failing
@@ -58,7 +61,7 @@ STATUS_EVERY_S = 30.0  # a status line at least this often, even when nothing ch
 STATUS_MIN_INTERVAL_S = 2.0  # and at most this often
 STATUS_REDIS_TIMEOUT_S = 1.0  # the status line's Redis read gives up quickly: it retries next time
 STALE_CHECK_TIMEOUT_S = 5.0
-READY_PROBE_TIMEOUT_S = 2.0
+READY_PROBE_TIMEOUT_S = 2.0  # one GET /readyz of the serve part's readiness wait
 UP_DIRNAME = "up"
 TRAINER_STATUS_FILE = "trainer.json"
 PART_ORDER = ("ray", "ingest", "trainer", "serve")
@@ -221,7 +224,7 @@ class Up:
         api = ApiClient(f"http://{_probe_host(self.opts.host)}:{self.port}", timeout_s=READY_PROBE_TIMEOUT_S)
         return Part("serve", _cli("serve", "--port", str(self.port), "--host", self.opts.host,
                                   "--replicas", str(self.opts.replicas)), env=self.env,
-                    ready=lambda: _serves(api, self.opts.scene))
+                    ready=lambda: _ready(api, self.opts.scene))
 
     # --- watch ------------------------------------------------------------------------------
     def poll(self) -> None:
@@ -335,9 +338,12 @@ class Up:
             self.stop()
 
 
-def _serves(api: ApiClient, scene: str) -> bool:
+def _ready(api: ApiClient, scene: str) -> bool:
+    """The serve part is ready (and the banner says the API is up) once `GET /readyz` says the API can
+    answer: every live scene loaded or on a declared fallback, `scene` among them. Alive is not enough:
+    a replica still loading its first adapter answers 503."""
     try:
-        return api.served_version(scene) is not None
+        return api.ready(scene)
     except ApiError:
         return False
 

@@ -161,7 +161,7 @@ class Ingestor:
         self.settings = settings
         self.stats = IngestStats()
         self.redis = redis_client or redis.Redis.from_url(settings.redis_url)
-        self.store = OnlineStore(self.redis, settings.redis_prefix, settings.recent_items_max)
+        self.store = OnlineStore(self.redis, settings.redis_prefix, settings.recent_items_max, settings.user_ttl_s)
         self.log = OfflineLog(settings.log_dir)
         self.producer = kafka_io.make_producer(settings)
         self.handle_error = ErrorHandler(self.producer, settings, self.stats)

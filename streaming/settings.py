@@ -24,6 +24,11 @@ TopicName = Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,249}$")]
 
 DEFAULT_EVENT_TYPES = ("view", "click", "like", "add_to_cart", "purchase", "rate", "share")
 
+# Per-user online keys outlive a user's last event by this much: a month keeps every returning
+# user's recent items while Redis memory follows the monthly active users, not all users ever.
+DEFAULT_USER_TTL_S = 30 * 86_400
+MAX_USER_TTL_S = 3650 * 86_400  # ten years: beyond that, 0 (never) says what is meant
+
 
 class SettingsError(ValueError):
     """A configuration value is invalid; the message names the variable and the value."""
@@ -102,6 +107,12 @@ class Settings(BaseSettings):
     # --- online store ---------------------------------------------------------------------
     redis_prefix: str = Field(default="sr:", max_length=64, description="Prefix of every Redis key streamrec writes.")
     recent_items_max: int = Field(default=50, ge=1, le=10_000, description="Recent items kept per user in Redis (newest first).")
+    user_ttl_s: int = Field(
+        default=DEFAULT_USER_TTL_S, ge=0, le=MAX_USER_TTL_S,
+        description="A user's Redis key (`u:<user>:recent`) expires this many seconds after that user's last "
+        "event (up to a 30th sooner: the user's events rewrite the TTL once a 30th has run down), so inactive "
+        "users do not fill Redis. 0: never expires (a TTL set earlier is dropped at the user's next event).",
+    )
 
     # --- features -------------------------------------------------------------------------
     features_interval_s: float = Field(
@@ -135,7 +146,7 @@ class Settings(BaseSettings):
     api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(),
         description="Comma-separated API keys accepted in the X-API-Key header; empty: the API is open. "
-        "/healthz is always open.",
+        "/healthz and /readyz (the probes) are always open.",
     )
     serve_port: int = Field(default=8000, ge=1, le=65535, description="HTTP port of the Ray Serve proxy.")
 

@@ -820,13 +820,14 @@ def test_serve_config_matches_the_code(k8s_settings):
     apps = [v for v in vars(module).values() if isinstance(v, FastAPI)]
     assert apps, f"{module.__name__} has no FastAPI app"
     paths = set().union(*(_route_paths(a) for a in apps))
-    assert {"/healthz", "/metrics", "/v1/recommendations", "/v1/models"} <= paths, sorted(paths)
+    assert {"/healthz", "/readyz", "/metrics", "/v1/recommendations", "/v1/models"} <= paths, sorted(paths)
     assert app_cfg.get("route_prefix", "/") == "/", "the routes are served at the root"
     for pod in _ray_pods("RayService"):
-        for probe in (_ray_container(pod).get(k) for k in ("readinessProbe", "livenessProbe", "startupProbe")):
-            if probe and "httpGet" in probe:
-                assert probe["httpGet"]["path"] in paths, f"{pod.owner}: probe path {probe['httpGet']['path']}"
-                assert probe["httpGet"]["port"] in ("serve", port)
+        for kind in ("readinessProbe", "livenessProbe", "startupProbe"):
+            for probe_port, path in _probe_urls(_ray_container(pod).get(kind) or {}):
+                if probe_port not in ("serve", port):
+                    continue  # not through Serve (e.g. the raylet's agent)
+                assert path in paths | SERVE_PROXY_ROUTES, f"{pod.owner}: {kind} asks {path}, not a route"
 
     # the replicas fit on the serving workers (Serve would stay DEPLOYING otherwise); with
     # autoscaling, the most replicas fit on the most workers (tests/k8s/test_operations.py)
@@ -840,6 +841,19 @@ def test_serve_config_matches_the_code(k8s_settings):
         size = "replicas"
     cpus = sum(g.get(size, 0) * _ray_cpus(g) for g in groups)
     assert replicas * per_replica <= cpus, f"{replicas} Api replicas x {per_replica} CPU > {cpus} worker CPUs"
+
+
+SERVE_PROXY_ROUTES = {"/-/healthz", "/-/routes"}  # Serve's proxy answers these itself
+PROBE_URL = re.compile(r"https?://(?:localhost|127\.0\.0\.1):(\d+)(/[^\s'\"|&;]*)")
+
+
+def _probe_urls(probe: dict) -> list[tuple[int | str, str]]:
+    """(port, path) of every HTTP request a probe makes: its httpGet, or the URLs of an exec
+    probe's command (`wget ... http://localhost:8000/readyz`)."""
+    if "httpGet" in probe:
+        return [(probe["httpGet"]["port"], probe["httpGet"]["path"])]
+    command = " ".join(probe.get("exec", {}).get("command", []))
+    return [(int(m.group(1)), m.group(2)) for m in PROBE_URL.finditer(command)]
 
 
 def _ray_cpus(group: dict) -> float:
@@ -858,9 +872,20 @@ def test_rayservice_serves_from_workers():
         assert cluster["headGroupSpec"]["rayStartParams"].get("num-cpus") == "0", (
             "a head left out of the Service should not host Api replicas either"
         )
+    port = _serve_config().get("http_options", {}).get("port", SERVE_DEFAULT_PORT)
     for pod in workers:
-        probe = _ray_container(pod).get("readinessProbe", {})
-        assert probe.get("httpGet", {}).get("path") == "/healthz", f"{pod.owner}: ready = the API answers /healthz"
+        container = _ray_container(pod)
+        asked = {path for p, path in _probe_urls(container.get("readinessProbe", {})) if p in ("serve", port)}
+        # ready = the API can answer (every live scene loaded or on fallback), through a proxy not draining
+        assert "/readyz" in asked, f"{pod.owner}: readiness must ask the API's /readyz, not only that it lives"
+        assert "/-/healthz" in asked, f"{pod.owner}: readiness must also ask the proxy (a draining one says 503)"
+        probe = container["readinessProbe"]
+        if "exec" in probe:  # each request's own timeout (wget -T) must fit in the probe's
+            timeouts = [int(t) for t in re.findall(r"-T\s*(\d+)", " ".join(probe["exec"]["command"]))]
+            assert len(timeouts) == len(asked) and sum(timeouts) < probe.get("timeoutSeconds", 1), probe
+        # a liveness probe through the node's proxy would end pods whose replicas moved away
+        live = {path for p, path in _probe_urls(container.get("livenessProbe", {})) if p in ("serve", port)}
+        assert not live, f"{pod.owner}: liveness through the Serve proxy ({live}); Serve's check_health does it"
     svc = rs["spec"].get("serveService")
     assert svc, "name the Service clients use (KubeRay manages its selector)"
     assert "selector" not in svc["spec"], "KubeRay sets the serve Service's selector itself"
@@ -1035,6 +1060,14 @@ def test_redis_is_durable_standalone():
     data_mounts = {m["mountPath"] for m in _pod_spec(sts)["containers"][0]["volumeMounts"]
                    if m["name"] in {t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]}}
     assert conf.get("dir") in data_mounts, "the AOF must be written to the PersistentVolumeClaim"
+
+
+def test_per_user_redis_keys_expire_under_noeviction(k8s_settings):
+    """With `noeviction` a key nobody deletes stays until Redis is full and ingest's writes fail:
+    the per-user keys must carry a TTL (0 would mean never), long enough for returning users."""
+    assert _redis_conf().get("maxmemory-policy") == "noeviction"
+    assert "STREAMREC_USER_TTL_S" in _streamrec_configmap()["data"], "set the per-user TTL explicitly"
+    assert 86_400 <= k8s_settings.user_ttl_s <= 90 * 86_400, k8s_settings.user_ttl_s
 
 
 # Pods on the streamrec image that do not touch the data: the training trigger only calls the

@@ -13,11 +13,13 @@ Each check (every `CHECK_INTERVAL_S`):
 
 The schedule (`parse_every`): `10m` (also `90s`, `1h`; a bare number is minutes) trains at most
 that often and only when there are new events; `5000events` trains once that many events arrived
-since the last attempt. A candidate the gate refuses leaves the live adapter serving; the next
-attempt waits for the next period or batch of events (not the next check: retrying on the same
-data would refuse again). The status goes to a JSON file (`status_path`) for `streamrec up`'s
-progress line. After `MAX_CONSECUTIVE_FAILURES` failed runs in a row the loop raises the last
-error, so the command exits non-zero and the supervisor reports why instead of failing forever.
+since the last attempt. A run ends as `streamrec train`'s do (training/train_run.py): too little
+data (`NotEnoughData`) is "waiting", not a failure; a candidate the gate refuses leaves the live
+adapter serving, and the next attempt waits for the next period or batch of events (not the next
+check: retrying on the same data would refuse again); anything else raised is a failure. The
+status goes to a JSON file (`status_path`) for `streamrec up`'s progress line. After
+`MAX_CONSECUTIVE_FAILURES` failed runs in a row the loop raises the last error, so the command
+exits non-zero and the supervisor reports why instead of failing forever.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from streaming.versioned_store import atomic_write_json
-from training.corpus import CorpusError
+from training.corpus import NotEnoughData
 from training.presets import Preset, get_preset
 
 logger = logging.getLogger(__name__)
@@ -154,7 +156,7 @@ class ContinuousTrainer:
         return self._maybe_train(incremental=True)
 
     def _maybe_train(self, incremental: bool) -> str:
-        from training.train_run import TrainRequest, run_training
+        from training.train_run import GATE_REFUSED, PUBLISHED, TrainRequest, run_training
 
         if self.stop.is_set():  # stopping: a run started now would only be abandoned
             return self.status.state
@@ -171,7 +173,7 @@ class ContinuousTrainer:
         t0 = time.monotonic()
         try:
             outcome = (self._train or run_training)(self.settings, req)
-        except CorpusError as exc:  # not enough data of the right shape yet: wait, not a failure
+        except NotEnoughData as exc:  # not enough data of the right shape yet: wait, not a failure
             return self._set("waiting", str(exc))
         except Exception as exc:
             self.failures += 1
@@ -182,7 +184,8 @@ class ContinuousTrainer:
             return "failed"
         self.failures = 0
         published = outcome.published.version if outcome.published is not None else None
-        st.last_outcome = {"published": published, "gate": outcome.gate_message, "metrics": outcome.metrics,
+        st.last_outcome = {"outcome": PUBLISHED if published else GATE_REFUSED, "published": published,
+                           "gate": outcome.gate_message, "metrics": outcome.metrics,
                            "run_dir": str(outcome.run_dir), "seconds": round(time.monotonic() - t0, 1)}
         if published:
             st.published += 1

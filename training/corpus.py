@@ -35,6 +35,10 @@ class CorpusError(ValueError):
     """The data cannot be used for training (empty, no users long enough, ...)."""
 
 
+class NotEnoughData(CorpusError):
+    """Too little data to train on yet: for a scheduled run a normal outcome, not a failure."""
+
+
 def item_text(title: str | None, text: str | None, attributes: str | dict | None, item_id: str) -> str:
     """The text the item tower reads: `text` when the producer gave one, else title + attributes."""
     if text:
@@ -122,7 +126,7 @@ class Corpus:
         catalog = Catalog.from_table(tables.items)
         seq = tables.sequences
         if seq.num_rows == 0:
-            raise CorpusError("the feature tables hold no sequences yet: ingest events, then run `streamrec features`")
+            raise NotEnoughData("the feature tables hold no sequences yet: ingest events, then run `streamrec features`")
         users = seq.column("user_id").to_pylist()
         item_lists = seq.column("item_ids").to_pylist()
         known = catalog.index
@@ -253,7 +257,7 @@ def leave_one_out(corpus: Corpus) -> Split:
             box[3].append(int(items[cut]))
             box[4].append(int(ts[cut]))
     if not t[0]:
-        raise CorpusError(f"no user has {MIN_EVAL_LEN} or more interactions: nothing to evaluate")
+        raise NotEnoughData(f"no user has {MIN_EVAL_LEN} or more interactions: nothing to evaluate")
     return Split(corpus, train_items, train_ts, _eval_set(*v), _eval_set(*t))
 
 
@@ -350,7 +354,7 @@ def training_windows(train_items: Sequence[np.ndarray], train_ts: Sequence[np.nd
                 rows_tg.append(row_t if horizon > 1 else row_t[:, 0])
             end = start
     if not rows_in:
-        raise CorpusError("no training examples: every user has fewer than 2 training interactions")
+        raise NotEnoughData("no training examples: every user has fewer than 2 training interactions")
     return {"inputs": np.stack(rows_in), "gaps": np.stack(rows_gap), "targets": np.stack(rows_tg)}
 
 
@@ -368,6 +372,6 @@ def describe(corpus: Corpus) -> str:
 
 __all__ = [
     "Catalog", "Corpus", "CorpusError", "EvalSet", "Split", "GAP_BUCKETS", "MIN_EVAL_LEN", "cold_start_split",
-    "describe", "gap_bucket", "history_features", "item_text", "leave_one_out", "popularity_log_q",
+    "describe", "gap_bucket", "history_features", "item_text", "leave_one_out", "NotEnoughData", "popularity_log_q",
     "training_windows",
 ]

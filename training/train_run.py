@@ -15,6 +15,12 @@
 
 Scenes: the adapter of scene S learns to predict the events whose `scene` is S (all events of
 the user still form the history it reads); scene `default` uses every event.
+
+Outcomes: a run that ends normally ends in one of `OUTCOMES` -- published, refused by the gate, or
+not asked to publish -- recorded in `outcome.json` in its run directory. Too little data to train
+on (none past the live adapter's data window, users too short, no event of the scene) is raised as
+`training.corpus.NotEnoughData` before any training, and the caller records `NOTHING_NEW`. A
+failure is any other exception; `streamrec train` exits non-zero only for those.
 """
 from __future__ import annotations
 
@@ -43,7 +49,15 @@ from training.adapter import (
     with_catalog,
     write_embeddings,
 )
-from training.corpus import Corpus, CorpusError, Split, leave_one_out, popularity_log_q, training_windows
+from training.corpus import (
+    Corpus,
+    CorpusError,
+    NotEnoughData,
+    Split,
+    leave_one_out,
+    popularity_log_q,
+    training_windows,
+)
 from training.covis import CovisPrior, tune_beta
 from training.embed import embed_catalog
 from training.inference import ModelScorer
@@ -56,6 +70,18 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_SCENE = "default"
 REPLAY_SEED = 1234
+
+# How a run ended (`TrainOutcome.kind`; the `outcome` field of the outcome record). The first four
+# are normal ends, so `streamrec train` exits 0 for them; FAILED is what the command records for
+# any failure (exit status 1 or 2), RUNNING what it records while it runs.
+PUBLISHED = "published"  # a new version is live
+GATE_REFUSED = "gate_refused"  # the candidate was worse than the live adapter: that one stays
+NOT_PUBLISHED = "not_published"  # --no-publish: trained and evaluated only
+NOTHING_NEW = "nothing_new"  # too little (new) data: nothing was trained
+FAILED = "failed"
+RUNNING = "running"
+OUTCOMES = (PUBLISHED, GATE_REFUSED, NOT_PUBLISHED, NOTHING_NEW, FAILED, RUNNING)
+OUTCOME_FILE = "outcome.json"  # in the run directory
 
 
 @dataclass(frozen=True)
@@ -80,6 +106,32 @@ class TrainOutcome:
     gate_message: str
     metrics: dict[str, float]
     fit: FitResult
+    kind: str  # PUBLISHED, GATE_REFUSED or NOT_PUBLISHED
+    detail: str  # the gate's reason (or why there was none)
+
+    def record(self, scene: str) -> dict[str, Any]:
+        return outcome_record(self.kind, self.detail, scene=scene,
+                              version=self.published.version if self.published is not None else None,
+                              run_dir=self.run_dir, metrics=self.metrics)
+
+
+def outcome_record(kind: str, detail: str, *, scene: str, version: str | None = None, run_dir: Path | None = None,
+                   metrics: dict[str, float] | None = None, **extra: Any) -> dict[str, Any]:
+    """How a run ended, as the JSON object `outcome.json` / `streamrec train --outcome-json` hold."""
+    if kind not in OUTCOMES:
+        raise ValueError(f"outcome {kind!r}: expected one of {OUTCOMES}")
+    return {"outcome": kind, "detail": detail, "scene": scene, "version": version,
+            "run_dir": str(run_dir) if run_dir is not None else None, "metrics": metrics or {},
+            "at": round(time.time(), 3), **extra}
+
+
+def outcome_line(record: dict[str, Any]) -> str:
+    """The one log line saying how a run ended: `outcome: published v000003`, `outcome: nothing
+    new (...)`, `outcome: gate refused (...)`, `outcome: failed (...)`."""
+    kind, detail = record["outcome"], record["detail"]
+    if kind == PUBLISHED:
+        return f"outcome: published {record['version']}" + (f" ({detail})" if detail else "")
+    return f"outcome: {kind.replace('_', ' ')}" + (f" ({detail})" if detail else "")
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -93,7 +145,7 @@ def scene_masks(corpus: Corpus, scene: str) -> list[np.ndarray] | None:
         raise CorpusError(f"scene {scene!r}: the events carry no scene field")
     masks = [np.asarray([s == scene for s in sc], dtype=bool) for sc in corpus.scenes]
     if not any(m.any() for m in masks):
-        raise CorpusError(f"scene {scene!r}: no event has this scene")
+        raise NotEnoughData(f"scene {scene!r}: no event has this scene yet")
     return masks
 
 
@@ -245,7 +297,7 @@ def run_training(settings: Any, req: TrainRequest, corpus: Corpus | None = None)
             logger.info("incremental from %s: %d new events + replay %.0f%% of older", current.version, n_new,
                         100 * req.train_config.replay_fraction)
             if n_new == 0 and not req.force:
-                raise CorpusError(f"no events past {current.version}'s data window: nothing new to train on")
+                raise NotEnoughData(f"no events past {current.version}'s data window; {current.version} stays live")
     run_dir = new_run_dir(settings.runs_dir, req.scene)
     result, cand = train_on_split(split, mcfg, req.train_config, run_dir, workers=req.workers,
                                   use_gpu=req.use_gpu, parent=parent, target_masks=masks,
@@ -281,11 +333,12 @@ def run_training(settings: Any, req: TrainRequest, corpus: Corpus | None = None)
     save_report(run_dir, results, meta={"scene": req.scene, "data": data_window(corpus),
                                         "incremental": bool(parent is not None)})
 
-    published, message = None, "not published (--no-publish)"
+    published, message, kind, detail = None, "not published (--no-publish)", NOT_PUBLISHED, "--no-publish"
     if req.publish:
         decision = decide(metrics["val_ndcg10"], current_valid, settings.gate_tolerance, force=req.force)
         if not decision.allows_publish:
             message = f"gate refused: {decision.refusal(req.scene)}"
+            kind, detail = GATE_REFUSED, f"{decision.reason}; {current.version if current else 'nothing'} stays live"
         else:
             staged = Path(tempfile.mkdtemp(prefix="stage-", dir=run_dir))
             try:
@@ -302,9 +355,11 @@ def run_training(settings: Any, req: TrainRequest, corpus: Corpus | None = None)
                 published = publish_gated(registry, req.scene, staged, manifest, decision,
                                           expected_parent=current.version if current else None)
                 message = f"published {req.scene}/{published.version} ({decision.reason})"
+                kind, detail = PUBLISHED, decision.reason + ("" if decision.passed else "; published anyway (--force)")
             finally:
                 shutil.rmtree(staged, ignore_errors=True)
-    (run_dir / "outcome.json").write_text(json.dumps({
-        "published": published.version if published else None, "gate": message, "metrics": metrics,
+    outcome = TrainOutcome(run_dir, published, message, metrics, result, kind, detail)
+    (run_dir / OUTCOME_FILE).write_text(json.dumps({
+        **outcome.record(req.scene), "published": published.version if published else None, "gate": message,
         "restored_from_epoch": result.restored_from_epoch, "seconds": result.seconds}, indent=1))
-    return TrainOutcome(run_dir, published, message, metrics, result)
+    return outcome

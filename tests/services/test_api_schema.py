@@ -9,9 +9,7 @@ on purpose.
 from __future__ import annotations
 
 import ast
-import asyncio
 import json
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,7 +17,10 @@ import pytest
 from pydantic import BaseModel
 
 from services import api_schema
-from services.api_schema import ErrorBody, HealthResponse, ModelsResponse, http_error, validation_error
+from services.api_schema import (
+    ErrorBody, HealthResponse, ModelsResponse, ReadinessResponse, http_error, validation_error,
+)
+from tests.fixtures.replica import in_process_replica
 
 ROOT = Path(__file__).resolve().parents[2]
 REF = "#/components/schemas/"
@@ -63,6 +64,19 @@ def test_every_documented_4xx_is_the_one_error_body(openapi):
         for status, response in op["responses"].items():
             if status.startswith("4"):
                 assert _schema_name(response) == "ErrorBody", f"{method} {path} documents {status} as {response}"
+            if status.startswith("5"):  # a probe answers its own model; every other 503 is the one error body
+                want = "ReadinessResponse" if path == "/readyz" else "ErrorBody"
+                assert _schema_name(response) == want, f"{method} {path} documents {status} as {response}"
+
+
+def test_the_probes_and_the_warm_up_503_are_documented(openapi):
+    paths = openapi["paths"]
+    assert _schema_name(paths["/healthz"]["get"]["responses"]["200"]) == "HealthResponse"
+    assert _schema_name(paths["/readyz"]["get"]["responses"]["200"]) == "ReadinessResponse"
+    assert _schema_name(paths["/readyz"]["get"]["responses"]["503"]) == "ReadinessResponse"
+    for path in ("/v1/recommendations", "/v1/items/{item_id}/similar"):
+        for op in paths[path].values():
+            assert "503" in op["responses"], f"{path}: the warm-up 503 is not documented"
 
 
 def test_the_error_builders_give_the_readme_shape():
@@ -111,37 +125,6 @@ def test_no_error_body_is_hand_built_outside_api_schema():
 
 
 # --- what a replica really emits ----------------------------------------------------------------
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def _request(app, method: str, path: str, query: str = "", body: object = None, raw: bytes | None = None,
-                   key: str | None = "k1") -> tuple[int, object]:
-    payload = raw if raw is not None else (json.dumps(body).encode() if body is not None else b"")
-    headers = [(b"content-type", b"application/json")] if payload else []
-    if key is not None:
-        headers.append((b"x-api-key", key.encode()))
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
-             "path": path, "raw_path": path.encode(), "query_string": query.encode(), "root_path": "",
-             "headers": headers, "server": ("test", 80), "client": ("test", 1)}
-    messages = [{"type": "http.request", "body": payload, "more_body": False}]
-    out: dict = {"body": b""}
-
-    async def receive():
-        return messages.pop(0) if messages else {"type": "http.disconnect"}
-
-    async def send(message):
-        if message["type"] == "http.response.start":
-            out["status"] = message["status"]
-        elif message["type"] == "http.response.body":
-            out["body"] += message.get("body", b"")
-
-    await app(scope, receive, send)
-    return out["status"], json.loads(out["body"])
-
-
 # (method, path, query, json body, status, a word the error must contain); the cases of test_serve.py
 BAD_REQUESTS = [
     ("GET", "/v1/recommendations", "user_id=u1&k=0", None, 422, "k"),
@@ -167,36 +150,8 @@ BAD_REQUESTS = [
 @pytest.fixture()
 def replica(monkeypatch, tmp_path):
     """`call(...)` -> (status, json) against the deployment's own ASGI app and an in-process replica."""
-    import faiss
-    import torch
-    from ray import serve
-
-    from services.serve_app import Api, api
-
-    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{_closed_port()}/0")
-    monkeypatch.setenv("STREAMREC_REGISTRY_ROOT", str(tmp_path / "registry"))
-    monkeypatch.setenv("STREAMREC_DATA_DIR", str(tmp_path))
-    monkeypatch.setenv("STREAMREC_API_KEYS", "k1")
-    (tmp_path / "registry").mkdir()
-    threads, omp = torch.get_num_threads(), faiss.omp_get_max_threads()  # a replica pins both to one
-    # the class as written (Serve wraps it in one that also holds the ASGI app)
-    replica_cls = next(c for c in Api.func_or_class.__mro__ if "check_health" in vars(c))
-    loop = asyncio.new_event_loop()
-
-    async def build():  # in the loop: the replica starts its followers on it
-        return replica_cls()
-
-    inst = loop.run_until_complete(build())
-    # what Serve's route wiring asks for `self`
-    monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(servable_object=inst))
-    try:
-        yield SimpleNamespace(inst=inst, call=lambda *a, **kw: loop.run_until_complete(_request(api, *a, **kw)))
-    finally:
-        inst.stop_followers()
-        loop.run_until_complete(asyncio.sleep(0))
-        loop.close()
-        torch.set_num_threads(threads)
-        faiss.omp_set_num_threads(omp)
+    with in_process_replica(monkeypatch, tmp_path) as rep:
+        yield SimpleNamespace(inst=rep.inst, call=lambda *a, **kw: rep.call(*a, **kw)[:2])
 
 
 def _assert_error_body(status: int, body: object) -> ErrorBody:
@@ -228,6 +183,8 @@ def test_every_error_a_replica_emits_is_the_one_error_body(replica):
 def test_the_answers_a_replica_gives_without_redis_are_typed(replica):
     status, health = replica.call("GET", "/healthz", key=None)
     assert status == 200 and HealthResponse.model_validate(health).scenes == {}
+    status, ready = replica.call("GET", "/readyz", key=None)  # an empty registry: nothing to load
+    assert status == 200 and ReadinessResponse.model_validate(ready).ready and ready["scenes"] == {}
     status, models = replica.call("GET", "/v1/models")
     assert status == 200
     parsed = ModelsResponse.model_validate(models)

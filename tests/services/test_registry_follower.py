@@ -202,3 +202,120 @@ def test_the_loader_tells_permanent_from_transient_failures(tmp_path):
     (tmp_path / EMBEDDINGS_FILE).write_bytes(b"not parquet either")
     with pytest.raises(AdapterLoadError, match="cannot load"):
         LoadedAdapter.load(OpeningRegistry(tmp_path), "default", "v000001")
+
+
+# --- readiness -----------------------------------------------------------------------------------
+class GatedLoader(FakeLoader):
+    """A load that takes until `release` is set: what a replica looks like while it loads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def __call__(self, scene: str, version: str):
+        self.calls.append((scene, version))
+        await self.release.wait()
+        return SimpleNamespace(index=SimpleNamespace(size=40, recall=1.0), loaded_s=0.01)
+
+
+def test_a_replica_is_not_ready_while_its_adapter_loads_then_is():
+    reg, now = FakeRegistry(default="v000001"), [0.0]
+    loader, m = GatedLoader(), ServeMetrics("r1")
+    f = RegistryFollower(reg, loader, m, clock=lambda: now[0])
+    assert not f.ready and f.scene_state("default") is None and not f.listed  # the registry not read yet
+
+    async def scenario():
+        poll = asyncio.create_task(f.poll())
+        while not loader.calls:
+            await asyncio.sleep(0)
+        state = f.scene_state("default")
+        assert state.state == "loading" and state.version == "v000001"
+        assert not f.ready and f.scene_state("kids") is None  # a scene the registry lacks stays unknown
+        loader.release.set()
+        await poll
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert f.ready and f.scene_states() == {"default": f.scene_state("default")}
+    assert f.scene_state("default").state == "loaded" and f.scene_state("default").version == "v000001"
+    assert _value(m, "streamrec_replica_ready") == 1.0
+
+
+def test_a_transient_failure_keeps_a_fresh_replica_loading_with_the_reason():
+    reg, now = FakeRegistry(default="v000001"), [0.0]
+    f, loader, m = _follower(reg, now)
+    loader.failures[("default", "v000001")] = [TimeoutError("registry read timed out")]
+    asyncio.run(f.poll())
+    state = f.scene_state("default")
+    assert not f.ready and state.state == "loading" and "attempt 1" in state.reason and "timed out" in state.reason
+    assert _value(m, "streamrec_replica_ready") == 0.0
+    now[0] += RETRY_FIRST_S
+    asyncio.run(f.poll())
+    assert f.ready and f.scene_state("default").state == "loaded"
+
+
+def test_a_refused_version_with_nothing_older_loaded_is_a_declared_fallback_and_ready():
+    reg, now = FakeRegistry(default="v000001", homepage="v000002"), [0.0]
+    f, loader, m = _follower(reg, now)
+    loader.failures[("default", "v000001")] = [AdapterLoadError("default/v000001: checksum mismatch")]
+    asyncio.run(f.poll())
+    state = f.scene_state("default")
+    assert f.ready and state.state == "fallback" and state.version == "v000001" and "checksum" in state.reason
+    assert f.scene_state("homepage").state == "loaded"
+    assert _value(m, "streamrec_scene_fallback", scene="default") == 1.0
+    assert _value(m, "streamrec_scene_fallback", scene="homepage") == 0.0
+    reg.versions["default"] = "v000003"  # a new publish ends the fallback
+    asyncio.run(f.poll())
+    assert f.scene_state("default").state == "loaded" and f.scene_state("default").version == "v000003"
+    assert _value(m, "streamrec_scene_fallback", scene="default") == 0.0
+
+
+def test_ready_latches_a_scene_published_later_loads_without_taking_the_replica_out():
+    reg, now = FakeRegistry(default="v000001"), [0.0]
+    f, loader, _ = _follower(reg, now)
+    asyncio.run(f.poll())
+    assert f.ready
+    reg.versions["homepage"] = "v000001"
+    loader.failures[("homepage", "v000001")] = [OSError("slow storage")]
+    asyncio.run(f.poll())
+    assert f.ready and f.scene_state("homepage").state == "loading"  # its requests get 503, the rest answer
+
+
+def test_a_newer_version_loading_or_refused_leaves_the_scene_loaded_on_the_old_one():
+    reg, now = FakeRegistry(default="v000001"), [0.0]
+    f, loader, _ = _follower(reg, now)
+    asyncio.run(f.poll())
+    reg.versions["default"] = "v000002"
+    loader.failures[("default", "v000002")] = [AdapterLoadError("default/v000002: wrong shapes")]
+    asyncio.run(f.poll())
+    state = f.scene_state("default")
+    assert state.state == "loaded" and state.version == "v000001" and "v000002 was refused" in state.reason
+
+
+def test_pointer_errors_malformed_is_fallback_unreachable_is_loading():
+    reg, now = FakeRegistry(default="v000001", homepage="v000001"), [0.0]
+    reg.broken["default"] = RegistryError("scene 'default': pointer is not valid JSON")
+    reg.broken["homepage"] = OSError("object store timed out")
+    f, _, _ = _follower(reg, now)
+    asyncio.run(f.poll())
+    assert f.scene_state("default").state == "fallback" and "not valid JSON" in f.scene_state("default").reason
+    assert f.scene_state("homepage").state == "loading" and not f.ready
+    del reg.broken["homepage"], reg.broken["default"]
+    asyncio.run(f.poll())
+    assert f.ready and {s: st.state for s, st in f.scene_states().items()} == {"default": "loaded",
+                                                                              "homepage": "loaded"}
+
+
+def test_an_unreadable_registry_keeps_a_fresh_replica_unready_and_says_why():
+    reg, now = FakeRegistry(default="v000001"), [0.0]
+    reg.unreachable = OSError("s3 unreachable")
+    f, _, _ = _follower(reg, now)
+    f.poll_s = 0.001
+
+    async def scenario():
+        task = asyncio.create_task(f.run())
+        while f.read_error is None:
+            await asyncio.sleep(0.001)
+        task.cancel()
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert not f.ready and not f.listed and "s3 unreachable" in f.read_error

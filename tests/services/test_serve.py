@@ -107,15 +107,16 @@ def served(ray_local, tmp_path_factory):
     serve.run(build_app(settings_env(settings)), name="streamrec-test", route_prefix="/")
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
-    while time.time() < deadline:
+    while time.time() < deadline:  # readiness, not liveness: the API can answer once /readyz is 200
         try:
-            if requests.get(f"{base}/healthz", timeout=2).json().get("scenes", {}).get("default") == v1:
+            resp = requests.get(f"{base}/readyz", timeout=2)
+            if resp.status_code == 200 and resp.json()["scenes"].get("default", {}).get("version") == v1:
                 break
-        except requests.RequestException:
+        except (requests.RequestException, ValueError):
             pass
         time.sleep(0.2)
     else:
-        pytest.fail("the API never served the first adapter")
+        pytest.fail("the API never became ready with the first adapter")
     yield {"base": base, "registry": registry, "tmp": tmp, "redis": r, "store": store, "prefix": prefix, "v1": v1,
            "headers": {"X-API-Key": "k1"}, "redis_proc": redis_proc}
     serve.delete("streamrec-test")
@@ -181,6 +182,7 @@ def test_api_keys(served):
     assert requests.get(served["base"] + "/v1/recommendations", params={"user_id": "u1"},
                         headers={"X-API-Key": "nope"}, timeout=10).status_code == 403
     assert requests.get(served["base"] + "/healthz", timeout=10).status_code == 200
+    assert requests.get(served["base"] + "/readyz", timeout=10).status_code == 200  # probes need no key
 
 
 def test_new_and_deleted_items_within_5_s(served):
@@ -204,14 +206,27 @@ def test_new_and_deleted_items_within_5_s(served):
 
 
 def test_scenes_are_multiplexed_and_unknown_scenes_are_404(served):
-    """A second scene gets its own adapter on the same replica; each response names its scene's version."""
+    """A second scene gets its own adapter on the same replica; each response names its scene's version.
+    While it loads, its requests get 503 with Retry-After (warm-up), never 404, and the replica stays ready."""
     from tests.fixtures.synthetic_adapter import publish_synthetic_adapter
 
     v = publish_synthetic_adapter(served["registry"], served["tmp"], scene="homepage", n_items=N_ITEMS, seed=7)
     t0 = time.time()
+    warm_up: list[requests.Response] = []
     while _get(served, "/v1/models").json()["scenes"].get("homepage", {}).get("version") != v:
         assert time.time() - t0 < 60, "the second scene was never served"
+        # from the poll that reads the new pointer on (before it, the replica rightly knows no such scene)
+        if "homepage" in requests.get(served["base"] + "/readyz", timeout=10).json()["scenes"]:
+            resp = _get(served, "/v1/recommendations", user_id="u1", k=5, scene="homepage")
+            if resp.status_code != 200:
+                warm_up.append(resp)
         time.sleep(0.2)
+    for resp in warm_up:  # how many there are depends on timing; what each is does not
+        assert resp.status_code == 503 and int(resp.headers["Retry-After"]) > 0, resp.text
+        assert "homepage" in ErrorBody.model_validate(resp.json()).error
+    ready = requests.get(served["base"] + "/readyz", timeout=10)
+    assert ready.status_code == 200 and ready.json()["scenes"]["homepage"] == {"state": "loaded", "version": v,
+                                                                              "reason": None}
     home = _get(served, "/v1/recommendations", user_id="u1", k=5, scene="homepage").json()
     default = _get(served, "/v1/recommendations", user_id="u1", k=5).json()
     assert home["scene"] == "homepage" and home["version"] == v and home["fallback"] is None

@@ -12,7 +12,7 @@ import pytest
 import streaming.features as features
 import training.registry as registry
 from training.continuous_trainer import MAX_CONSECUTIVE_FAILURES, ContinuousTrainer, Schedule, parse_every, read_status
-from training.corpus import CorpusError
+from training.corpus import CorpusError, NotEnoughData
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -126,7 +126,7 @@ def test_time_schedule_trains_at_most_that_often_and_only_with_new_events(world,
 
 def test_not_enough_data_is_waiting_and_repeated_failures_end_the_loop(world, tmp_path):
     world.events = 5000
-    world.fail = CorpusError("need at least 3 events per user")
+    world.fail = NotEnoughData("need at least 3 events per user")
     t = _trainer(world, tmp_path, Schedule(events=1))
     assert t.check() == "waiting" and "need at least" in t.status.detail
     world.fail = RuntimeError("ray cluster unreachable")
@@ -137,3 +137,20 @@ def test_not_enough_data_is_waiting_and_repeated_failures_end_the_loop(world, tm
     with pytest.raises(RuntimeError, match="unreachable"):
         t.check()
     assert json.loads((tmp_path / "status.json").read_text())["state"] == "failed"
+
+
+def test_a_refusal_is_recorded_as_such_and_a_corpus_error_that_is_not_missing_data_is_a_failure(world, tmp_path):
+    """The loop ends runs as `streamrec train` does: too little data waits, a gate refusal is a normal end
+    (the live adapter stays), any other error -- a corpus error included -- counts toward giving up."""
+    world.events, world.live, world.live_events = 2000, "v000001", 1000
+    world.publish = False
+    t = _trainer(world, tmp_path, Schedule(events=1))
+    assert t.check() == "refused" and t.failures == 0
+    assert read_status(tmp_path / "status.json")["last_outcome"]["outcome"] == "gate_refused"
+    world.fail = CorpusError("scene 'shop': the events carry no scene field")
+    world.events += 1
+    assert t.check() == "failed" and t.failures == 1 and "no scene field" in t.status.detail
+    world.fail, world.publish = None, True
+    world.events += 1
+    assert t.check() == "published" and t.failures == 0
+    assert read_status(tmp_path / "status.json")["last_outcome"]["outcome"] == "published"

@@ -21,16 +21,16 @@ import torch
 
 from streaming.datasets import load_dataset
 from streaming.features import run_features
-from streaming.settings import Settings
+from streaming.settings import Settings, settings_env
 from tests.streaming.test_features import write
 from training.adapter import ADAPTER_FILE, EMBEDDINGS_FILE, load_adapter, read_embeddings
-from training.corpus import Corpus, leave_one_out, training_windows
+from training.corpus import Corpus, NotEnoughData, leave_one_out, training_windows
 from training.fault_injection import FAULT_ENV, WORKER_PIDS, worker_pid_file
 from training.lm import resolve_base_model
 from training.model import ModelConfig
 from training.ray_trainer import PROGRESS_FILE, fit
 from training.registry import Registry
-from training.train_run import TrainRequest, run_training
+from training.train_run import GATE_REFUSED, NOTHING_NEW, OUTCOME_FILE, TrainRequest, run_training
 from training.train_step import TrainConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -69,7 +69,7 @@ def ingest(settings: Settings, ds, start: int, stop: int, offsets: dict[int, int
     run_features(settings, progress=False)
 
 
-def test_train_publish_incremental_and_gate(tmp_path, ray_local, synthetic):
+def test_train_publish_incremental_and_gate(tmp_path, ray_local, synthetic, monkeypatch):
     settings = settings_for(tmp_path)
     offsets = {p: 0 for p in range(PARTITIONS)}
     ingest(settings, synthetic, 0, 9000, offsets, with_items=True)
@@ -105,10 +105,28 @@ def test_train_publish_incremental_and_gate(tmp_path, ray_local, synthetic):
     similarity = torch.nn.functional.cosine_similarity(a, b, dim=1).mean().item()
     assert similarity > 0.8, similarity  # it continued from the parent rather than from a fresh init
 
+    # Nothing new since v2: `streamrec train --incremental` (what the nightly RayJob runs) ends normally,
+    # exit 0, without training, and says so in one line and its outcome file.
+    from typer.testing import CliRunner
+
+    from services.cli import app
+
+    for var, value in settings_env(settings).items():
+        monkeypatch.setenv(var, value)
+    out = tmp_path / "train-outcome.json"
+    result = CliRunner().invoke(app, ["train", "--incremental", "--no-progress", "--outcome-json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "outcome: nothing new (no events past v000002's data window; v000002 stays live)" in result.output
+    assert json.loads(out.read_text())["outcome"] == NOTHING_NEW
+    with pytest.raises(NotEnoughData):
+        run_training(settings, inc_req)
+
     # A run that learns nothing (learning rates 0) must not replace the live adapter.
     dud = dataclasses.replace(req, train_config=dataclasses.replace(QUICK, epochs=1, lr=0.0, lm_lr=0.0))
     third = run_training(settings, dud)
     assert third.published is None and "gate refused" in third.gate_message
+    assert third.kind == GATE_REFUSED and "v000002 stays live" in third.detail
+    assert json.loads((third.run_dir / OUTCOME_FILE).read_text())["outcome"] == GATE_REFUSED
     assert registry.current("default").version == "v000002"
 
 
