@@ -218,21 +218,27 @@ def _read_u_item(path: Path, genre_names: tuple[str, ...]) -> pa.Table:
     return items.table()
 
 
-def _read_u_data(path: Path, name: str) -> pa.Table:
+def _read_ratings(path: Path, name: str, split: Callable[[str], list[str]], bad_count: str, item_what: str) -> pa.Table:
+    """Rating lines of a GroupLens file (`user item rating seconds`, split by `split`) as events."""
     rows = _EventRows(name)
     context = _RatingContexts()
     for lineno, line in _lines(path, GROUPLENS_ENCODING):
-        parts = line.split()
+        parts = split(line)
         if len(parts) != 4:
-            raise _bad(path, lineno, f"expected 4 tab-separated fields (user item rating timestamp), got {len(parts)}", line)
+            raise _bad(path, lineno, bad_count.format(n=len(parts)), line)
         rows.add(
             _id(parts[0], path, lineno, "user id", line),
-            _id(parts[1], path, lineno, "item id", line),
+            _id(parts[1], path, lineno, item_what, line),
             _seconds_to_ms(parts[3], path, lineno, line),
             context(parts[2], path, lineno, line),
             RATING_EVENT_TYPE,
         )
     return rows.table()
+
+
+def _read_u_data(path: Path, name: str) -> pa.Table:
+    return _read_ratings(path, name, str.split,
+                         "expected 4 tab-separated fields (user item rating timestamp), got {n}", "item id")
 
 
 def load_grouplens_100k(directory: Path, name: str | None = None) -> InMemoryDataset:
@@ -264,20 +270,8 @@ def _read_movies_dat(path: Path) -> pa.Table:
 
 
 def _read_ratings_dat(path: Path, name: str) -> pa.Table:
-    rows = _EventRows(name)
-    context = _RatingContexts()
-    for lineno, line in _lines(path, GROUPLENS_ENCODING):
-        parts = line.split("::")
-        if len(parts) != 4:
-            raise _bad(path, lineno, f"expected `UserID::MovieID::Rating::Timestamp`, got {len(parts)} fields", line)
-        rows.add(
-            _id(parts[0], path, lineno, "user id", line),
-            _id(parts[1], path, lineno, "movie id", line),
-            _seconds_to_ms(parts[3], path, lineno, line),
-            context(parts[2], path, lineno, line),
-            RATING_EVENT_TYPE,
-        )
-    return rows.table()
+    return _read_ratings(path, name, lambda line: line.split("::"),
+                         "expected `UserID::MovieID::Rating::Timestamp`, got {n} fields", "movie id")
 
 
 def load_grouplens_dat(directory: Path, name: str | None = None) -> InMemoryDataset:
