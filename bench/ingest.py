@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import redis
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -39,6 +38,7 @@ from streaming.datasets import SyntheticConfig, synthetic_dataset  # noqa: E402
 from streaming.events import encode  # noqa: E402
 from streaming.ingest import Ingestor  # noqa: E402
 from streaming.kafka_io import ensure_topics, make_consumer, make_producer  # noqa: E402
+from streaming.redis_io import make_redis  # noqa: E402
 from streaming.online_store import OnlineStore  # noqa: E402
 from streaming.producer import Pacer  # noqa: E402
 from streaming.settings import Settings, load_settings, settings_env  # noqa: E402
@@ -115,7 +115,7 @@ def freshness(settings: Settings, rate: float, seconds: float) -> dict:
             [sys.executable, "-m", "services.cli", "ingest", "--no-progress", "--features-every", "0"],
             env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
         )
-    store = OnlineStore(redis.Redis.from_url(fresh.redis_url), fresh.redis_prefix)
+    store = OnlineStore(make_redis(fresh), fresh.redis_prefix)
     sent: dict[int, list[tuple[int, float]]] = {p: [] for p in range(fresh.topic_partitions)}
     lock = threading.Lock()
 

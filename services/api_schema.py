@@ -9,7 +9,9 @@ Every bound is a named constant here, and every request model forbids unknown fi
 request is a 422 whose `error` names the field: `{"error": "invalid request: k", "detail":
 [{"field": "k", "msg": ..., "type": ...}]}`. Other errors (401, 403, 404, and the 503 of a scene
 this replica is still loading, with a `Retry-After` header) carry their message in both `error` and
-`detail`.
+`detail`; so do the refusals of a request too large (413 body, 414 query string, 431 headers: every
+route; 400 for a body that is not even text) and of an API key over its rate limit (429 with
+`Retry-After`: every /v1 route).
 
 The probes: `GET /healthz` (liveness: `HealthResponse`, or a 503 `ErrorBody` naming a stopped
 follower) and `GET /readyz` (readiness: `ReadinessResponse`, with 200 when ready and 503 when not --
@@ -172,22 +174,37 @@ def http_error(detail: object) -> ErrorBody:
 
 
 ERROR_DESCRIPTIONS = {
+    400: "the request could not be parsed: a body that is not UTF-8 text, or an invalid Content-Length",
     401: "no API key (header x-api-key) while STREAMREC_API_KEYS is set",
     403: "the API key is not accepted",
     404: "unknown scene or item (the message names it)",
     422: "invalid request (`error` and `detail` name the field)",
+    413: "the request body is larger than STREAMREC_MAX_BODY_BYTES",
+    414: "the query string is longer than STREAMREC_MAX_QUERY_BYTES",
+    429: "this API key is over its rate limit (STREAMREC_RATE_LIMIT_RPS, _BURST); retry after the `Retry-After` "
+         "header's seconds",
+    431: "the request's headers are larger than STREAMREC_MAX_HEADER_BYTES",
     503: "the scene exists but this replica is still loading its adapter (warm-up), or has none that can answer "
          "this route; retry after the `Retry-After` header's seconds when it is given",
 }
+# What any route may answer before it runs (services/request_limits.py), and a keyed route besides
+# 401/403 (services/rate_limit.py).
+EDGE_ERRORS = (400, 413, 414, 431)
+KEYED_ERRORS = (401, 403, 429)
 
 
-def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+def error_responses(*statuses: int, media_type: str | None = None) -> dict[int | str, dict[str, Any]]:
     """The `responses=` of a route: each status documented with `ErrorBody` (FastAPI's own 422 model
-    is replaced by it)."""
-    return {status: {"model": ErrorBody, "description": ERROR_DESCRIPTIONS[status]} for status in statuses}
+    is replaced by it). `media_type`: for a route whose answers are not JSON (/metrics), its errors are."""
+    if media_type is None:
+        return {status: {"model": ErrorBody, "description": ERROR_DESCRIPTIONS[status]} for status in statuses}
+    ref = {"$ref": f"#/components/schemas/{ErrorBody.__name__}"}  # (ErrorBody is in components: every route uses it)
+    return {status: {"description": ERROR_DESCRIPTIONS[status], "content": {media_type: {"schema": ref}}}
+            for status in statuses}
 
 
-__all__ = ["DEFAULT_K", "ERROR_DESCRIPTIONS", "ErrorBody", "FieldError", "Filters", "HealthResponse", "MAX_ID_CHARS",
+__all__ = ["DEFAULT_K", "EDGE_ERRORS", "ERROR_DESCRIPTIONS", "KEYED_ERRORS", "ErrorBody", "FieldError", "Filters",
+           "HealthResponse", "MAX_ID_CHARS",
            "MAX_K", "MAX_QUERY_CHARS", "MAX_RECENT_ITEMS", "ModelsResponse", "ReadinessResponse", "RecommendRequest",
            "RecommendResponse", "ReplicaView", "SCENE_PATTERN", "SceneState", "SceneVersion", "ScoredItem",
            "SimilarResponse", "error_responses", "field_name", "http_error", "validation_error"]

@@ -14,6 +14,8 @@
     streamrec up                            # all of it on one machine (ingest, trainer, serve); Ctrl-C stops
     streamrec demo [--quick]                # the guided tour on MovieLens-100K (or small synthetic data)
     streamrec config                        # every setting, its variable and current value
+    streamrec status [--json]               # one screen: stack, lag, features, adapters, replicas; exit 1 if unhealthy
+    streamrec rebuild-online [--force]      # Redis lost for good: rebuild the online store from the Parquet log
 
 Every command reads the one settings object (`streaming.settings`); a bad value exits with
 status 2 and a message naming the variable. Commands that need Kafka or Redis start the
@@ -43,7 +45,7 @@ from services.cli_common import (
     with_stack,
 )
 from services.shutdown import stop_on_signals
-from streaming.settings import Settings, env_var_names
+from streaming.settings import Settings, env_var_names, shown_input
 
 app = typer.Typer(
     help="streamrec: a streaming recommender (Kafka -> Redis/Parquet -> Ray -> Serve).",
@@ -182,15 +184,19 @@ def ingest(
         None, min=0, help="Run the feature job every N seconds (default: STREAMREC_FEATURES_INTERVAL_S; 0 = never)."
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a live counter."),
+    fresh: bool = typer.Option(
+        False, "--fresh", help="Start over on a new broker: first move the log, features, registry and runs to "
+        "<data dir>/archive/<time>/ and remove the Redis keys of the prefix (what `up --fresh` does)."),
 ) -> None:
     """Consume `events` and `items` into Redis and the Parquet log; bad records go to the DLQ.
 
     Runs until Ctrl-C or SIGTERM, then writes and commits what it has. Start several to split
-    the partitions (same consumer group)."""
+    the partitions (same consumer group). Serves GET /metrics and /healthz on
+    STREAMREC_INGEST_METRICS_PORT; exits 2 when Redis holds watermarks of another broker."""
     setup_logging()
     # Stop requests are honoured from the first moment: a SIGTERM while connecting still exits cleanly.
     with stop_on_signals() as stop:
-        stats = guard(lambda: _consume(stop, until_idle, max_records, features_every, progress))
+        stats = guard(lambda: _consume(stop, until_idle, max_records, features_every, progress, fresh))
     reasons = ", ".join(f"{k}={v}" for k, v in sorted(stats.bad_by_reason.items())) or "none"
     typer.echo(
         f"consumed {stats.consumed}: {stats.events} events, {stats.items} items, {stats.bad} to the DLQ ({reasons}); "
@@ -199,22 +205,49 @@ def ingest(
 
 
 def _consume(stop, until_idle: Optional[float], max_records: Optional[int], features_every: Optional[float],
-             progress: bool):
+             progress: bool, fresh: bool = False):
+    from streaming.ingest_metrics import MetricsPortError, start_ingest_metrics
+
+    settings = with_stack(settings_or_exit(features_interval_s=features_every))
+    try:
+        metrics, server = start_ingest_metrics(settings)  # first: /healthz answers while connecting
+    except MetricsPortError as exc:
+        raise fail(str(exc), EXIT_CONFIG) from None
+    try:
+        return _ingest(settings, metrics, stop, until_idle, max_records, progress, fresh)
+    finally:
+        if server is not None:
+            server.close()
+
+
+def _ingest(settings, metrics, stop, until_idle, max_records, progress, fresh):
     import redis
     from tqdm import tqdm
 
+    from streaming.broker_identity import BrokerMismatch, guard_broker_identity
     from streaming.feature_schedule import PeriodicFeatures
-    from streaming.ingest import Ingestor
+    from streaming.ingest import REDIS_SOCKET_TIMEOUT_S, Ingestor
     from streaming.kafka_io import ensure_topics
+    from streaming.redis_io import check_redis, make_redis, shown_url
 
-    settings = with_stack(settings_or_exit(features_interval_s=features_every))
+    check_redis(settings)  # a wrong password or an unreachable Redis: one clear line (guard), not a hang
     ensure_topics(settings)
-    client = redis.Redis.from_url(settings.redis_url)
-    features = PeriodicFeatures(settings, client, settings.features_interval_s)
-    ingestor = Ingestor(settings, redis_client=client, on_commit=features.maybe_run, stop_event=stop)
+    client = make_redis(settings, socket_timeout=REDIS_SOCKET_TIMEOUT_S)
+    if fresh:
+        from services.up import archive_state
+
+        typer.echo(f"--fresh: earlier state moved to {archive_state(settings)}; Redis keys "
+                   f"{settings.redis_prefix}* removed", err=True)
+    try:
+        guard_broker_identity(settings, client)
+    except BrokerMismatch as exc:
+        raise fail(str(exc), EXIT_CONFIG) from None
+    features = PeriodicFeatures(settings, client, settings.features_interval_s, on_outcome=metrics.feature_run)
+    ingestor = Ingestor(settings, redis_client=client, on_commit=features.maybe_run, stop_event=stop,
+                        metrics=metrics)
     typer.echo(
         f"ingesting {settings.events_topic!r} + {settings.items_topic!r} from {settings.kafka_bootstrap_servers} "
-        f"(group {settings.consumer_group!r}) into {settings.redis_url} and {settings.log_dir}; Ctrl-C stops",
+        f"(group {settings.consumer_group!r}) into {shown_url(settings)} and {settings.log_dir}; Ctrl-C stops",
         err=True,
     )
     bar = tqdm(desc="ingested", unit=" rec", disable=not progress, total=max_records)
@@ -225,6 +258,10 @@ def _consume(stop, until_idle: Optional[float], max_records: Optional[int], feat
 
     try:
         return ingestor.run(max_records=max_records, until_idle_s=until_idle, progress=show)
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise fail(f"lost Redis at REDIS_URL={shown_url(settings)!r} ({exc}). Offsets are committed only after "
+                   "Redis applied them, so nothing is lost: start `streamrec ingest` again once Redis answers (it "
+                   "re-reads what a restarted Redis lost)") from None
     finally:
         bar.close()
         features.join()
@@ -238,12 +275,12 @@ def features(
 ) -> None:
     """Update the feature tables (sequences, popularity/trending, co-visitation) from new log files."""
     setup_logging()
-    import redis
-
     from streaming.features import run_features
+    from streaming.redis_io import check_redis, make_redis
 
     settings = with_stack(settings_or_exit())
-    client = redis.Redis.from_url(settings.redis_url)
+    guard(lambda: check_redis(settings))
+    client = make_redis(settings)
     result = guard(lambda: run_features(settings, full=full, redis_client=client, progress=progress))
     if result.noop:
         typer.echo(f"nothing new since version {result.version}")
@@ -327,6 +364,26 @@ def demo(
 app.command()(cli_training.evaluate)
 
 
+# --- status (services/status.py) -------------------------------------------------------------
+def _mount_status() -> None:
+    from services.status import status
+
+    app.command("status")(status)
+
+
+_mount_status()
+
+
+# --- rebuild-online (services/rebuild_cli.py) -------------------------------------------------
+def _mount_rebuild_online() -> None:
+    from services.rebuild_cli import rebuild_online
+
+    app.command("rebuild-online")(rebuild_online)
+
+
+_mount_rebuild_online()
+
+
 # --- dlq -----------------------------------------------------------------------------------
 @app.command()
 def serve(
@@ -341,6 +398,12 @@ def serve(
     """
     setup_logging()
     settings = settings_or_exit(serve_port=port)
+    from services.require_keys import ApiKeysRequired, check_api_keys_required
+
+    try:
+        check_api_keys_required(settings)  # before starting anything: an open API is refused
+    except ApiKeysRequired as exc:
+        raise fail(str(exc), EXIT_CONFIG) from None
     settings = with_stack(settings)
 
     def run() -> None:
@@ -397,7 +460,7 @@ def config(
             default = "(unset)" if info.default is None else ",".join(info.default) if isinstance(info.default, tuple) else info.default
             typer.echo(f"| `{names[field]}` | `{default}` | {info.description} |")
         else:
-            typer.echo(f"{names[field]}={getattr(settings, field)!s}")
+            typer.echo(f"{names[field]}={shown_input(field, getattr(settings, field))!s}")  # secrets masked
             typer.echo(f"    {info.description}")
 
 

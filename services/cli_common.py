@@ -66,10 +66,14 @@ def guard(fn: Callable[[], T]) -> T:
     """Turn the expected failures of a command into one clear line and a non-zero exit."""
     from streaming.datasets import DatasetError
     from streaming.kafka_io import KafkaUnavailable
+    from streaming.offline_log import CorruptLogFile, LogDiskFull
+    from streaming.redis_io import RedisRefused, RedisUnavailable
 
     try:
         return fn()
-    except (KafkaUnavailable, DatasetError, FileNotFoundError) as exc:
+    except RedisRefused as exc:  # wrong password / ACL: configuration, not an outage
+        raise fail(str(exc), EXIT_CONFIG) from None
+    except (KafkaUnavailable, RedisUnavailable, DatasetError, FileNotFoundError, CorruptLogFile, LogDiskFull) as exc:
         raise fail(str(exc)) from None
 
 

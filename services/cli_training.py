@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -74,6 +75,7 @@ def train(
         _write_outcome(outcome_json, outcome_record(RUNNING, "", scene=scene))
     except OSError as exc:
         raise fail(f"--outcome-json {outcome_json}: {exc}") from None
+    started = time.time()
     try:
         record = _train(scene, workers, gpu, incremental, epochs, batch_size, force, publish, dataset, preset, progress)
     except BaseException as exc:
@@ -84,13 +86,30 @@ def train(
                   else f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
         failed = outcome_record(FAILED, detail, scene=scene, exit_code=code)
         typer.echo(outcome_line(failed), err=True)
+        _record_metrics(scene, FAILED, started)
         try:
             _write_outcome(outcome_json, failed)
         except OSError as write_error:  # the failure itself is what matters; say why the file is stale
             typer.echo(f"--outcome-json {outcome_json}: {write_error}", err=True)
         raise
+    _record_metrics(scene, record["outcome"], started)
     _write_outcome(outcome_json, {**record, "exit_code": 0})
     typer.echo(outcome_line(record))
+
+
+def _record_metrics(scene: str, kind: str, started: float) -> None:
+    """The run's outcome metrics (training/train_metrics.py: train-<scene>.prom, the Pushgateway).
+    Skipped when the settings or the scene name are what failed: there is nowhere valid to write."""
+    from streaming.settings import SettingsError, load_settings
+    from training.registry import RegistryError, validate_name
+    from training.train_metrics import record_train_run
+
+    try:
+        settings = load_settings()
+        validate_name(scene, "scene")
+    except (SettingsError, RegistryError):
+        return
+    record_train_run(settings, scene, kind, started=started)
 
 
 def _write_outcome(path: Path | None, record: dict) -> None:
@@ -165,11 +184,12 @@ def train_loop(
     training_guard(lambda: validate_name(scene, "scene"))
     if gpu:
         _check_gpus(settings.ray_address or os.environ.get("RAY_ADDRESS"), workers)
-    import redis
+    from streaming.redis_io import check_redis, make_redis
 
+    training_guard(lambda: check_redis(settings))
     trainer = ContinuousTrainer(settings, schedule=schedule, preset=chosen, scene=scene, workers=workers,
                                 use_gpu=gpu, min_events=min_events, status_path=status_file,
-                                redis_client=redis.Redis.from_url(settings.redis_url))
+                                redis_client=make_redis(settings))
     from streaming.ray_runtime import ensure_ray
 
     # Ray's own SIGTERM handler (installed by ray.init) would end the process without our cleanup,

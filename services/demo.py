@@ -47,7 +47,7 @@ from services.api_client import ApiClient, ApiError
 from services.demo_training import TrainStep
 from services.stack import stop_stack
 from services.up import POLL_INTERVAL_S, Up, UpError, UpOptions
-from streaming.settings import Settings
+from streaming.settings import Settings, redact_url
 
 READY_TIMEOUT_S = 600.0  # parts starting, the API answering with a version
 INGEST_TIMEOUT_S = 300.0
@@ -225,7 +225,7 @@ class Tour:
             self.up.start()
             self._poller = threading.Thread(target=self._poll_up, name="up-poll", daemon=True)
             self._poller.start()
-            self.say(f"  broker {self.up.settings.kafka_bootstrap_servers}, Redis {self.up.settings.redis_url}, "
+            self.say(f"  broker {self.up.settings.kafka_bootstrap_servers}, Redis {redact_url(self.up.settings.redis_url)}, "
                      f"Ray {self.up.settings.ray_address}; part logs in {self.up.dir / 'logs'}")
             self._tour(items, first, rest)
             if self.stay:

@@ -70,13 +70,12 @@ def _quiet() -> None:
 
 
 def run_step(settings: Any, preset_name: str, incremental: bool) -> TrainStep:
-    import redis
-
     from streaming.features import run_features
+    from streaming.redis_io import make_redis
     from training.presets import get_preset
     from training.train_run import TrainRequest, run_training
 
-    client = redis.Redis.from_url(settings.redis_url)
+    client = make_redis(settings)
     try:
         res = run_features(settings, redis_client=client, progress=True)
     finally:

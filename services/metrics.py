@@ -10,6 +10,11 @@ must not vanish: `ServeMetrics.survived` counts every one (`streamrec_background
 for the follower loops, `streamrec_request_errors_total{what}` for a request answered in a degraded
 way) and logs it at WARNING, at most once per `ERROR_LOG_INTERVAL_S` for each label, so a Redis
 outage under load writes a line every half minute instead of one per request.
+
+Requests refused before they ran are counted by reason (`refused`: 429 over an API key's rate
+limit, 413/414/431 too large). Answers are counted by scene and source (`answered`: the fallback
+share an alert watches), and the validation NDCG@10 of each version a scene serves is exported
+when it is swapped in (`serving`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -29,7 +34,13 @@ LATENCY_BUCKETS_S = (.002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5)
 # the follower loops of a replica (label `loop` of streamrec_background_errors_total)
 BACKGROUND_LOOPS = ("registry", "catalog", "popularity", "heartbeat")
 # what a request does without (label `what` of streamrec_request_errors_total)
-REQUEST_DEGRADATIONS = ("recent_items", "model", "genres", "trending", "replicas")
+# ("rate_limit": Redis down, so the per-key limit was not enforced -- it fails open)
+REQUEST_DEGRADATIONS = ("recent_items", "model", "genres", "trending", "replicas", "rate_limit")
+# why a request was refused before it ran (label `reason` of streamrec_requests_refused_total)
+REFUSAL_REASONS = ("rate_limit", "body_too_large", "query_too_long", "headers_too_large")
+# where an answer to /v1/recommend came from (label `source` of streamrec_recommendations_total)
+SOURCE_MODEL, SOURCE_FALLBACK = "model", "fallback"
+ANSWER_SOURCES = (SOURCE_MODEL, SOURCE_FALLBACK)
 
 
 class ServeMetrics:
@@ -37,7 +48,7 @@ class ServeMetrics:
         r = self.registry = CollectorRegistry()
         self.latency = Histogram("streamrec_request_seconds", "request latency", ["route"], registry=r,
                                  buckets=LATENCY_BUCKETS_S)
-        self.requests = Counter("streamrec_requests_total", "requests by route and status", ["route", "status"],
+        self.requests = Counter("streamrec_requests_total", "answers by route and status, errors included (route `unmatched`: a path no route has)", ["route", "status"],
                                 registry=r)
         self.version = Gauge("streamrec_active_adapter", "1 for the active version of each scene",
                              ["scene", "version"], registry=r)
@@ -62,15 +73,57 @@ class ServeMetrics:
                                     "this replica: its answers come from the popular/trending fallback", ["scene"],
                                     registry=r)
         self.replica = Gauge("streamrec_replica_info", "the replica these metrics come from", ["replica"], registry=r)
+        self.recommendations = Counter(
+            "streamrec_recommendations_total",
+            "answers to /v1/recommend by where they came from (source: model or fallback); the fallback share is "
+            "fallback / all", ["scene", "source"], registry=r)
+        self.adapter_ndcg = Gauge("streamrec_active_adapter_ndcg_at_10", "validation NDCG@10 of the version this "
+                                  "replica serves (from its manifest)", ["scene", "version"], registry=r)
+        self.refusals = Counter(
+            "streamrec_requests_refused_total",
+            "requests refused before they ran: 429 over the API key's rate limit (rate_limit), 413/414/431 too large "
+            "(body_too_large, query_too_long, headers_too_large)", ["reason"], registry=r)
+        # (scene, source) -> its counter child: `answered` runs on every request, `labels()` takes a lock
+        self._answers: dict[tuple[str, str], Any] = {}
         self.replica.labels(replica).set(1)
         for loop in BACKGROUND_LOOPS:  # exported at 0 from the start: an alert can use rate() at once
             self.background_errors.labels(loop)
         for what in REQUEST_DEGRADATIONS:
             self.request_errors.labels(what)
+        for reason in REFUSAL_REASONS:
+            self.refusals.labels(reason)
         self._clock = clock
         self._log_lock = threading.Lock()  # catalog work runs in threads
         self._last_logged: dict[str, float] = {}
         self._unlogged: dict[str, int] = {}
+
+    def answered(self, scene: str, source: str) -> None:
+        """Count one /v1/recommend answer for `scene` from `source` (SOURCE_MODEL or SOURCE_FALLBACK)."""
+        child = self._answers.get((scene, source))
+        if child is None:
+            if source not in ANSWER_SOURCES:
+                raise ValueError(f"unknown answer source {source!r}: expected one of {ANSWER_SOURCES}")
+            child = self._answers[(scene, source)] = self.recommendations.labels(scene, source)
+        child.inc()
+
+    def refused(self, reason: str) -> None:
+        """Count one request refused before it ran (a REFUSAL_REASONS entry)."""
+        if reason not in REFUSAL_REASONS:
+            raise ValueError(f"unknown refusal reason {reason!r}: expected one of {REFUSAL_REASONS}")
+        self.refusals.labels(reason).inc()
+
+    def serving(self, scene: str, version: str, previous: str | None, ndcg_at_10: float | None) -> None:
+        """`scene` now serves `version` (was `previous`): its validation NDCG@10 replaces the previous
+        version's series (absent when the manifest has none), and the scene's answer counters are
+        exported at 0 so a rate() of the fallback share exists from the start."""
+        if previous is not None and previous != version:
+            self.adapter_ndcg.remove(scene, previous)  # (a no-op when it was never set)
+        if ndcg_at_10 is not None:
+            self.adapter_ndcg.labels(scene, version).set(ndcg_at_10)
+        else:
+            self.adapter_ndcg.remove(scene, version)
+        for source in ANSWER_SOURCES:
+            self.recommendations.labels(scene, source)
 
     def survived(self, where: str, exc: BaseException, what: str, *, level: int = logging.WARNING) -> None:
         """Count `exc`, which `where` (a background loop or a request degradation) survived, and log
@@ -93,4 +146,5 @@ class ServeMetrics:
         logger.log(level, "%s: %s (%s: %s)%s", where, what, type(exc).__name__, exc, more)
 
 
-__all__ = ["BACKGROUND_LOOPS", "ERROR_LOG_INTERVAL_S", "REQUEST_DEGRADATIONS", "ServeMetrics"]
+__all__ = ["ANSWER_SOURCES", "BACKGROUND_LOOPS", "ERROR_LOG_INTERVAL_S", "REFUSAL_REASONS", "REQUEST_DEGRADATIONS",
+           "SOURCE_FALLBACK", "SOURCE_MODEL", "ServeMetrics"]

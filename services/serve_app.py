@@ -11,6 +11,11 @@ deployments cost more CPU than the model itself (~8 ms of proxy/handle work agai
 user tower + FAISS per request on 2 cores, bench/serve.py), and with a handful of scenes every
 replica can hold all of them. Scaling is `num_replicas` of this one deployment.
 
+In front of the routes: `services/request_limits.py` (413/414/431 for a request too large; CORS when
+configured) and, in each /v1 route, `services/api_guard.py` (API keys compared in constant time; a
+per-key rate limit in Redis, 429 + Retry-After, failing open when Redis is down; its check rides on
+the request's one Redis round trip).
+
 Every answer is a model of `services/api_schema.py`, built once and serialized once by pydantic
 (the routes' `response_model` documents it at /docs; FastAPI does not validate it a second time,
 because a route returns the serialized `Response`). Every error is its `ErrorBody`.
@@ -49,12 +54,15 @@ from ray.serve.exceptions import RayServeException
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.api_guard import KEYED_ROUTE, ApiGuard, add_security_scheme
 from services.api_schema import (
-    DEFAULT_K, MAX_ID_CHARS, MAX_K, SCENE_PATTERN, ErrorBody, HealthResponse, ModelsResponse, ReadinessResponse,
-    RecommendRequest, RecommendResponse, ReplicaView, SceneVersion, ScoredItem, SimilarResponse, error_responses,
-    http_error, validation_error,
+    DEFAULT_K, EDGE_ERRORS, KEYED_ERRORS, MAX_ID_CHARS, MAX_K, SCENE_PATTERN, ErrorBody, HealthResponse,
+    ModelsResponse, ReadinessResponse, RecommendRequest, RecommendResponse, ReplicaView, SceneVersion, ScoredItem,
+    SimilarResponse, error_responses, http_error, validation_error,
 )
-from services.metrics import ServeMetrics
+from services.metrics import SOURCE_FALLBACK, SOURCE_MODEL, ServeMetrics
+from services.request_limits import ApiEdge
+from services.require_keys import check_api_keys_required
 from streaming.online_store import popular_key, trending_key
 
 logger = logging.getLogger(__name__)
@@ -67,7 +75,6 @@ BATCH_MAX = 32
 BATCH_WAIT_S = 0.002  # the user tower costs ~0.7 ms alone and ~0.15 ms/request in a batch of 16
 MAX_MODELS_PER_REPLICA = 6  # scenes x (live + previous version); the least recently used is unloaded
 GENRE_FETCH_FACTOR = 4  # candidates fetched per requested item when a genre filter may drop some
-API_KEY_HEADER = "x-api-key"
 # A new replica's first reconfigure waits this long at most for the live set to load (an adapter
 # loads in ~15 s; a registry of a few scenes fits with room to spare); past it the replica starts
 # anyway, says what is still loading on /readyz, and answers those scenes with 503 until they load.
@@ -88,12 +95,18 @@ STORE_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError)
 MODEL_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, ValueError, IndexError, KeyError)
 # A heartbeat entry another replica (or an older release) wrote that does not parse.
 HEARTBEAT_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, TypeError)
-ROUTES_ERRORS = (401, 403, 404, 422, 503)  # what the /v1 routes with parameters answer besides 200
+# what the /v1 routes with parameters answer besides 200 (and the probes: the edge's refusals)
+ROUTES_ERRORS = (*KEYED_ERRORS, 404, 422, 503, *EDGE_ERRORS)
+# A recommendation's items lead to their similar items: an OpenAPI link (clients, and the fuzzer's
+# stateful runs, follow it from a 200 answer).
+SIMILAR_LINK = {200: {"links": {"SimilarToFirst": {"operationId": "similar_items", "parameters": {
+    "item_id": "$response.body#/items/0/item_id", "scene": "$response.body#/scene"}}}}}
 
 # FastAPI's native OpenTelemetry hooks are off: the service exports its own Prometheus metrics, and
 # the hooks cost CPU on every request even with no exporter configured.
 api = FastAPI(title="streamrec", version="1", description="Real-time recommendations (Ray Serve + FAISS).",
               telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False})
+add_security_scheme(api)  # the x-api-key header, in /docs and for clients (and the fuzzer)
 
 
 def _settings():
@@ -105,7 +118,7 @@ def _settings():
 def _redis_kwargs(settings) -> dict:
     if not settings.redis_url:
         raise RuntimeError("STREAMREC_REDIS_URL is not set: serving needs the online store")
-    return {"url": settings.redis_url, "socket_timeout": REDIS_TIMEOUT_S, "socket_connect_timeout": REDIS_TIMEOUT_S}
+    return {"socket_timeout": REDIS_TIMEOUT_S, "socket_connect_timeout": REDIS_TIMEOUT_S}
 
 
 def _json(answer: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -118,18 +131,49 @@ def _error(status: int, body: ErrorBody, headers: dict[str, str] | None = None) 
     return JSONResponse(status_code=status, content=body.model_dump(mode="json"), headers=headers)
 
 
+def _replica_metrics() -> ServeMetrics | None:
+    """The metrics of the replica serving this request (None outside a replica: unit tests)."""
+    try:
+        replica = serve.get_replica_context().servable_object
+    except RayServeException:
+        return None
+    metrics = getattr(replica, "metrics", None)
+    return metrics if isinstance(metrics, ServeMetrics) else None
+
+
+def _count_refusal(reason: str) -> None:
+    """The edge refused a request (too large): counted on the replica that refused it."""
+    if (metrics := _replica_metrics()) is not None:
+        metrics.refused(reason)
+
+
+def _count_error(request: Request, status: int) -> None:
+    """An error answer counts in streamrec_requests_total beside the successes (same route label;
+    `unmatched` for a path no route has), so the 5xx and 4xx shares can be read from it."""
+    if (metrics := _replica_metrics()) is not None:
+        route = request.scope.get("route")
+        label = f"{request.method} {route.path}" if route is not None and hasattr(route, "path") else "unmatched"
+        metrics.requests.labels(label, str(status)).inc()
+
+
+# The size limits and CORS, in front of every route (settings read on the first request).
+api.add_middleware(ApiEdge, settings=_settings, refused=_count_refusal)
+
+
 # Registered before @serve.ingress(api): the ingress takes the app as it is at decoration time.
 # Starlette's HTTPException is FastAPI's base class: this handler also shapes the router's own
 # 404 (no such route) and 405 answers.
 @api.exception_handler(RequestValidationError)
 async def validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
     """Every 422: `{"error": "invalid request: <fields>", "detail": [{"field", "msg", "type"}]}`."""
+    _count_error(request, 422)
     return _error(422, validation_error(exc.errors()))
 
 
 @api.exception_handler(StarletteHTTPException)
 async def http_error_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     """Every other error (4xx, a 503): the message in `error` (and `detail`), the headers (Retry-After)."""
+    _count_error(request, exc.status_code)
     return _error(exc.status_code, http_error(exc.detail), exc.headers)
 
 
@@ -138,13 +182,12 @@ async def http_error_handler(request: Request, exc: StarletteHTTPException) -> J
 class Api:
     def __init__(self) -> None:
         import faiss
-        import redis
-        import redis.asyncio as aredis
         import torch
 
         from services.catalog_follower import CatalogFollower
         from services.registry_follower import RegistryFollower
         from streaming.online_store import OnlineStore
+        from streaming.redis_io import make_async_redis, make_redis  # credentials and TLS from the settings
         from training.registry import Registry
 
         # One thread per replica: requests are parallel across replicas and batches, and
@@ -152,12 +195,13 @@ class Api:
         torch.set_num_threads(TORCH_THREADS)
         faiss.omp_set_num_threads(TORCH_THREADS)
         self.settings = _settings()
+        check_api_keys_required(self.settings)  # STREAMREC_REQUIRE_API_KEYS: never an open API on k8s
         self.registry = Registry(self.settings.registry_uri)
         kw = _redis_kwargs(self.settings)
         # blocking client for follower work in threads; asyncio client on the request path
-        self.store = OnlineStore(redis.Redis.from_url(**kw), self.settings.redis_prefix,
+        self.store = OnlineStore(make_redis(self.settings, **kw), self.settings.redis_prefix,
                                  self.settings.recent_items_max)
-        self.aredis = aredis.Redis.from_url(**kw)
+        self.aredis = make_async_redis(self.settings, **kw)
         try:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except RayServeException:  # constructed outside Serve (unit use)
@@ -168,7 +212,7 @@ class Api:
         self.catalog = CatalogFollower(self.store, self.metrics, get_model=self.get_model,
                                        active=lambda: [f"{s}@{v}" for s, v in self.versions.active.items()])
         self.popular: list[tuple[str, float]] = []
-        self.api_keys = set(self.settings.api_keys or ())
+        self.guard = ApiGuard(self.settings, self.aredis, self.metrics, STORE_ERRORS)  # API keys, rate limit
         # the registry follower starts in the first reconfigure, once the pins are known
         loop = asyncio.get_event_loop()
         self._followers = {name: loop.create_task(coro, name=f"follower-{name}") for name, coro in (
@@ -236,7 +280,23 @@ class Api:
         return adapter
 
     async def _load(self, scene: str, version: str):
-        return await self.get_model(f"{scene}@{version}")
+        """The registry follower's loader: the follower makes the version active as soon as this returns."""
+        adapter = await self.get_model(f"{scene}@{version}")
+        ndcg = await asyncio.to_thread(self._validation_ndcg, scene, version)
+        self.metrics.serving(scene, version, self.versions.active.get(scene), ndcg)
+        return adapter
+
+    def _validation_ndcg(self, scene: str, version: str) -> float | None:
+        """The version's validation NDCG@10 from its manifest (None: none recorded, or unreadable now)."""
+        from training.registry import RegistryError
+        from training.train_metrics import LIVE_METRIC
+
+        try:
+            value = self.registry.get(scene, version).metrics.get(LIVE_METRIC)
+        except (RegistryError, OSError) as exc:  # the version itself loaded: serve it, without the gauge
+            self.metrics.survived("registry", exc, f"cannot read {scene}@{version}'s manifest for its NDCG@10")
+            return None
+        return float(value) if value is not None else None
 
     async def _adapter(self, scene: str):
         """The scene's active adapter; None when the scene is on fallback (no version can answer).
@@ -311,7 +371,7 @@ class Api:
         return views
 
     # routes -------------------------------------------------------------------------------------
-    @api.get("/healthz", response_model=HealthResponse, responses={503: {
+    @api.get("/healthz", response_model=HealthResponse, responses={**error_responses(*EDGE_ERRORS), 503: {
         "model": ErrorBody, "description": "a follower loop of this replica stopped (Serve replaces the replica)"}})
     async def healthz(self) -> Response:
         """Liveness, always open: the replica's process answers and its follower loops run."""
@@ -319,7 +379,7 @@ class Api:
             return _error(503, http_error(f"replica {self.replica}: follower(s) stopped: {stopped}"))
         return _json(HealthResponse(status="ok", scenes=dict(self.versions.active), replica=self.replica))
 
-    @api.get("/readyz", response_model=ReadinessResponse, responses={503: {
+    @api.get("/readyz", response_model=ReadinessResponse, responses={**error_responses(*EDGE_ERRORS), 503: {
         "model": ReadinessResponse, "description": "not ready: a scene of the registry's live set is still loading "
                                                    "(or the registry was not read yet); retry after Retry-After"}})
     async def readyz(self) -> Response:
@@ -335,14 +395,16 @@ class Api:
             return _json(answer)
         return _json(answer, 503, {"Retry-After": str(RETRY_AFTER_S)})
 
-    @api.get("/metrics", response_class=PlainTextResponse)
+    @api.get("/metrics", response_class=PlainTextResponse, responses={
+        200: {"description": "Prometheus text format"}, **error_responses(*EDGE_ERRORS, media_type="application/json")})
     async def metrics_route(self) -> Response:
         return Response(generate_latest(self.metrics.registry), media_type="text/plain; version=0.0.4")
 
-    @api.get("/v1/models", response_model=ModelsResponse, responses=error_responses(401, 403))
+    @api.get("/v1/models", response_model=ModelsResponse, responses=error_responses(*KEYED_ERRORS, *EDGE_ERRORS),
+             openapi_extra=KEYED_ROUTE)
     async def models(self, request: Request) -> Response:
         """The active version of each scene (on the replica that answers) and on every live replica."""
-        self._auth(request)
+        await self.guard.admit(self.guard.auth(request))
         now = time.time()
         versions = self.versions
         mine = ReplicaView(scenes=dict(versions.active), pins=dict(versions.pins), age_s=0.0)
@@ -352,27 +414,29 @@ class Api:
             refused={s: sorted(v) for s, v in versions.refused.items() if v},
             replica=self.replica, replicas=dict(sorted(replicas.items()))))
 
-    @api.get("/v1/recommendations", response_model=RecommendResponse, responses=error_responses(*ROUTES_ERRORS))
+    @api.get("/v1/recommendations", response_model=RecommendResponse, operation_id="recommend_get",
+             responses={**error_responses(*ROUTES_ERRORS), **SIMILAR_LINK}, openapi_extra=KEYED_ROUTE)
     async def recommend_get(self, request: Request, user_id: str = Query(..., min_length=1, max_length=MAX_ID_CHARS),
                             k: int = Query(DEFAULT_K, ge=1, le=MAX_K),
                             scene: str = Query("default", pattern=SCENE_PATTERN),
                             exclude_seen: bool = True) -> Response:
-        self._auth(request)
+        bucket = self.guard.auth(request)
         try:
             body = RecommendRequest(user_id=user_id, k=k, scene=scene, exclude_seen=exclude_seen)
         except ValidationError as exc:  # an id of blanks: the body model strips it, the query parameter did not
             raise RequestValidationError(exc.errors()) from None
-        return await self._recommend(body, "GET /v1/recommendations")
+        return await self._recommend(body, "GET /v1/recommendations", bucket)
 
-    @api.post("/v1/recommendations", response_model=RecommendResponse, responses=error_responses(*ROUTES_ERRORS))
+    @api.post("/v1/recommendations", response_model=RecommendResponse, operation_id="recommend_post",
+              responses={**error_responses(*ROUTES_ERRORS), **SIMILAR_LINK}, openapi_extra=KEYED_ROUTE)
     async def recommend_post(self, request: Request, body: RecommendRequest) -> Response:
-        self._auth(request)
-        return await self._recommend(body, "POST /v1/recommendations")
+        return await self._recommend(body, "POST /v1/recommendations", self.guard.auth(request))
 
-    @api.get("/v1/items/{item_id}/similar", response_model=SimilarResponse, responses=error_responses(*ROUTES_ERRORS))
+    @api.get("/v1/items/{item_id}/similar", response_model=SimilarResponse, operation_id="similar_items",
+             responses=error_responses(*ROUTES_ERRORS), openapi_extra=KEYED_ROUTE)
     async def similar(self, request: Request, item_id: str, k: int = Query(DEFAULT_K, ge=1, le=MAX_K),
                       scene: str = Query("default", pattern=SCENE_PATTERN)) -> Response:
-        self._auth(request)
+        await self.guard.admit(self.guard.auth(request))
         t0 = time.perf_counter()
         adapter = await self._adapter(scene)
         if adapter is None:  # on fallback: popular items are no answer to "similar to this item"
@@ -387,15 +451,6 @@ class Api:
                                      version=adapter.version))
 
     # internals ----------------------------------------------------------------------------------
-    def _auth(self, request: Request) -> None:
-        if not self.api_keys:
-            return
-        key = request.headers.get(API_KEY_HEADER)
-        if key is None:
-            raise HTTPException(401, detail=f"missing API key (header {API_KEY_HEADER})")
-        if key not in self.api_keys:
-            raise HTTPException(403, detail="API key not accepted")
-
     def _observe(self, route: str, status: int, t0: float) -> None:
         self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
         self.metrics.requests.labels(route, str(status)).inc()
@@ -404,21 +459,27 @@ class Api:
     def _scored(adapter, ids: list[str], scores: list[float]) -> list[dict]:
         return [{"item_id": a, "score": b, "title": adapter.titles.get(a)} for a, b in zip(ids, scores)]
 
-    async def _recommend(self, body: RecommendRequest, route: str) -> Response:
+    async def _recommend(self, body: RecommendRequest, route: str, bucket: str | None) -> Response:
         t0 = time.perf_counter()
         if errors := body.input_errors():
             raise RequestValidationError(errors)
-        adapter = await self._adapter(body.scene)
         history: list[str] = list(body.recent_items or [])
         history_ts: list[int] = [0] * len(history)
-        try:
-            if body.user_id is not None and body.recent_items is None:
-                raw = await self.aredis.zrange(self.store.recent_key(body.user_id), 0, -1, withscores=True)
-                history = [m.decode() for m, _ in raw]
-                history_ts = [int(s) for _, s in raw]
-        except STORE_ERRORS as exc:
-            self.metrics.survived("recent_items", exc, "Redis unavailable: popularity fallback")
+        recent_key = self.store.recent_key(body.user_id) if body.user_id is not None and body.recent_items is None \
+            else None
+        store_down = None
+        if bucket is not None or recent_key is not None:
+            try:
+                raw = await self.guard.first_round_trip(bucket, recent_key)
+            except STORE_ERRORS as exc:
+                store_down = exc
+        adapter = await self._adapter(body.scene)  # (before the Redis-down fallback: an unknown scene is a 404)
+        if store_down is not None:
+            self.metrics.survived("recent_items", store_down, "Redis unavailable: popularity fallback")
             return self._fallback(route, t0, "popular", self._popular_answer(body, set(), "popular"))
+        if recent_key is not None:
+            history = [m.decode() for m, _ in raw]
+            history_ts = [int(s) for _, s in raw]
         if not history and not body.query:
             return self._fallback(route, t0, "trending", await self._trending_answer(body))
         exclude = set(body.filters.exclude_items) if body.filters else set()
@@ -437,6 +498,7 @@ class Api:
         if genres:
             items = await self._with_genres(items, genres)
         self._observe(route, 200, t0)
+        self.metrics.answered(body.scene, SOURCE_MODEL)
         return _json(RecommendResponse(items=items[:body.k], scene=body.scene, version=adapter.version, fallback=None))
 
     @serve.batch(max_batch_size=BATCH_MAX, batch_wait_timeout_s=BATCH_WAIT_S)
@@ -460,6 +522,7 @@ class Api:
 
     def _fallback(self, route: str, t0: float, kind: str, answer: RecommendResponse) -> Response:
         self.metrics.fallbacks.labels(kind).inc()
+        self.metrics.answered(answer.scene, SOURCE_FALLBACK)
         self._observe(route, 200, t0)
         return _json(answer)
 
@@ -515,7 +578,7 @@ def app_builder(args: dict[str, str]):
     their settings from their own environment (the pod's, or that of `serve run`), so none are
     copied into the runtime env -- where API keys would show in the dashboard, and a head-local
     RAY_ADDRESS would be wrong on a worker. Validated here first, so bad settings fail the deploy."""
-    _settings()
+    check_api_keys_required(_settings())  # an open API on k8s fails the deploy, not just the replicas
     return build_app(None)
 
 

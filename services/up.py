@@ -30,7 +30,9 @@ The embedded broker keeps its topics in memory, so one started afresh over a dat
 Redis holds applied offsets (from an earlier broker) would hand out the same offsets again, and the
 idempotent writers would skip those events as already applied. `up` refuses that case with a clear
 message; `--fresh` moves the old log, features, registry and runs to `<data dir>/archive/<time>/`
-(never deleting them) and clears the Redis keys of the prefix.
+(never deleting them) and clears the Redis keys of the prefix. Watermarks recorded against another
+cluster id or topic id (an external broker replaced, a topic recreated) are refused the same way, by
+the guard `streamrec ingest` runs too (`streaming.broker_identity`).
 """
 
 from __future__ import annotations
@@ -94,11 +96,10 @@ def _cli(*args: str) -> list[str]:
 
 def _applied_offsets(settings: Settings, timeout_s: float) -> int:
     """Offsets of the events topic the online store has applied (OnlineStore.applied_offsets)."""
-    import redis
-
     from streaming.online_store import OnlineStore
+    from streaming.redis_io import make_redis
 
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=timeout_s)
+    client = make_redis(settings, socket_timeout=timeout_s)
     try:
         return OnlineStore(client, settings.redis_prefix).applied_offsets(settings.events_topic)
     finally:
@@ -108,7 +109,7 @@ def _applied_offsets(settings: Settings, timeout_s: float) -> int:
 def archive_state(settings: Settings) -> Path:
     """--fresh: move the offline log, features, registry and runs aside (never deleted) and remove
     the Redis keys of `settings.redis_prefix`. Returns the archive directory."""
-    import redis
+    from streaming.redis_io import make_redis
 
     stamp = time.strftime("%Y%m%dT%H%M%S")
     dest = settings.data_dir / "archive" / stamp
@@ -116,7 +117,7 @@ def archive_state(settings: Settings) -> Path:
         if Path(path).exists():
             dest.mkdir(parents=True, exist_ok=True)
             os.replace(path, dest / Path(path).name)
-    client = redis.Redis.from_url(settings.redis_url)
+    client = make_redis(settings)
     try:
         batch = []
         for key in client.scan_iter(match=f"{settings.redis_prefix}*", count=1000):
@@ -157,6 +158,10 @@ class Up:
         s = self.settings
         if free_port(self.port, self.opts.host) != self.port:
             raise UpError(f"port {self.port} is in use: pass --port or set STREAMREC_SERVE_PORT")
+        if s.ingest_metrics_port:  # held by another ingest on this machine (another `up`, a test): take a free one
+            from streaming.ingest_metrics import METRICS_BIND_HOST
+
+            s = s.model_copy(update={"ingest_metrics_port": free_port(s.ingest_metrics_port, METRICS_BIND_HOST)})
         need_kafka, need_redis = s.kafka_bootstrap_servers is None, s.redis_url is None
         fresh_broker = False
         if need_kafka or need_redis:
@@ -186,9 +191,16 @@ class Up:
         from streaming.kafka_io import ensure_topics
 
         ensure_topics(s)
+        from streaming.broker_identity import UP_FIX, BrokerMismatch, guard_broker_identity
+
+        try:  # the guard of `streamrec ingest`, before any part starts: watermarks of another broker or topic
+            guard_broker_identity(s, fix=UP_FIX)
+        except BrokerMismatch as exc:
+            raise UpError(str(exc)) from None
         self.sup = Supervisor([], self.dir / "logs")
         self.echo(f"streamrec up: data in {s.data_dir}; publish events to Kafka topic {s.events_topic!r} and the "
-                  f"catalog to {s.items_topic!r} at {s.kafka_bootstrap_servers}; logs in {self.dir / 'logs'}")
+                  f"catalog to {s.items_topic!r} at {s.kafka_bootstrap_servers}; logs in {self.dir / 'logs'}"
+                  + (f"; ingest metrics on port {s.ingest_metrics_port}" if s.ingest_metrics_port else ""))
         ray_address = s.ray_address
         auth: dict[str, str] = {}
         if not ray_address:  # our own head: token authentication with a token of this run, known only to its parts

@@ -16,6 +16,23 @@ Unknown fields are accepted and dropped (kept out of features). Anything else wr
 type, a payload over the size limit -- is a `BadRecord` with a reason code and a
 detail, bound for the DLQ.
 
+What the decoder (`parse_event`, `parse_item`) guarantees, for any bytes (fuzzed by
+`tests/streaming/test_events_fuzz.py`):
+
+* it returns a record or a `BadRecord` whose `reason` is one of `REASONS`; it never raises
+  (a bug would come back as `decoder_error`, logged at ERROR without the payload) and never
+  recurses without bound: a record nested deeper than `MAX_JSON_DEPTH` levels is `too_deep`;
+* a record it returns satisfies the models below, and every value it keeps is plain JSON that
+  any reader can take back: numbers are finite (NaN, Infinity and literals that overflow a
+  double are refused where kept: `invalid_field`), integers inside `context` / `attributes`
+  fit 64 bits, strings are Unicode text (an escaped lone surrogate such as `"\\ud800"` is
+  refused where kept; one in raw bytes is `not_utf8`); an id never reads as a non-finite
+  number (`NaN`, `inf`, `-inf`: what a NaN / Infinity token would have become);
+* duplicate keys: the last one wins, at every level, as in JSON.parse and Python's json. Both
+  parsers here agree on it, and the stored record is the decoded one (the log and Redis never
+  keep the raw bytes), so no reader downstream can see another value for a key. Rejecting them
+  would cost a second, slower parse of every record.
+
 This module is the one home of the contract. Everything else that spells out its fields is
 derived here from the two pydantic models: the Arrow columns datasets yield (`EVENT_COLUMNS`,
 `ITEM_COLUMNS`), the offline log's schemas (`EVENT_LOG_SCHEMA`, `ITEM_LOG_SCHEMA`: the contract
@@ -27,12 +44,16 @@ reaches all of them; `tests/streaming/test_contract.py` fails when a copy appear
 from __future__ import annotations
 
 import json
+import logging
+import math
 import types
 from dataclasses import dataclass
 from typing import Annotated, Any, Callable, Union, get_args, get_origin
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+
+log = logging.getLogger(__name__)
 
 # Inclusive bounds on `ts` (epoch ms): 1970-01-01 .. 2200-01-01. Seconds instead of
 # milliseconds (a common producer bug) still pass for recent dates, so the producer library
@@ -42,6 +63,118 @@ TS_MAX_MS = 7_258_118_400_000
 ID_MAX_LEN = 256
 TITLE_MAX_LEN = 1024
 TEXT_MAX_LEN = 16_384
+DETAIL_VALUE_CHARS = 80  # how much of a bad value a DLQ detail quotes
+# Nesting limit of a record, its own object being level 1 (a `too_deep` record). pydantic-core's
+# parser (the fast path) stops here too, and Python's json (the slow path) would raise
+# RecursionError a few hundred levels further: the limit makes both paths refuse the same
+# records. (The fast path takes one more level of arrays, only ever seen inside an unknown
+# field, which is dropped.)
+MAX_JSON_DEPTH = 200
+# Integers inside `context` / `attributes`: the 64-bit range (signed or unsigned), which every
+# JSON reader downstream (Arrow, pandas, Go, Java) takes back exactly.
+JSON_INT_MIN = -(2**63)
+JSON_INT_MAX = 2**64 - 1
+# Longest integer literal the slow path turns into an int: above every id (ID_MAX_LEN) and below
+# Python's int-parsing limit (4300 digits, a ValueError). A longer one can be kept nowhere.
+MAX_INT_LITERAL_DIGITS = 1000
+# What a NaN / Infinity / overflowing number token becomes as an id (pydantic-core's float text).
+NON_FINITE_ID_TEXTS = frozenset({"NaN", "inf", "-inf"})
+
+
+def json_value_problem(value: Any, depth: int = 1) -> str | None:
+    """Why `value` (at nesting level `depth`) is not plain, storable JSON, or None when it is:
+    a NaN / infinite float, an integer outside 64 bits, a string with a lone surrogate, a
+    non-string key, nesting deeper than MAX_JSON_DEPTH, or something JSON has no form for.
+    Iterative, so no input makes it recurse; the message names the path (`a.b[2]`)."""
+    stack: list[tuple[Any, Any, int]] = [(value, None, depth)]
+    while stack:
+        item, where, level = stack.pop()
+        kind = item.__class__
+        if kind is str:
+            if not item.isascii() and not is_unicode_text(item):
+                return located(where, f"{item[:DETAIL_VALUE_CHARS]!r} holds a lone surrogate: not Unicode text")
+        elif kind is int:
+            if not JSON_INT_MIN <= item <= JSON_INT_MAX:
+                return located(where, f"integer {digits_text(item)} is outside the 64-bit range")
+        elif kind is float:
+            if not math.isfinite(item):
+                return located(where, f"{item} is not a finite number")
+        elif item is None or kind is bool:
+            pass
+        elif kind is dict or kind is list:
+            if level > MAX_JSON_DEPTH:
+                return located(where, f"nested deeper than {MAX_JSON_DEPTH} levels")
+            if kind is list:
+                stack.extend((sub, (where, i), level + 1) for i, sub in enumerate(item))
+                continue
+            for key, sub in item.items():
+                if key.__class__ is not str or not (key.isascii() or is_unicode_text(key)):
+                    return located(where, f"key {str(key)[:DETAIL_VALUE_CHARS]!r} is not a Unicode string")
+                stack.append((sub, (where, key), level + 1))
+        elif kind is NumberLiteral:
+            return located(where, item.problem())
+        else:
+            return located(where, f"a {kind.__name__} is not a JSON value")
+    return None
+
+
+def is_unicode_text(text: str) -> bool:
+    """False for a str holding a lone surrogate (what a JSON `\\ud800` escape decodes to)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def located(where: Any, problem: str) -> str:
+    """`problem` prefixed with its path: `(((None, 'a'), 'b'), 2)` -> `a.b[2]: ...` (paths are
+    built lazily, as nested pairs: only an error renders one)."""
+    parts: list[str] = []
+    while where is not None:
+        where, key = where
+        parts.append(f"[{key}]" if key.__class__ is int else f".{str(key)[:DETAIL_VALUE_CHARS]}")
+    path = "".join(reversed(parts)).lstrip(".")
+    if len(path) > 2 * DETAIL_VALUE_CHARS:  # 200 levels of long keys: the innermost part tells
+        path = "..." + path[-2 * DETAIL_VALUE_CHARS :]
+    return f"{path}: {problem}" if path else problem
+
+
+def digits_text(number: int) -> str:
+    """A short text for an integer of any size (str() of one over 4300 digits raises)."""
+    return str(number) if abs(number) < 10**30 else f"of about {int(number.bit_length() * math.log10(2)) + 1} digits"
+
+
+def check_json_object(value: dict[str, Any]) -> dict[str, Any]:
+    """The rule of the free-form object fields: plain JSON (see json_value_problem). Level 2: the
+    field sits inside the record's object."""
+    # Most contexts are a few flat, ASCII, in-range values: checked inline here (the general walk
+    # costs three times as much, and this runs for every event that has a context).
+    for key, item in value.items():
+        kind = item.__class__
+        if kind is str:
+            if not item.isascii():
+                break
+        elif kind is int:
+            if not JSON_INT_MIN <= item <= JSON_INT_MAX:
+                break
+        elif kind is float:
+            if not math.isfinite(item):
+                break
+        elif item is not None and kind is not bool:
+            break
+        if key.__class__ is not str or not key.isascii():
+            break
+    else:
+        return value
+    problem = json_value_problem(value, depth=2)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+# A free-form JSON object (`context`, `attributes`).
+JsonObject = Annotated[dict[str, Any], AfterValidator(check_json_object)]
 
 
 # A JSON string or number, stored as text; blank or over-long ids are refused. (Numbers are
@@ -62,7 +195,7 @@ class Event(_Record):
     type: StrictStr = Field(description="Interaction type, one of the configured event types.")
     ts: StrictInt = Field(ge=TS_MIN_MS, le=TS_MAX_MS, description="Event time, epoch milliseconds.")
     scene: StrictStr | None = Field(default=None, max_length=64, description="Scenario (page, app surface).")
-    context: dict[str, Any] | None = None
+    context: JsonObject | None = None
 
 
 class Item(_Record):
@@ -71,9 +204,9 @@ class Item(_Record):
     item_id: Id
     title: StrictStr = Field(max_length=TITLE_MAX_LEN)
     text: StrictStr | None = Field(default=None, max_length=TEXT_MAX_LEN)
-    attributes: dict[str, Any] | None = None
+    attributes: JsonObject | None = None
     ts: StrictInt = Field(ge=TS_MIN_MS, le=TS_MAX_MS)
-    deleted: bool = False
+    deleted: StrictBool = False  # strict: `"yes"` or `1` is a producer bug, not a deletion
 
 
 # --- the contract as Arrow columns --------------------------------------------------------
@@ -187,6 +320,10 @@ MISSING_FIELD = "missing_field"
 INVALID_FIELD = "invalid_field"
 UNKNOWN_EVENT_TYPE = "unknown_event_type"
 EMPTY_PAYLOAD = "empty_payload"
+TOO_DEEP = "too_deep"
+DECODER_ERROR = "decoder_error"  # a bug in this module, never an input's fault (see parse_event)
+REASONS = frozenset({PAYLOAD_TOO_LARGE, NOT_UTF8, NOT_JSON, NOT_OBJECT, MISSING_FIELD, INVALID_FIELD,
+                     UNKNOWN_EVENT_TYPE, EMPTY_PAYLOAD, TOO_DEEP, DECODER_ERROR})
 
 
 def _classify_validation(exc: ValidationError) -> BadRecord:
@@ -200,31 +337,84 @@ def _classify_validation(exc: ValidationError) -> BadRecord:
         return BadRecord(MISSING_FIELD, "missing field(s): " + ", ".join(missing))
     if kind in ("model_type", "model_attributes_type", "dict_type") and not first.get("loc"):
         return BadRecord(NOT_OBJECT, f"expected a JSON object, got {type(first.get('input')).__name__}")
-    value = repr(first.get("input"))
-    if len(value) > 80:
-        value = value[:77] + "..."
-    return BadRecord(INVALID_FIELD, f"field {loc}={value}: {first.get('msg')}")
+    if kind == "value_error":  # check_json_object: its message names the path and the value
+        return BadRecord(INVALID_FIELD, f"field {loc}: {first.get('ctx', {}).get('error', first.get('msg'))}")
+    value = first.get("input")
+    if isinstance(value, str) and len(value) > DETAIL_VALUE_CHARS:
+        value = value[: DETAIL_VALUE_CHARS + 1]  # repr only what the detail quotes
+    text = repr(value)
+    if len(text) > DETAIL_VALUE_CHARS:
+        text = text[: DETAIL_VALUE_CHARS - 3] + "..."
+    return BadRecord(INVALID_FIELD, f"field {loc}={text}: {first.get('msg')}")
 
 
-def _decode(payload: bytes | None, max_bytes: int) -> Any | BadRecord:
-    if payload is None or len(payload) == 0:
-        return BadRecord(EMPTY_PAYLOAD, "record has no value")
-    if len(payload) > max_bytes:
-        return BadRecord(PAYLOAD_TOO_LARGE, f"{len(payload)} bytes > limit {max_bytes}")
+class NumberLiteral:
+    """A number token the slow path cannot keep: NaN / Infinity, a float literal that overflows a
+    double, an integer literal over MAX_INT_LITERAL_DIGITS digits. Fields refuse it like any other
+    wrong type (`invalid_field`); in an unknown field it is dropped with the field."""
+
+    __slots__ = ("literal",)
+
+    def __init__(self, literal: str):
+        self.literal = literal
+
+    def problem(self) -> str:
+        text = self.literal
+        if text in ("NaN", "Infinity", "-Infinity"):
+            return f"{text} is not a finite number (nor JSON)"
+        if "." in text or "e" in text or "E" in text:
+            return f"{text[:24]}{'...' if len(text) > 24 else ''} overflows a double"
+        return f"an integer literal of {len(text.lstrip('-'))} digits is out of range"
+
+    def __repr__(self) -> str:
+        return f"<{self.problem()}>"
+
+
+def _int_literal(text: str) -> int | NumberLiteral:
+    return int(text) if len(text) <= MAX_INT_LITERAL_DIGITS else NumberLiteral(text)
+
+
+def _float_literal(text: str) -> float | NumberLiteral:
+    value = float(text)
+    return value if math.isfinite(value) else NumberLiteral(text)
+
+
+def _nesting_exceeds(obj: Any, limit: int) -> bool:
+    """True when `obj` nests containers deeper than `limit` levels (itself being level 1)."""
+    stack = [(obj, 1)]
+    while stack:
+        item, level = stack.pop()
+        if item.__class__ is dict:
+            item = item.values()
+        elif item.__class__ is not list:
+            continue
+        if level > limit:
+            return True
+        stack.extend((sub, level + 1) for sub in item if sub.__class__ is dict or sub.__class__ is list)
+    return False
+
+
+def _decode(payload: bytes) -> Any | BadRecord:
+    """The slow path: tells the refusals apart, and decodes what pydantic-core's parser refuses but
+    the contract may still take (a bad value in an unknown field, which is dropped)."""
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as exc:
         return BadRecord(NOT_UTF8, f"invalid UTF-8 at byte {exc.start}")
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, parse_int=_int_literal, parse_float=_float_literal, parse_constant=NumberLiteral)
     except json.JSONDecodeError as exc:
         return BadRecord(NOT_JSON, f"{exc.msg} at line {exc.lineno} column {exc.colno}")
+    except RecursionError:  # deeper than Python's json follows; far past MAX_JSON_DEPTH
+        return BadRecord(TOO_DEEP, f"nested deeper than {MAX_JSON_DEPTH} levels")
+    if _nesting_exceeds(obj, MAX_JSON_DEPTH):
+        return BadRecord(TOO_DEEP, f"nested deeper than {MAX_JSON_DEPTH} levels")
     if not isinstance(obj, dict):
         return BadRecord(NOT_OBJECT, f"expected a JSON object, got {type(obj).__name__}")
     return obj
 
 
-def _parse(model: type[_Record], payload: bytes | None, max_bytes: int) -> _Record | BadRecord:
+def _parse(model: type[_Record], payload: bytes | None, max_bytes: int, ids_look_non_finite: Callable) -> _Record | BadRecord:
     if not payload:
         return BadRecord(EMPTY_PAYLOAD, "record has no value")
     if len(payload) > max_bytes:
@@ -232,10 +422,15 @@ def _parse(model: type[_Record], payload: bytes | None, max_bytes: int) -> _Reco
     try:
         # The fast path parses and validates in one pass (pydantic-core); only a failure pays
         # for the slower decoding below, which tells not-UTF-8 / not-JSON / not-an-object apart.
-        return model.__pydantic_validator__.validate_json(payload)
+        record = model.__pydantic_validator__.validate_json(payload)
     except ValidationError:
         pass
-    obj = _decode(payload, max_bytes)
+    else:
+        # pydantic-core turns a NaN / Infinity token given as an id into the text "NaN" / "inf";
+        # the slow path tells such a token from the same text sent as a string.
+        if not ids_look_non_finite(record):
+            return record
+    obj = _decode(payload)
     if isinstance(obj, BadRecord):
         return obj
     try:
@@ -244,19 +439,45 @@ def _parse(model: type[_Record], payload: bytes | None, max_bytes: int) -> _Reco
         return _classify_validation(exc)
 
 
+def _event_ids_look_non_finite(e: Event) -> bool:
+    return e.event_id in NON_FINITE_ID_TEXTS or e.user_id in NON_FINITE_ID_TEXTS or e.item_id in NON_FINITE_ID_TEXTS
+
+
+def _item_id_looks_non_finite(i: Item) -> bool:
+    return i.item_id in NON_FINITE_ID_TEXTS
+
+
+def _decoder_bug(payload: bytes | None, exc: Exception) -> BadRecord:
+    # One poison record must not stop the stream (ingest would crash on it again after every
+    # restart): it goes to the DLQ, and the bug is logged without the payload (privacy).
+    what = f"{len(payload)}-byte" if isinstance(payload, (bytes, bytearray)) else type(payload).__name__
+    log.error("decoder bug on a %s record: %s; the record goes to the DLQ as %s (traceback at DEBUG)",
+              what, type(exc).__name__, DECODER_ERROR)
+    log.debug("decoder bug", exc_info=exc)
+    return BadRecord(DECODER_ERROR, f"the decoder failed with {type(exc).__name__}: a bug in streaming/events.py")
+
+
 def parse_event(payload: bytes | None, event_types: frozenset[str] | set[str], max_bytes: int) -> Event | BadRecord:
-    """Decode and validate one `events` record."""
-    event = _parse(Event, payload, max_bytes)
-    if isinstance(event, BadRecord):
+    """Decode and validate one `events` record. Never raises (see the module's guarantees)."""
+    try:
+        event = _parse(Event, payload, max_bytes, _event_ids_look_non_finite)
+        if isinstance(event, BadRecord):
+            return event
+        if event.type not in event_types:
+            shown = repr(event.type[: DETAIL_VALUE_CHARS + 1])  # a hostile type may be 64 KiB long
+            shown = shown if len(shown) <= DETAIL_VALUE_CHARS else shown[: DETAIL_VALUE_CHARS - 3] + "..."
+            return BadRecord(UNKNOWN_EVENT_TYPE, f"type={shown} is not one of {sorted(event_types)}")
         return event
-    if event.type not in event_types:
-        return BadRecord(UNKNOWN_EVENT_TYPE, f"type={event.type!r} is not one of {sorted(event_types)}")
-    return event
+    except Exception as exc:  # noqa: BLE001 (the guarantee: a record is refused, never the stream)
+        return _decoder_bug(payload, exc)
 
 
 def parse_item(payload: bytes | None, max_bytes: int) -> Item | BadRecord:
-    """Decode and validate one `items` record."""
-    return _parse(Item, payload, max_bytes)
+    """Decode and validate one `items` record. Never raises (see the module's guarantees)."""
+    try:
+        return _parse(Item, payload, max_bytes, _item_id_looks_non_finite)
+    except Exception as exc:  # noqa: BLE001 (the guarantee: a record is refused, never the stream)
+        return _decoder_bug(payload, exc)
 
 
 def encode(record: Event | Item | dict[str, Any]) -> bytes:

@@ -12,7 +12,18 @@ rebalances, because
   offset watermark (`streaming.online_store`);
 * log files are named by their offset range and the writer skips offsets the log already holds
   (`streaming.offline_log`);
-* offsets are committed only after both outputs are durable (`Ingestor.commit_durable`).
+* offsets are committed only after both outputs are durable (`Ingestor.commit_durable`);
+* a Redis that lost its last second (restarted from an `appendfsync everysec` AOF after a crash)
+  holds watermarks below offsets Kafka already committed: at assignment each partition is sought
+  back to its Redis watermark + 1 (`Ingestor.rewind_lost`), and the replay is skipped where it is
+  already written (the log) and applied where Redis lost it;
+* when Redis stops answering mid-stream, ingest waits it out (`Ingestor.ride_out_redis_outage`,
+  `streaming.redis_outage`): partitions paused, nothing committed, one WARNING; when it answers
+  again, every partition is re-read from the first offset Redis or the log may lack
+  (`Ingestor.resync_after_outage`), so the outage loses and double counts nothing.
+
+`streamrec ingest` also serves its metrics and health (`streaming.ingest_metrics`) and refuses a
+broker other than the one its watermarks came from (`streaming.broker_identity`).
 
 Bad records go to the DLQ topic with the reason and source topic/partition/offset in headers;
 the DLQ is at-least-once (a replay after a crash may repeat an entry: deduplicate on the
@@ -50,8 +61,11 @@ from streaming.events import (
     parse_event,
     parse_item,
 )
+from streaming.ingest_metrics import LAG_REFRESH_S, IngestMetrics
 from streaming.offline_log import OfflineLog
 from streaming.online_store import OnlineStore
+from streaming.redis_io import REDIS_DOWN_ERRORS, make_redis, shown_url
+from streaming.redis_outage import BACKOFF_MAX_S, RedisOutage, backoff_delays, outage_metrics
 from streaming.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -69,6 +83,9 @@ GC_THRESHOLDS = (50_000, 20, 100)
 # often than they had work (measured: ~+20% rate at 20 ms, freshness unchanged).
 GIL_SWITCH_INTERVAL_S = 0.02
 CLOSE_TIMEOUT_S = 10.0
+# Redis calls of ingest's own client give up after this long (a cut network must end in an error
+# that starts the outage wait, not a hang); a batch script takes milliseconds.
+REDIS_SOCKET_TIMEOUT_S = 30.0
 DLQ_HEADER_PREFIX = "dlq."
 
 
@@ -87,13 +104,27 @@ class IngestStats:
 
 
 @dataclass
-class _PartitionState:
+class PartitionState:
     """What this process holds for one assigned partition between commits."""
 
     logged_upto: int  # last offset already in the log (read from the log itself at assignment)
     next_offset: int | None = None  # offset after the last record processed
     rows: list[tuple] = field(default_factory=list)  # good records waiting for the next log file
     pending_since: float | None = None  # monotonic time of the oldest uncommitted record
+
+
+@dataclass
+class _RunClock:
+    """`Ingestor.run`'s times (monotonic seconds) between rounds."""
+
+    last_record: float
+    last_status: float
+    last_partitions: float
+    assigned_once: bool = False
+
+    @classmethod
+    def starting(cls, now: float) -> "_RunClock":
+        return cls(now, now, now)
 
 
 class ErrorHandler:
@@ -157,17 +188,23 @@ class Ingestor:
         redis_client: redis.Redis | None = None,
         on_commit: Callable[["Ingestor"], None] | None = None,
         stop_event: threading.Event | None = None,
+        metrics: IngestMetrics | None = None,
     ):
         self.settings = settings
         self.stats = IngestStats()
-        self.redis = redis_client or redis.Redis.from_url(settings.redis_url)
+        self.metrics = metrics or IngestMetrics()
+        outage_metrics(self.metrics.registry)  # streamrec_ingest_redis_up = 1 from the start
+        self.redis = redis_client or make_redis(settings, socket_timeout=REDIS_SOCKET_TIMEOUT_S)
         self.store = OnlineStore(self.redis, settings.redis_prefix, settings.recent_items_max, settings.user_ttl_s)
         self.log = OfflineLog(settings.log_dir)
         self.producer = kafka_io.make_producer(settings)
         self.handle_error = ErrorHandler(self.producer, settings, self.stats)
         self.consumer = kafka_io.make_consumer(settings)
         self.consumer.subscribe([settings.events_topic, settings.items_topic], listener=_Rebalance(self))
-        self.partitions: dict[TopicPartition, _PartitionState] = {}
+        self.partitions: dict[TopicPartition, PartitionState] = {}
+        self.unchecked: set[TopicPartition] = set()  # assigned, not yet compared with Redis (rewind_lost)
+        self.failed: Exception | None = None  # why `run` stopped early (then nothing more is written)
+        self.redis_down = False  # in an outage: nothing is applied, persisted or committed (ride_out_redis_outage)
         self.on_commit = on_commit
         # One writer thread applies Redis batches in submission order (per-partition order is what
         # the watermark needs) while the main thread polls and validates the next batch.
@@ -181,18 +218,51 @@ class Ingestor:
         """Partitions go to another member: make what we hold durable (DLQ, log file) without
         committing. The next owner replays from the last commit and skips what is written."""
         mine = [tp for tp in revoked if tp in self.partitions]
-        if mine:
-            self._persist([tp for tp in mine if self.partitions[tp].pending_since is not None])
+        if mine and self.failed is None and not self.redis_down:
+            try:
+                self._persist([tp for tp in mine if self.partitions[tp].pending_since is not None])
+            except REDIS_DOWN_ERRORS as exc:  # the main loop meets the outage too; the next owner replays
+                log.debug("revoked partitions not persisted, Redis is down: %s", exc)
         for tp in mine:
             self.partitions.pop(tp, None)
+        self.unchecked.difference_update(revoked)
 
     def adopt(self, assigned) -> None:
         for tp in assigned:
             # The log itself says what is already written: a previous owner may have written a file
             # and crashed (or lost the partition) before committing. Those records are skipped.
-            self.partitions[tp] = _PartitionState(logged_upto=self.log.logged_upto(tp.topic, tp.partition))
+            self.partitions[tp] = PartitionState(logged_upto=self.log.logged_upto(tp.topic, tp.partition))
+        # Compared with Redis on the main thread, before any of their records is processed (a
+        # blocking consumer call here, on kafka-python's IO thread, would deadlock).
+        self.unchecked.update(assigned)
         if assigned:
             log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
+
+    def rewind_lost(self, polled: dict[TopicPartition, list]) -> int:
+        """For each newly assigned partition: when the Redis watermark + 1 is below the committed
+        offset, Redis lost records Kafka had committed (a crash with `appendfsync everysec` loses up
+        to a second): seek back to the watermark + 1 and drop what this poll returned for it. Safe
+        because both writers skip what they hold. Returns the number of partitions sought back."""
+        rewound = 0
+        checks = sorted(self.unchecked)
+        self.unchecked.difference_update(checks)
+        for tp in checks:
+            if tp not in self.partitions:
+                continue
+            committed = self.consumer.committed(tp)
+            watermark = self.store.watermark(tp.topic, tp.partition)
+            if committed is None or watermark + 1 >= committed:
+                continue
+            self.consumer.seek(tp, watermark + 1)
+            polled.pop(tp, None)
+            self.metrics.rewound(tp)
+            rewound += 1
+            log.warning(
+                "%s[%d]: Redis holds offsets up to %d but %d is committed: Redis lost %d offsets (a restart "
+                "from its append-only file loses up to a second); re-reading from %d (what Redis and the log "
+                "already hold is skipped)", tp.topic, tp.partition, watermark, committed,
+                committed - watermark - 1, watermark + 1)
+        return rewound
 
     # --- the work ---------------------------------------------------------------------------
     def process(self, polled: dict[TopicPartition, list]) -> None:
@@ -208,6 +278,7 @@ class Ingestor:
             max_bytes = self.settings.max_payload_bytes
             good: list[tuple[int, Event | Item]] = []
             self.stats.consumed += len(records)
+            self.metrics.consumed(tp, len(records))
             for rec in records:
                 if is_items:
                     parsed = parse_item(rec.value, max_bytes)
@@ -218,7 +289,8 @@ class Ingestor:
                 else:
                     good.append((rec.offset, parsed))
             apply = self.store.apply_items if is_items else self.store.apply_events
-            self._submit_redis(apply, tp.topic, tp.partition, good)
+            # upto: trailing bad records advance the watermark too (see streaming.online_store)
+            self._submit_redis(apply, tp.topic, tp.partition, good, records[-1].offset if records else None)
             if is_items:
                 self.stats.items += len(good)
             else:
@@ -234,20 +306,27 @@ class Ingestor:
                 state.next_offset = records[-1].offset + 1
                 if state.pending_since is None:
                     state.pending_since = now
+        self.metrics.sync_dlq(self.stats.bad, self.stats.bad_by_reason)
 
-    def _submit_redis(self, apply, topic: str, partition: int, records: list) -> None:
-        if not records:
+    def _submit_redis(self, apply, topic: str, partition: int, records: list, upto: int | None) -> None:
+        if upto is None:
             return
         while len(self._pending) >= MAX_PENDING_REDIS_BATCHES:
             self._pending.popleft().result()
-        self._pending.append(self._redis_writer.submit(apply, topic, partition, records))
+        self._pending.append(self._redis_writer.submit(self._apply_timed, apply, topic, partition, records, upto))
+
+    def _apply_timed(self, apply, topic: str, partition: int, records: list, upto: int) -> int:
+        started = time.perf_counter()
+        applied = apply(topic, partition, records, upto)
+        self.metrics.redis_apply.observe(time.perf_counter() - started)
+        return applied
 
     def _wait_redis(self) -> None:
         """Block until every submitted Redis batch is applied; re-raise the first failure."""
         while self._pending:
             self._pending.popleft().result()
 
-    def _due(self, state: _PartitionState, now: float) -> bool:
+    def _due(self, state: PartitionState, now: float) -> bool:
         if state.pending_since is None:
             return False
         return (
@@ -281,6 +360,7 @@ class Ingestor:
             return 0
         self._persist(due)
         offsets = {tp: OffsetAndMetadata(self.partitions[tp].next_offset, "", -1) for tp in due}
+        started = time.perf_counter()
         try:
             self.consumer.commit(offsets)
         except (CommitFailedError, KafkaError) as exc:
@@ -288,6 +368,7 @@ class Ingestor:
             # replays from the last successful commit and skips what is already written.
             log.warning("commit of %d partitions failed (%s); the next owner will skip the replay", len(offsets), exc)
             return 0
+        self.metrics.committed(time.perf_counter() - started)
         for tp in due:
             self.partitions[tp].pending_since = None
         self.stats.commits += 1
@@ -303,7 +384,9 @@ class Ingestor:
             state = self.partitions[tp]
             if state.rows:
                 schema = ITEM_LOG_SCHEMA if tp.topic == self.settings.items_topic else EVENT_LOG_SCHEMA
+                started = time.perf_counter()
                 written = self.log.write(tp.topic, tp.partition, _rows_to_table(state.rows, schema))
+                self.metrics.log_write.observe(time.perf_counter() - started)
                 state.logged_upto = written.end
                 state.rows = []
                 self.stats.log_files += 1
@@ -320,44 +403,127 @@ class Ingestor:
         progress: Callable[[IngestStats], None] | None = None,
     ) -> IngestStats:
         """Poll, process and commit until `stop()`, `max_records` consumed, or `until_idle_s`
-        seconds without a record (after the first assignment); then commit everything and close."""
-        last_record = time.monotonic()
-        last_status = last_record
-        assigned_once = False
+        seconds without a record (after the first assignment); then commit everything and close.
+        Redis going away mid-run is waited out (`ride_out_redis_outage`), not an exit."""
+        clock = _RunClock.starting(time.monotonic())
         saved_gc, saved_switch = gc.get_threshold(), sys.getswitchinterval()
         gc.set_threshold(*GC_THRESHOLDS)
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         try:
             while not self._stop.is_set():
-                polled = self.consumer.poll(
-                    timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.max_poll_records
-                )
-                now = time.monotonic()
-                if polled:
-                    self.process(polled)
-                    last_record = now
-                if self.partitions and not assigned_once:
-                    assigned_once, last_record = True, now
-                self.commit_durable()
-                if progress is not None:
-                    progress(self.stats)
-                if now - last_status >= STATUS_EVERY_S:
-                    last_status = now
-                    log.info(
-                        "consumed=%d events=%d items=%d bad=%d files=%d commits=%d",
-                        self.stats.consumed, self.stats.events, self.stats.items,
-                        self.stats.bad, self.stats.log_files, self.stats.commits,
-                    )
-                if max_records is not None and self.stats.consumed >= max_records:
-                    break
-                if until_idle_s is not None and assigned_once and now - last_record >= until_idle_s:
-                    break
+                try:
+                    if self._step(clock, max_records, until_idle_s, progress):
+                        break
+                except REDIS_DOWN_ERRORS as exc:
+                    if not self.ride_out_redis_outage(exc):
+                        return self.stats  # stopped while Redis was down: nothing durable to commit
             self.commit_durable(force=True)
+        except Exception as exc:
+            # Leaving the group revokes the partitions (`release`), which would try Redis again:
+            # nothing more is written; the next owner replays from the last commit.
+            self.failed = exc
+            self.metrics.stopped = f"{type(exc).__name__}: {exc}"
+            raise
         finally:
             gc.set_threshold(*saved_gc)
             sys.setswitchinterval(saved_switch)
             self.close()
         return self.stats
+
+    def _step(self, clock: "_RunClock", max_records: int | None, until_idle_s: float | None,
+              progress: Callable[[IngestStats], None] | None) -> bool:
+        """One poll -> process -> commit round of `run`; True when `run` should end."""
+        polled = self.consumer.poll(timeout_ms=self.settings.poll_timeout_ms, max_records=self.settings.max_poll_records)
+        now = self.metrics.last_poll = time.monotonic()  # the liveness of /healthz
+        if self.unchecked:
+            self.rewind_lost(polled)
+        if polled:
+            self.process(polled)
+            clock.last_record = now
+        if self.partitions and not clock.assigned_once:
+            clock.assigned_once, clock.last_record = True, now
+        self.commit_durable()
+        if progress is not None:
+            progress(self.stats)
+        if now - clock.last_partitions >= LAG_REFRESH_S:
+            clock.last_partitions = now
+            self.metrics.refresh_partitions(self.consumer, {tp: st.next_offset for tp, st in self.partitions.items()})
+        if now - clock.last_status >= STATUS_EVERY_S:
+            clock.last_status = now
+            log.info("consumed=%d events=%d items=%d bad=%d files=%d commits=%d", self.stats.consumed,
+                     self.stats.events, self.stats.items, self.stats.bad, self.stats.log_files, self.stats.commits)
+        if max_records is not None and self.stats.consumed >= max_records:
+            return True
+        return until_idle_s is not None and clock.assigned_once and now - clock.last_record >= until_idle_s
+
+    # --- a Redis outage -------------------------------------------------------------------------
+    def ride_out_redis_outage(self, exc: BaseException) -> bool:
+        """Redis stopped answering: wait with back-off until it answers, then resync and return True;
+        False when stopped meanwhile. One WARNING when the outage starts, one INFO when it ends
+        (`streaming.redis_outage`). Meanwhile the partitions are paused but the consumer keeps
+        polling (so it stays in the group, under max.poll.interval.ms), and nothing is committed:
+        the committed offsets never pass what Redis holds."""
+        self.redis_down = True
+        # A poll at least every half max.poll.interval.ms keeps the group membership.
+        cap_s = min(BACKOFF_MAX_S, self.settings.max_poll_interval_ms / 2000)
+        outage = RedisOutage(log, f"REDIS_URL={shown_url(self.settings)}", exc, cap_s,
+                             outage_metrics(self.metrics.registry))
+        for pending in self._pending:  # let the writer thread finish (or fail) what it was given
+            pending.exception()
+        self._pending.clear()
+        for delay in backoff_delays(cap_s=cap_s):
+            self._idle_poll(delay)
+            if self._stop.is_set():
+                log.info("stopped while Redis was down (%.1f s): nothing more committed; the next start "
+                         "re-reads from the last commit", outage.end(None))
+                return False
+            try:
+                self.redis.ping()
+                behind = self.resync_after_outage()
+            except REDIS_DOWN_ERRORS as again:
+                outage.retry_failed(again)
+                continue
+            break
+        self.redis_down = False
+        self.consumer.resume(*self.consumer.assignment())
+        lost = (f"it came back without the last offsets of {behind} partitions (a restart from its append-only "
+                "file); those are re-applied" if behind else "nothing was lost")
+        outage.end(f"{lost}; re-reading {len(self.partitions)} partitions from the last offset Redis and the log "
+                   "hold (what they hold is skipped)")
+        return True
+
+    def _idle_poll(self, timeout_s: float) -> None:
+        """Wait `timeout_s` inside poll with every partition paused (a heartbeat, not a read). A partition
+        assigned during the poll is not paused yet: what it returned is put back (sought to its first record)."""
+        self.consumer.pause(*self.consumer.assignment())
+        polled = self.consumer.poll(timeout_ms=max(1, int(timeout_s * 1000)))
+        self.metrics.last_poll = time.monotonic()
+        for tp, records in polled.items():
+            if records:
+                self.consumer.seek(tp, records[0].offset)
+        self.consumer.pause(*self.consumer.assignment())
+
+    def resync_after_outage(self) -> int:
+        """After an outage, seek every held partition back to the first offset Redis or the log may lack:
+        the Redis watermark + 1 (a restarted Redis may hold less than before, even less than Kafka's
+        commit), or the committed offset (the records processed since were dropped with their failed
+        batches and unwritten log rows; without a commit: the log's last offset + 1). Both writers skip
+        what they hold, so nothing is lost or counted twice. Returns the partitions whose Redis came
+        back behind the committed offset (counted in `streamrec_ingest_redis_rewinds_total`)."""
+        # Everything read first: Redis failing again midway leaves nothing half done (the caller retries).
+        marks = {tp: (self.store.watermark(tp.topic, tp.partition), self.consumer.committed(tp))
+                 for tp in self.partitions}
+        behind = 0
+        for tp, (watermark, committed) in marks.items():
+            state = self.partitions[tp]
+            target = min(watermark + 1, state.logged_upto + 1 if committed is None else committed)
+            if committed is not None and watermark + 1 < committed:
+                self.metrics.rewound(tp)
+                behind += 1
+            state.rows, state.next_offset, state.pending_since = [], None, None
+            self.consumer.seek(tp, target)
+        self.unchecked.clear()  # every held partition was just compared with Redis (what rewind_lost does)
+        return behind
 
     def close(self) -> None:
         try:

@@ -1,7 +1,11 @@
 """Kafka plumbing shared by the producer, the ingestion consumer and the tools.
 
-All clients are kafka-python. The consumer never auto-commits: `streaming.ingest` commits
-offsets itself, after its outputs are durable.
+All clients are kafka-python and every one is made here (`make_admin`, `make_producer`,
+`make_consumer`), so the transport settings -- `security_config`: TLS and SASL (PLAIN,
+SCRAM-SHA-256/512) from `STREAMREC_KAFKA_*` -- reach each of them: ingest, `streamrec produce`, the
+DLQ writer and reader, topic creation, the broker identity guard, `streamrec status` and
+`rebuild-online`. The consumer never auto-commits: `streaming.ingest` commits offsets itself,
+after its outputs are durable.
 """
 
 from __future__ import annotations
@@ -36,18 +40,57 @@ def _bootstrap(settings: Settings) -> str:
     return settings.kafka_bootstrap_servers
 
 
+def security_config(settings: Settings) -> dict:
+    """kafka-python's keyword arguments for the configured transport: `security_protocol`, and the
+    SASL (`sasl_mechanism`, `sasl_plain_username`, `sasl_plain_password`: kafka-python's names for
+    PLAIN and SCRAM alike) and TLS (`ssl_cafile`, `ssl_certfile`, `ssl_keyfile`) ones it needs.
+    The combinations are validated when the settings load (`streaming.settings`)."""
+    config: dict = {"security_protocol": settings.kafka_security_protocol}
+    if settings.kafka_security_protocol.startswith("SASL_"):
+        config.update(
+            sasl_mechanism=settings.kafka_sasl_mechanism,
+            sasl_plain_username=settings.kafka_sasl_username,
+            sasl_plain_password=settings.kafka_sasl_password.get_secret_value(),
+        )
+    for key, path in (("ssl_cafile", settings.kafka_ssl_cafile), ("ssl_certfile", settings.kafka_ssl_certfile),
+                      ("ssl_keyfile", settings.kafka_ssl_keyfile)):
+        if path is not None:
+            config[key] = str(path)
+    return config
+
+
+def describe_transport(settings: Settings) -> str:
+    """How the clients talk to the brokers, for messages (never the password)."""
+    proto = settings.kafka_security_protocol
+    if proto.startswith("SASL_"):
+        return f"{proto}, {settings.kafka_sasl_mechanism} as {settings.kafka_sasl_username!r}"
+    return proto
+
+
 def _unreachable(settings: Settings, exc: Exception) -> KafkaUnavailable:
+    hint = ""
+    if settings.kafka_security_protocol != "PLAINTEXT":
+        hint = (f" over {describe_transport(settings)} (check STREAMREC_KAFKA_SECURITY_PROTOCOL, the SASL user and "
+                "password, and STREAMREC_KAFKA_SSL_CAFILE)")
     return KafkaUnavailable(
-        f"cannot reach Kafka at KAFKA_BOOTSTRAP_SERVERS={settings.kafka_bootstrap_servers!r}: {exc}"
+        f"cannot reach Kafka at KAFKA_BOOTSTRAP_SERVERS={settings.kafka_bootstrap_servers!r}{hint}: {exc}"
     )
+
+
+def make_admin(settings: Settings, **overrides) -> KafkaAdminClient:
+    """An admin client of the configured cluster (close it after use)."""
+    config = dict(bootstrap_servers=_bootstrap(settings), request_timeout_ms=REQUEST_TIMEOUT_MS,
+                  **security_config(settings))
+    config.update(overrides)
+    try:
+        return KafkaAdminClient(**config)
+    except (KafkaError, OSError) as exc:
+        raise _unreachable(settings, exc) from exc
 
 
 def ensure_topics(settings: Settings) -> None:
     """Create the events, items and DLQ topics if they do not exist (idempotent)."""
-    try:
-        admin = KafkaAdminClient(bootstrap_servers=_bootstrap(settings), request_timeout_ms=REQUEST_TIMEOUT_MS)
-    except (KafkaError, OSError) as exc:
-        raise _unreachable(settings, exc) from exc
+    admin = make_admin(settings)
     try:
         existing = set(admin.list_topics())
         wanted = [settings.events_topic, settings.items_topic, settings.dlq_topic]
@@ -75,6 +118,7 @@ def make_producer(settings: Settings, **overrides) -> KafkaProducer:
         batch_size=PRODUCER_BATCH_BYTES,
         request_timeout_ms=REQUEST_TIMEOUT_MS,
         retries=5,
+        **security_config(settings),
     )
     config.update(overrides)
     try:
@@ -97,6 +141,7 @@ def make_consumer(settings: Settings, *topics: str, **overrides) -> KafkaConsume
         fetch_max_bytes=FETCH_MAX_BYTES,
         max_partition_fetch_bytes=PARTITION_FETCH_MAX_BYTES,
         request_timeout_ms=REQUEST_TIMEOUT_MS,
+        **security_config(settings),
     )
     config.update(overrides)
     try:

@@ -17,6 +17,7 @@ Readers skip names that start with `.` or `_`. The files' schemas are the contra
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import os
 import re
 from dataclasses import dataclass
@@ -31,6 +32,26 @@ from streaming.versioned_store import atomic_write
 
 PARQUET_COMPRESSION = "zstd"
 _NAME = re.compile(r"^(?P<topic>[A-Za-z0-9._-]+)\+(?P<partition>\d+)\+(?P<start>\d+)\+(?P<end>\d+)\.parquet$")
+
+
+# A write that failed for want of room: the filesystem is full, a quota or the file size limit hit.
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+class LogDiskFull(OSError):
+    """A log file could not be written for want of room. Nothing is lost: the file appears whole or not
+    at all (the temporary file is removed) and offsets are committed only after the log is written, so
+    a restarted `streamrec ingest` reads those records again."""
+
+    def __init__(self, path: str, cause: OSError):
+        super().__init__(cause.errno, f"cannot write the log file {path}: {cause.strerror} (the filesystem is full "
+                                      f"or a size limit was hit). Nothing was committed for these records: free "
+                                      f"space under {os.path.dirname(path)} and start `streamrec ingest` again; it "
+                                      f"reads them again from Kafka")
+        self.path = path
+
+    def __str__(self) -> str:
+        return self.strerror
 
 
 @dataclass(frozen=True, order=True)
@@ -104,17 +125,63 @@ class OfflineLog:
         day = (now or dt.datetime.now(dt.timezone.utc)).strftime("%Y-%m-%d")
         directory = f"{self.topic_dir(topic)}/date={day}"
         final = f"{directory}/{file_name(topic, partition, start, end)}"
-        self.fs.create_dir(directory, recursive=True)
-        if self._local:
-            atomic_write(final, lambda fh: pq.write_table(table, fh, compression=PARQUET_COMPRESSION))
-        else:
-            pq.write_table(table, final, filesystem=self.fs, compression=PARQUET_COMPRESSION)
+        try:
+            self.fs.create_dir(directory, recursive=True)
+            if self._local:
+                atomic_write(final, lambda fh: pq.write_table(table, fh, compression=PARQUET_COMPRESSION))
+            else:
+                pq.write_table(table, final, filesystem=self.fs, compression=PARQUET_COMPRESSION)
+        except OSError as exc:
+            if exc.errno in NO_SPACE_ERRNOS:
+                raise LogDiskFull(final, exc) from exc
+            raise
         return LogFile(topic, partition, start, end, final)
 
 
+class CorruptLogFile(RuntimeError):
+    """A log file that is not readable Parquet of the contract's schema. Readers stop on it rather
+    than return tables without its rows (never a silent wrong table); the message names the file,
+    the offsets it held and the two ways out."""
+
+    def __init__(self, log_root: str, file: LogFile, reason: str):
+        self.file = file
+        super().__init__(
+            f"log file {file.path} is not readable Parquet ({reason}); it held offsets {file.start}..{file.end} of "
+            f"{file.topic!r} partition {file.partition}. Stopped rather than build tables without those events. "
+            f"Fix: restore the file from a backup and run the command again; or, to accept losing those events, "
+            f"move it out of {log_root} (e.g. to <data dir>/quarantine/) and run it again")
+
+
+def check_log_file(log: OfflineLog, file: LogFile, schema: pa.Schema, *, read_pages: bool = False) -> None:
+    """Raise `CorruptLogFile` unless `file`'s footer parses, holds `schema`'s columns and at most one row
+    per offset of its name's range; with `read_pages`, also decode every page (a full read)."""
+    try:
+        pf = pq.ParquetFile(file.path, filesystem=log.fs)
+        have = pf.schema_arrow
+        missing = [f.name for f in schema if have.get_field_index(f.name) < 0]
+        if missing:
+            raise CorruptLogFile(log.root, file, f"columns {missing} missing")
+        rows = pf.metadata.num_rows
+        if not 0 < rows <= file.end - file.start + 1:
+            raise CorruptLogFile(log.root, file, f"{rows} rows for {file.end - file.start + 1} offsets")
+        if read_pages:
+            pf.read(columns=schema.names)
+    except CorruptLogFile:
+        raise
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise CorruptLogFile(log.root, file, f"{type(exc).__name__}: {exc}") from exc
+
+
 def read_table(log: OfflineLog, files: list[LogFile], schema: pa.Schema) -> pa.Table:
-    """Read some log files into one table (small data, tests and tools)."""
+    """Read some log files into one table (small data, tests and tools); `CorruptLogFile` names a bad one."""
     if not files:
         return schema.empty_table()
-    return pa.concat_tables(pq.read_table(f.path, filesystem=log.fs, schema=schema) for f in files)
+    return pa.concat_tables(_read_one(log, f, schema) for f in files)
+
+
+def _read_one(log: OfflineLog, file: LogFile, schema: pa.Schema) -> pa.Table:
+    try:
+        return pq.read_table(file.path, filesystem=log.fs, schema=schema)
+    except (pa.ArrowException, OSError) as exc:
+        raise CorruptLogFile(log.root, file, f"{type(exc).__name__}: {exc}") from exc
 

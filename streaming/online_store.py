@@ -9,13 +9,17 @@ Keys (all under `Settings.redis_prefix`, `sr:` by default):
 | `items:live` | set | ids of items that exist and are not deleted |
 | `items:log` | stream | one entry (`item_id`, `deleted`) per catalog change, capped at `CATALOG_LOG_MAX` |
 | `pop:all` | sorted set item -> count | all-time interaction counters (online popularity) |
-| `wm:<topic>:<partition>` | string | last Kafka offset applied from that partition |
+| `wm:<topic>:<partition>` | string | last Kafka offset processed from that partition (applied, or a bad record sent to the DLQ) |
+| `broker` | hash | the Kafka cluster id and topic ids the watermarks belong to (`streaming.broker_identity`) |
 | `feat:popular`, `feat:trending`, `feat:meta` | | pushed by the feature job (streaming.features) |
 
 Exactly-once effect: a batch from one partition is applied atomically together with the
 advance of `wm:<topic>:<partition>`, and records at or below that watermark are skipped, so a
 replayed offset range (consumer crash before its commit, a rebalance, a zombie consumer
-finishing a batch late) changes nothing. Events go through one Lua script per batch (atomic
+finishing a batch late) changes nothing. The watermark also covers a batch's trailing bad records
+(`upto`): it says "every offset up to here is done", so ingest can tell a Redis that lost its last
+second (watermark + 1 below the committed offset: `streaming.ingest` re-reads from there) from one
+whose partition merely ended in DLQ records. Events go through one Lua script per batch (atomic
 in Redis, one round trip, the per-record work done server-side); catalog records, which are
 few, through a WATCH/MULTI transaction. The script touches keys it derives from the batch,
 so it needs a standalone Redis (or Redis Cluster with every key in one hash slot).
@@ -64,7 +68,9 @@ def lua_field_constant(name: str) -> str:
 
 # KEYS[1] watermark; ARGV[1] key prefix; ARGV[2] recent-items cap;
 # ARGV[3] JSON [[offset, <ONLINE_EVENT_FIELDS...>], ...] in offset order;
-# ARGV[4] per-user key TTL in seconds (0: none); ARGV[5] rewrite the TTL when fewer seconds are left.
+# ARGV[4] per-user key TTL in seconds (0: none); ARGV[5] rewrite the TTL when fewer seconds are left;
+# ARGV[6] the last offset of the partition batch (bad records included; -1: the last record's): the
+# watermark advances to it.
 APPLY_EVENTS_LUA = (
     "local " + ", ".join(lua_field_constant(n) for n in LUA_RECORD_FIELDS)
     + " = " + ", ".join(str(LUA_FIELD_INDEX[n]) for n in LUA_RECORD_FIELDS) + "\n"
@@ -72,6 +78,7 @@ APPLY_EVENTS_LUA = (
 local call, fmt = redis.call, string.format  -- one global lookup per batch, not per event
 local wm = tonumber(call('GET', KEYS[1]) or '-1')
 local prefix, cap, ttl, renew_below = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local upto = tonumber(ARGV[6] or '-1')
 local popularity = prefix .. 'pop:all'
 local records = cjson.decode(ARGV[3])
 local applied, last = 0, nil
@@ -102,6 +109,9 @@ for key, grew in pairs(users) do  -- once per user of the batch, not per event
     call('PERSIST', key)  -- 0 means never: drop a TTL set under an earlier setting
   end
 end
+if upto > wm and (last == nil or upto > last) then
+  last = upto  -- the batch ended in records that went to the DLQ: they are done too
+end
 if last then
   call('SET', KEYS[1], fmt('%d', last))
 end
@@ -114,6 +124,11 @@ _online_fields = operator.attrgetter(*ONLINE_EVENT_FIELDS)
 def lua_events_payload(records: Sequence[tuple[int, Event]]) -> str:
     """ARGV[3] of the events script: JSON [[offset, <ONLINE_EVENT_FIELDS...>], ...]."""
     return json.dumps([[o, *_online_fields(e)] for o, e in records], separators=(",", ":"))
+
+
+def watermark_key(prefix: str, topic: str, partition: int | str) -> str:
+    """The last offset processed from one partition (see the module docstring)."""
+    return f"{prefix}wm:{topic}:{partition}"
 
 
 def popular_key(prefix: str) -> str:
@@ -145,7 +160,7 @@ class OnlineStore:
         return f"{self.p}i:{item_id}"
 
     def watermark_key(self, topic: str, partition: int) -> str:
-        return f"{self.p}wm:{topic}:{partition}"
+        return watermark_key(self.p, topic, partition)
 
     @property
     def popularity_key(self) -> str:
@@ -160,8 +175,10 @@ class OnlineStore:
         return f"{self.p}items:log"
 
     # --- writes ---------------------------------------------------------------------------
-    def apply_events(self, topic: str, partition: int, records: Sequence[tuple[int, Event]]) -> int:
-        """Apply one partition's events (offset order); return how many were new.
+    def apply_events(self, topic: str, partition: int, records: Sequence[tuple[int, Event]],
+                     upto: int | None = None) -> int:
+        """Apply one partition's events (offset order); return how many were new. `upto`: the last
+        offset of the batch they came from, bad records included (the watermark advances to it).
 
         Per event: the item enters the user's recent set with its ts (ZADD GT, so a late event
         never makes an item look older) and the item's popularity counter goes up by one. Per
@@ -169,18 +186,21 @@ class OnlineStore:
         has run down by `TTL_RENEW_SLACK`.
         (Per-user counters by type live in the offline features, not here: each extra Redis
         call per event costs about a fifth of the ingest rate.)"""
-        if not records:
+        if not records and upto is None:
             return 0
-        payload = lua_events_payload(records)
+        payload = lua_events_payload(records) if records else "[]"
         return int(
             self._apply_events_script(
                 keys=[self.watermark_key(topic, partition)],
-                args=[self.p, self.recent_items_max, payload, self.user_ttl_s, self.ttl_renew_below_s],
+                args=[self.p, self.recent_items_max, payload, self.user_ttl_s, self.ttl_renew_below_s,
+                      -1 if upto is None else upto],
             )
         )
 
-    def apply_items(self, topic: str, partition: int, records: Sequence[tuple[int, Item]]) -> int:
-        """Apply one partition's catalog records (offset order, last write wins)."""
+    def apply_items(self, topic: str, partition: int, records: Sequence[tuple[int, Item]],
+                    upto: int | None = None) -> int:
+        """Apply one partition's catalog records (offset order, last write wins); `upto` as in
+        `apply_events`."""
 
         def queue(pipe: redis.client.Pipeline, new: list[tuple[int, Item]]) -> None:
             latest: dict[str, Item] = {}
@@ -206,10 +226,10 @@ class OnlineStore:
                 pipe.xadd(self.catalog_log_key, {"item_id": item_id, "deleted": int(item.deleted)},
                           maxlen=CATALOG_LOG_MAX, approximate=True)
 
-        return self._apply(topic, partition, records, queue)
+        return self._apply(topic, partition, records, queue, upto)
 
-    def _apply(self, topic, partition, records, queue) -> int:
-        if not records:
+    def _apply(self, topic, partition, records, queue, upto: int | None) -> int:
+        if not records and upto is None:
             return 0
         wm_key = self.watermark_key(topic, partition)
         with self.r.pipeline(transaction=True) as pipe:
@@ -219,12 +239,14 @@ class OnlineStore:
                     raw = pipe.get(wm_key)
                     watermark = int(raw) if raw is not None else -1
                     new = [(o, rec) for o, rec in records if o > watermark]
-                    if not new:
+                    target = max(new[-1][0] if new else -1, -1 if upto is None else upto)
+                    if target <= watermark:
                         pipe.unwatch()
                         return 0
                     pipe.multi()
-                    queue(pipe, new)
-                    pipe.set(wm_key, new[-1][0])
+                    if new:
+                        queue(pipe, new)
+                    pipe.set(wm_key, target)
                     pipe.execute()
                     return len(new)
                 except redis.WatchError:

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as _SourceError
 
@@ -62,6 +62,53 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("RAY_ADDRESS", "STREAMREC_RAY_ADDRESS"),
         description="Ray cluster address (ray://... or auto). Unset: start Ray on this machine.",
     )
+    # --- transport security (external Kafka / Redis; the embedded stack is plaintext) -----------
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        default="PLAINTEXT",
+        description="Kafka security.protocol of every client (ingest, producer, DLQ, admin, status, rebuild-online): "
+        "PLAINTEXT, SSL (TLS), SASL_PLAINTEXT or SASL_SSL (SASL over TLS).",
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        default=None,
+        description="Kafka sasl.mechanism: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512. Required with a SASL_* protocol, "
+        "refused without one.",
+    )
+    kafka_sasl_username: str | None = Field(
+        default=None, min_length=1, description="Kafka SASL user name (sasl.username; a Strimzi KafkaUser's name).",
+    )
+    kafka_sasl_password: SecretStr | None = Field(
+        default=None,
+        description="Kafka SASL password (sasl.password). Secret: never printed by `streamrec config` nor logged.",
+    )
+    kafka_ssl_cafile: Path | None = Field(
+        default=None,
+        description="PEM file of the CA that signed the brokers' certificates (ssl.ca.location). Unset: the "
+        "system's CAs. Needs an SSL or SASL_SSL protocol; must exist at start.",
+    )
+    kafka_ssl_certfile: Path | None = Field(
+        default=None,
+        description="PEM client certificate for TLS client authentication (ssl.certificate.location; may also "
+        "hold the key). Needs an SSL or SASL_SSL protocol; must exist at start.",
+    )
+    kafka_ssl_keyfile: Path | None = Field(
+        default=None,
+        description="PEM private key of the client certificate (ssl.key.location). Needs "
+        "STREAMREC_KAFKA_SSL_CERTFILE; must exist at start.",
+    )
+    redis_username: str | None = Field(
+        default=None, min_length=1,
+        description="Redis ACL user of every Redis client. Unset: the one in REDIS_URL, else `default`.",
+    )
+    redis_password: SecretStr | None = Field(
+        default=None,
+        description="Redis password (requirepass, or the ACL user's). Secret: never printed nor logged. Unset: "
+        "the one in REDIS_URL (redis://user:password@host:port/db), else none; not both.",
+    )
+    redis_tls_cafile: Path | None = Field(
+        default=None,
+        description="PEM file of the CA that signed Redis's certificate, for a rediss:// REDIS_URL (TLS). "
+        "Unset: the system's CAs. Must exist at start.",
+    )
     data_dir: Path = Field(
         default=Path("streamrec-data"),
         description="Directory for the offline log, feature tables, datasets and the embedded "
@@ -102,6 +149,18 @@ class Settings(BaseSettings):
     log_flush_interval_s: float = Field(
         default=2.0, gt=0, le=3600,
         description="...or when its oldest buffered record is this old. Offsets are committed right after.",
+    )
+
+    # --- observability ---------------------------------------------------------------------
+    ingest_metrics_port: int = Field(
+        default=9310, ge=0, le=65535,
+        description="`streamrec ingest` serves Prometheus metrics (GET /metrics) on this port; 0 turns that off.",
+    )
+    pushgateway_url: str | None = Field(
+        default=None,
+        description="Prometheus Pushgateway (http://host:port) that the batch runs (`streamrec features`, "
+        "`streamrec train`) push their outcome metrics to. Unset: they only write them under "
+        "`<data_dir>/metrics/`, where `streamrec status` reads them.",
     )
 
     # --- online store ---------------------------------------------------------------------
@@ -148,13 +207,54 @@ class Settings(BaseSettings):
         description="Comma-separated API keys accepted in the X-API-Key header; empty: the API is open. "
         "/healthz and /readyz (the probes) are always open.",
     )
+    require_api_keys: bool = Field(
+        default=False,
+        description="Refuse to start the API (`streamrec serve`, the RayService's app builder, each Serve replica) "
+        "while STREAMREC_API_KEYS is empty, instead of serving an open API. The k8s manifests set it.",
+    )
     serve_port: int = Field(default=8000, ge=1, le=65535, description="HTTP port of the Ray Serve proxy.")
+    rate_limit_rps: float = Field(
+        default=100.0, ge=0, le=1_000_000,
+        description="Requests per second each API key may make to /v1 (a token bucket in Redis shared by every "
+        "replica; over it: 429 with Retry-After). 0: no limit. Applies only when STREAMREC_API_KEYS is set; "
+        "Redis down: not enforced.",
+    )
+    rate_limit_burst: int = Field(
+        default=200, ge=1, le=1_000_000,
+        description="Requests an API key may make at once above its rate (the token bucket's size).",
+    )
+    max_body_bytes: int = Field(
+        default=1_048_576, ge=1024, le=67_108_864,
+        description="Largest request body accepted (Content-Length and the bytes actually sent); larger: 413.",
+    )
+    max_query_bytes: int = Field(
+        default=8192, ge=256, le=65_536,
+        description="Longest query string accepted (bytes, percent-encoded); longer: 414.",
+    )
+    max_header_bytes: int = Field(
+        default=16_384, ge=1024, le=1_048_576,
+        description="Largest total size of a request's headers (names + values, bytes); larger: 431.",
+    )
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="Comma-separated origins (https://app.example.com) browsers may call the API from; "
+        "empty: no CORS headers (browsers on other origins are refused). `*` allows any origin.",
+    )
 
-    @field_validator("event_types", "api_keys", mode="before")
+    @field_validator("event_types", "api_keys", "cors_origins", mode="before")
     @classmethod
     def _split_commas(cls, v: object) -> object:
         if isinstance(v, str):
             return tuple(t.strip() for t in v.split(",") if t.strip())
+        return v
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origin_format(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for origin in v:
+            if origin != "*" and not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", origin):
+                raise ValueError(f"expected origins like https://app.example.com (scheme://host[:port], no path) "
+                                 f"or *, got {origin!r}")
         return v
 
     @field_validator("event_types")
@@ -183,6 +283,57 @@ class Settings(BaseSettings):
             raise ValueError("expected a redis://, rediss:// or unix:// URL")
         return v
 
+    @field_validator("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile", "redis_tls_cafile")
+    @classmethod
+    def _file_exists(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.expanduser().is_file():
+            raise ValueError(f"no such file: {str(v)!r} (a PEM file readable by streamrec)")
+        return None if v is None else v.expanduser()
+
+    @model_validator(mode="after")
+    def _transport_combinations(self) -> "Settings":
+        """Combinations that would silently not do what they say (a credential nothing sends) are errors
+        naming both variables."""
+        proto, sasl = self.kafka_security_protocol, self.kafka_security_protocol.startswith("SASL_")
+        p_var = "STREAMREC_KAFKA_SECURITY_PROTOCOL"
+        if sasl:
+            missing = [var for var, value in (("STREAMREC_KAFKA_SASL_MECHANISM", self.kafka_sasl_mechanism),
+                                              ("STREAMREC_KAFKA_SASL_USERNAME", self.kafka_sasl_username),
+                                              ("STREAMREC_KAFKA_SASL_PASSWORD", self.kafka_sasl_password))
+                       if value is None]
+            if missing:
+                raise ValueError(f"{p_var}={proto} needs {', '.join(missing)}")
+        else:
+            for var, value in (("STREAMREC_KAFKA_SASL_MECHANISM", self.kafka_sasl_mechanism),
+                               ("STREAMREC_KAFKA_SASL_USERNAME", self.kafka_sasl_username),
+                               ("STREAMREC_KAFKA_SASL_PASSWORD", self.kafka_sasl_password)):
+                if value is not None:
+                    raise ValueError(f"{var} is set but {p_var}={proto} sends no SASL credentials: "
+                                     f"use SASL_PLAINTEXT or SASL_SSL, or unset {var}")
+        if not proto.endswith("SSL"):
+            for var, value in (("STREAMREC_KAFKA_SSL_CAFILE", self.kafka_ssl_cafile),
+                               ("STREAMREC_KAFKA_SSL_CERTFILE", self.kafka_ssl_certfile),
+                               ("STREAMREC_KAFKA_SSL_KEYFILE", self.kafka_ssl_keyfile)):
+                if value is not None:
+                    raise ValueError(f"{var} is set but {p_var}={proto} does not use TLS: use SSL or SASL_SSL, "
+                                     f"or unset {var}")
+        if self.kafka_ssl_keyfile is not None and self.kafka_ssl_certfile is None:
+            raise ValueError("STREAMREC_KAFKA_SSL_KEYFILE is set without STREAMREC_KAFKA_SSL_CERTFILE")
+        if proto != "PLAINTEXT" and self.kafka_bootstrap_servers is None:
+            raise ValueError(f"{p_var}={proto} needs KAFKA_BOOTSTRAP_SERVERS: the embedded broker speaks "
+                             "PLAINTEXT only")
+        url = self.redis_url
+        if url is None and (self.redis_password is not None or self.redis_username is not None
+                            or self.redis_tls_cafile is not None):
+            raise ValueError("STREAMREC_REDIS_USERNAME / _PASSWORD / _TLS_CAFILE need REDIS_URL: the embedded "
+                             "Redis has no password and no TLS")
+        if url is not None:
+            if self.redis_password is not None and _url_password(url) is not None:
+                raise ValueError("REDIS_URL carries a password and STREAMREC_REDIS_PASSWORD is set too: keep one")
+            if self.redis_tls_cafile is not None and not url.startswith("rediss://"):
+                raise ValueError("STREAMREC_REDIS_TLS_CAFILE is set but REDIS_URL is not a rediss:// (TLS) URL")
+        return self
+
     @model_validator(mode="after")
     def _distinct_topics(self) -> "Settings":
         names = [self.events_topic, self.items_topic, self.dlq_topic]
@@ -209,8 +360,47 @@ class Settings(BaseSettings):
         return self.data_dir / "runs"
 
     @property
+    def metrics_dir(self) -> Path:
+        """Outcome metrics of the last batch runs (Prometheus text files), read by `streamrec status`."""
+        return self.data_dir / "metrics"
+
+    @property
     def registry_uri(self) -> str:
         return self.registry_root or str(self.data_dir / "registry")
+
+
+SECRET_MASK = "**********"  # what a secret shows as (pydantic's SecretStr mask)
+
+
+def _url_password(url: str) -> str | None:
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(url).password
+    except ValueError:
+        return None
+
+
+def redact_url(url: str | None) -> str | None:
+    """`url` with its password (if any) masked: what logs, errors and `streamrec config` show."""
+    if url is None or _url_password(url) is None:
+        return url
+    scheme, rest = url.split("://", 1)
+    userinfo, host = rest.rsplit("@", 1)
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:{SECRET_MASK}@{host}"
+
+
+def shown_input(field: str, value: object) -> object:
+    """A setting's value as it may be printed: secrets masked, a URL's password masked."""
+    if value is None:
+        return None
+    if isinstance(value, SecretStr) or (field in Settings.model_fields
+                                        and Settings.model_fields[field].annotation == (SecretStr | None)):
+        return SECRET_MASK
+    if isinstance(value, str) and "://" in value:
+        return redact_url(value)
+    return value
 
 
 def _env_name(field: str) -> str:
@@ -232,6 +422,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     out = {}
     for field in Settings.model_fields:
         value = getattr(settings, field)
+        if isinstance(value, SecretStr):  # a child process needs the secret itself, not its mask
+            value = value.get_secret_value()
         if value is not None:
             out[names[field]] = ",".join(value) if isinstance(value, tuple) else str(value)
     return out
@@ -248,6 +440,9 @@ def load_settings(**overrides: object) -> Settings:
         for err in exc.errors():
             loc = [str(p) for p in err.get("loc", ())]
             field = loc[0] if loc else ""
-            var = _env_name(field) if field in Settings.model_fields else (field or "settings")
-            lines.append(f"{var}={err.get('input')!r}: {err.get('msg')}")
+            if not loc:  # a check of several values: its message names them (the input is every value)
+                lines.append(err.get("msg", "").removeprefix("Value error, "))
+                continue
+            var = _env_name(field) if field in Settings.model_fields else field
+            lines.append(f"{var}={shown_input(field, err.get('input'))!r}: {err.get('msg')}")
         raise SettingsError("invalid configuration:\n  " + "\n  ".join(lines)) from None

@@ -42,10 +42,11 @@ K8S_DIR = Path(__file__).resolve().parents[1] / "k8s"
 K8S_VERSION = "1.31"  # oldest Kubernetes the manifests must be valid for
 STRIMZI_API = "kafka.strimzi.io/v1"  # Strimzi 1.x serves only v1 (k8s/README.md pins 1.2.0)
 KUBERAY_API = "ray.io/v1"
+MONITORING_API = "monitoring.coreos.com/v1"  # Prometheus Operator (k8s/monitoring/; CRDs vendored too)
 KUSTOMIZE_API = "kustomize.config.k8s.io/v1beta1"
 KUSTOMIZE_GROUP = "kustomize.config.k8s.io"  # Kustomization (v1beta1) and Component (v1alpha1)
 # API groups validated with kubernetes-validate ("" is the core group).
-BUILTIN_GROUPS = {"", "apps", "batch", "policy", "rbac.authorization.k8s.io"}
+BUILTIN_GROUPS = {"", "apps", "batch", "policy", "rbac.authorization.k8s.io", "networking.k8s.io"}
 CLUSTER_SCOPED_KINDS = {"Namespace"}
 STREAMREC_IMAGE = "ghcr.io/streamrec/streamrec"
 DATA_CLAIM = "streamrec-data"
@@ -58,8 +59,14 @@ GPU = "nvidia.com/gpu"
 # --------------------------------------------------------------------------------------------
 
 
+# YAML under k8s/ that is neither a manifest nor a kustomize input: promtool's unit tests of the
+# alert rules (tests/k8s/test_monitoring.py runs them).
+NOT_MANIFESTS = {K8S_DIR / "monitoring" / "tests"}
+
+
 def _yaml_files() -> list[Path]:
-    return sorted(p for p in K8S_DIR.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
+    return sorted(p for p in K8S_DIR.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file()
+                  and not any(d in p.parents for d in NOT_MANIFESTS))
 
 
 def _load_yaml(path: Path) -> list[dict]:
@@ -128,6 +135,11 @@ _INPUTS = _kustomize_inputs()
 DOCS = [(p, d) for p in _yaml_files() if p.resolve() not in _INPUTS for d in _load_yaml(p)]
 GENERATED = _generated_configmaps()
 GENERATED_NAMES = {d["metadata"]["name"] for _, d in GENERATED}
+# Generated without a content hash (`disableNameSuffixHash`): only for ConfigMaps no pod uses
+# (the Grafana dashboard, which a hashed name would duplicate); test_pods_use_only_generated_configmaps
+# keeps pods off them.
+UNHASHED_NAMES = {g["name"] for _, k in _kustomizations() for g in k.get("configMapGenerator", [])
+                  if g.get("options", {}).get("disableNameSuffixHash")}
 OBJECTS = [(p, d) for p, d in DOCS if not str(d.get("apiVersion", "")).startswith(KUSTOMIZE_GROUP)] + GENERATED
 # Generator inputs that are RayJobs: templates of runs, created by the training trigger.
 TEMPLATES = [(p, d) for p in sorted(_INPUTS) if p.suffix in (".yaml", ".yml")
@@ -314,7 +326,7 @@ def test_builtin_objects_validate(item):
 def test_only_known_api_groups():
     """A kind outside the validated groups, Strimzi and KubeRay would escape every check here."""
     for path, doc in OBJECTS + TEMPLATES:
-        assert _group(doc) in BUILTIN_GROUPS or doc["apiVersion"] in (STRIMZI_API, KUBERAY_API), (
+        assert _group(doc) in BUILTIN_GROUPS or doc["apiVersion"] in (STRIMZI_API, KUBERAY_API, MONITORING_API), (
             f"{_id((path, doc))}: add a check for {doc['apiVersion']} to this test"
         )
         if _group(doc) == "ray.io":
@@ -347,10 +359,16 @@ def test_workload_selectors_match_their_pods():
         )
 
 
+def operator_secrets() -> set[str]:
+    """Secrets an operator makes: Strimzi's cluster CA certificate and one per KafkaUser (its password)."""
+    return ({f"{k['metadata']['name']}-cluster-ca-cert" for k in _of_kind("Kafka")}
+            | {u["metadata"]["name"] for u in _of_kind("KafkaUser")})
+
+
 def test_pod_volumes_and_claims_resolve():
     claims = {p["metadata"]["name"] for p in _of_kind("PersistentVolumeClaim")}
     configmaps = {c["metadata"]["name"] for c in _of_kind("ConfigMap")}
-    secrets = {s["metadata"]["name"] for s in _of_kind("Secret")}
+    secrets = {s["metadata"]["name"] for s in _of_kind("Secret")} | operator_secrets()
     templates_of = {f"{w['kind']}/{w['metadata']['name']}": w["spec"].get("volumeClaimTemplates", [])
                     for w in _workloads()}
     for pod in _pods():
@@ -444,7 +462,8 @@ def test_kubectl_kustomize_builds():
     for d in rendered:
         kind, name = _render_key(d)
         if kind == "ConfigMap" and name in generated:
-            assert d["metadata"]["name"] != name, f"{name}: generated without a content hash"
+            if name not in UNHASHED_NAMES:
+                assert d["metadata"]["name"] != name, f"{name}: generated without a content hash"
             assert d.get("data") == generated[name]["data"], f"ConfigMap {name}: read differently here"
 
 
@@ -494,6 +513,7 @@ def test_pods_use_only_generated_configmaps():
         refs |= {e["configMapRef"]["name"] for c in pod.spec["containers"] for e in c.get("envFrom", [])
                  if "configMapRef" in e}
         assert refs <= GENERATED_NAMES, f"{pod.owner}: {refs - GENERATED_NAMES} not generated"
+        assert not refs & UNHASHED_NAMES, f"{pod.owner}: {refs & UNHASHED_NAMES} have no content hash (no roll)"
 
 
 def _images(node) -> list[str]:
@@ -1012,8 +1032,10 @@ def test_bootstrap_servers_are_the_strimzi_bootstrap_service(k8s_settings):
     assert host in (expected, expected + ".cluster.local")
     listener = [li for li in kafka["spec"]["kafka"]["listeners"] if li["port"] == int(port)]
     assert listener, f"no Kafka listener on port {port}"
-    # streamrec's client has no TLS/SASL settings: it needs a plaintext in-cluster listener
-    assert listener[0]["tls"] is False and listener[0]["type"] == "internal" and "authentication" not in listener[0]
+    # in-cluster, TLS + SCRAM-SHA-512: every pod that uses Kafka says so (tests/k8s/test_security.py
+    # checks the credentials and the ACLs)
+    assert listener[0]["tls"] is True and listener[0]["type"] == "internal"
+    assert listener[0]["authentication"]["type"] == "scram-sha-512"
 
 
 def test_redis_url_is_the_redis_service(k8s_settings):

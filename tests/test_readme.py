@@ -14,54 +14,18 @@ import re
 import shlex
 from pathlib import Path
 
-import click
 import pytest
-import typer
 
 from streaming.settings import env_var_names
+from tests.cli_parsing import command_lines, parse_streamrec_args, streamrec_invocations
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 BASH_BLOCKS = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
-ENV_ASSIGN = re.compile(r"^[A-Z_][A-Z0-9_]*=")
 
 
 def _command_lines() -> list[str]:
-    out = []
-    for block in BASH_BLOCKS:
-        for line in block.replace("\\\n", " ").splitlines():
-            line = line.strip()
-            if line and not line.startswith("#"):
-                out.append(line)
-    return out
-
-
-def _streamrec_invocations() -> list[list[str]]:
-    found = []
-    for line in _command_lines():
-        tokens = shlex.split(line, comments=True)
-        segment: list[str] = []
-        for tok in tokens + ["&&"]:
-            if tok in ("&&", "||", "|", ";"):
-                words = [t for t in segment if not ENV_ASSIGN.match(t)] if segment else []
-                if words and words[0] == "streamrec":
-                    found.append(words[1:])
-                segment = []
-            else:
-                segment.append(tok)
-    return found
-
-
-def _parse(args: list[str]) -> click.Context:
-    from services.cli import app
-
-    cmd = typer.main.get_command(app)
-    ctx = cmd.make_context("streamrec", list(args))
-    while hasattr(cmd, "resolve_command"):  # a group (typer's classes are not click's)
-        rest = [*ctx._protected_args, *ctx.args]
-        name, cmd, rest = cmd.resolve_command(ctx, rest)
-        ctx = cmd.make_context(name, rest, parent=ctx)
-    return ctx
+    return [line for block in BASH_BLOCKS for line in command_lines(block)]
 
 
 def test_ci_runs_the_readme_test_command():
@@ -80,7 +44,7 @@ def test_every_setting_is_in_the_configuration_reference():
         assert f"`{var}`" in README, f"{var} missing from README's configuration table"
 
 
-INVOCATIONS = _streamrec_invocations()
+INVOCATIONS = streamrec_invocations(_command_lines())
 
 
 def test_the_readme_shows_the_main_commands():
@@ -90,7 +54,7 @@ def test_the_readme_shows_the_main_commands():
 
 @pytest.mark.parametrize("args", INVOCATIONS, ids=[" ".join(a) or "(none)" for a in INVOCATIONS])
 def test_every_streamrec_command_in_the_readme_parses(args):
-    _parse(args)  # click raises UsageError / BadParameter on an unknown command, option or bad value
+    parse_streamrec_args(args)  # click raises UsageError / BadParameter on an unknown command, option or bad value
 
 
 def test_every_curl_route_in_the_readme_exists():

@@ -19,7 +19,8 @@ adapter serving, and the next attempt waits for the next period or batch of even
 check: retrying on the same data would refuse again); anything else raised is a failure. The
 status goes to a JSON file (`status_path`) for `streamrec up`'s progress line. After
 `MAX_CONSECUTIVE_FAILURES` failed runs in a row the loop raises the last error, so the command
-exits non-zero and the supervisor reports why instead of failing forever.
+exits non-zero and the supervisor reports why instead of failing forever. Every run that starts
+leaves its outcome metrics behind (training/train_metrics.py: `<data_dir>/metrics/train-<scene>.prom`).
 """
 
 from __future__ import annotations
@@ -156,7 +157,8 @@ class ContinuousTrainer:
         return self._maybe_train(incremental=True)
 
     def _maybe_train(self, incremental: bool) -> str:
-        from training.train_run import GATE_REFUSED, PUBLISHED, TrainRequest, run_training
+        from training.train_metrics import record_train_run
+        from training.train_run import FAILED, GATE_REFUSED, NOTHING_NEW, PUBLISHED, TrainRequest, run_training
 
         if self.stop.is_set():  # stopping: a run started now would only be abandoned
             return self.status.state
@@ -170,20 +172,23 @@ class ContinuousTrainer:
         self._set("training", f"{what} ({epochs} epochs, preset {self.preset.name})")
         self.last_attempt_t, self.last_attempt_events = time.monotonic(), st.feature_events
         st.runs += 1
-        t0 = time.monotonic()
+        t0, started = time.monotonic(), time.time()
         try:
             outcome = (self._train or run_training)(self.settings, req)
         except NotEnoughData as exc:  # not enough data of the right shape yet: wait, not a failure
+            record_train_run(self.settings, self.scene, NOTHING_NEW, started=started)
             return self._set("waiting", str(exc))
         except Exception as exc:
             self.failures += 1
             logger.exception("training run failed (%d in a row)", self.failures)
+            record_train_run(self.settings, self.scene, FAILED, started=started)
             self._set("failed", f"{type(exc).__name__}: {exc} ({self.failures} in a row)")
             if self.failures >= MAX_CONSECUTIVE_FAILURES:
                 raise
             return "failed"
         self.failures = 0
         published = outcome.published.version if outcome.published is not None else None
+        record_train_run(self.settings, self.scene, PUBLISHED if published else GATE_REFUSED, started=started)
         st.last_outcome = {"outcome": PUBLISHED if published else GATE_REFUSED, "published": published,
                            "gate": outcome.gate_message, "metrics": outcome.metrics,
                            "run_dir": str(outcome.run_dir), "seconds": round(time.monotonic() - t0, 1)}

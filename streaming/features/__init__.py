@@ -13,7 +13,8 @@ Modules, in the order a reader needs them:
 * `job` -- one run (`run_features`): what is new, the Ray Data pipeline, the manifest it publishes;
 * `merge` -- the two Ray Data stages (user-bucket merge, co-visitation buckets);
 * `store` -- version directories, the manifest swap, garbage collection, the run locks;
-* `redis_push` -- popular/trending items pushed to Redis for serving's fallback.
+* `redis_push` -- popular/trending items pushed to Redis for serving's fallback;
+* `run_metrics` -- the outcome metrics every run writes (`<data_dir>/metrics/features.prom`).
 """
 
 from streaming.features.job import FeatureRunResult, run_features

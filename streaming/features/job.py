@@ -13,7 +13,13 @@ What is exact, and why:
   (`streaming.features.merge`), so integer columns equal a full recompute exactly; trending
   equals it within float rounding (old * 2^(-(new_ref - old_ref)/half_life) + new
   contributions; ref_ts only grows).
-* Idempotence: with no new log files a run is a no-op (nothing written) and says so.
+* Idempotence: with no new log files a run is a no-op (no table or manifest written) and says so.
+* A corrupt or torn new log file stops the run with `CorruptLogFile` naming it (footers are checked
+  before any work; when a Ray Data read fails, the new files are decoded to find the culprit): never
+  tables silently missing its events. Chosen over quarantine; README "Chaos suite" says what to do.
+
+Every run, successful, a no-op or failed, ends by writing the job's outcome metrics
+(`streaming.features.run_metrics`: `<data_dir>/metrics/features.prom`, and the Pushgateway).
 
 Ray Data does the heavy lifting: ``read_parquet`` over the new event files, a watermark filter
 that tags each row with its user bucket, ``groupby(bucket).map_groups`` for the user-bucket
@@ -39,7 +45,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from streaming.events import ITEM_LOG_SCHEMA
+from streaming.events import EVENT_LOG_SCHEMA, ITEM_LOG_SCHEMA
 from streaming.features import store
 from streaming.features.merge import (
     COVISIT_OUT_SCHEMA,
@@ -54,6 +60,7 @@ from streaming.features.merge import (
     runs,
 )
 from streaming.features.redis_push import push_popularity_to_redis, pushed_version
+from streaming.features.run_metrics import record_features_run
 from streaming.features.store import KEEP_VERSIONS, MANIFEST_FORMAT, write_parquet
 from streaming.features.tables import (
     COVISIT_BUCKETS,
@@ -69,7 +76,7 @@ from streaming.features.tables import (
     read_manifest,
     read_parquet,
 )
-from streaming.offline_log import LogFile, OfflineLog
+from streaming.offline_log import CorruptLogFile, LogFile, OfflineLog, check_log_file
 from streaming.offline_log import read_table as read_log_table
 from streaming.ray_runtime import ensure_ray
 from streaming.settings import Settings
@@ -100,15 +107,32 @@ def run_features(settings: Settings, *, full: bool = False, redis_client: Any = 
     popularity / trending to Redis (`push_popularity_to_redis`)."""
     features_dir = Path(settings.features_dir).absolute()
     features_dir.mkdir(parents=True, exist_ok=True)
-    with store.run_lock(features_dir, redis_client, settings) as rlock:
-        result = _run_locked(settings, features_dir, full, rlock, progress)
-        # Also after a no-op: Redis may have restarted empty since the last push. Under the
-        # lock, so an older version never overwrites a newer one.
-        if redis_client is not None:
-            manifest = read_manifest(settings)
-            if manifest is not None and pushed_version(redis_client, settings) != manifest["version"]:
-                push_popularity_to_redis(load_tables(settings, manifest, (ITEMS, POPULARITY)), redis_client, settings)
+    started = time.time()
+    try:
+        with store.run_lock(features_dir, redis_client, settings) as rlock:
+            result = _run_locked(settings, features_dir, full, rlock, progress)
+            # Also after a no-op: Redis may have restarted empty since the last push. Under the
+            # lock, so an older version never overwrites a newer one.
+            if redis_client is not None:
+                manifest = read_manifest(settings)
+                if manifest is not None and pushed_version(redis_client, settings) != manifest["version"]:
+                    push_popularity_to_redis(load_tables(settings, manifest, (ITEMS, POPULARITY)), redis_client,
+                                             settings)
+    except store.FeaturesBusyError:
+        raise  # not a run: the one holding the lock records its own end
+    except Exception:
+        record_features_run(settings, started=started, live_version=_live_version(features_dir))
+        raise
+    record_features_run(settings, started=started, result=result)
     return result
+
+
+def _live_version(features_dir: Path) -> int | None:
+    """The live feature version, for the metrics of a failed run (None when unreadable)."""
+    try:
+        return int((read_json(features_dir / MANIFEST_NAME) or {}).get("version", 0))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 @dataclass
@@ -182,6 +206,9 @@ def _run_locked(settings: Settings, features_dir: Path, full: bool, rlock: Any, 
         old_sequences={b: e["path"] for b, e in _by_bucket(run.tables[SEQUENCES]).items()},
         old_counts={b: e["path"] for b, e in _by_bucket(run.tables[COVISIT_COUNTS]).items()},
     )
+    # A corrupt log file stops the run, named, before anything is built (never a silent wrong table;
+    # README "Chaos suite"): the footers here, the pages when a read below fails.
+    _check_files(log, ev_files, it_files, read_pages=False)
     if run.new_files:
         ensure_ray(settings.ray_address)
     # One line: files read (counted when their stage is done) and bucket files written.
@@ -191,7 +218,11 @@ def _run_locked(settings: Settings, features_dir: Path, full: bool, rlock: Any, 
     try:
         with _ray_data_context():
             if ev_files:
-                _update_events(run, job, bar)
+                try:
+                    _update_events(run, job, bar)
+                except Exception:
+                    _check_files(log, ev_files, [], read_pages=True)  # name the file when one is to blame
+                    raise
             bar.update(len(ev_files))
             bar.set_description_str(f"features {run.vdir}: items")
             if it_files:
@@ -391,6 +422,18 @@ def _params(settings: Settings) -> dict[str, Any]:
         "events_topic": settings.events_topic,
         "items_topic": settings.items_topic,
     }
+
+
+def _check_files(log: OfflineLog, ev_files: list[LogFile], it_files: list[LogFile], *, read_pages: bool) -> None:
+    """`CorruptLogFile` (logged as an ERROR naming the file) for the first unreadable new log file."""
+    try:
+        for f in ev_files:
+            check_log_file(log, f, EVENT_LOG_SCHEMA, read_pages=read_pages)
+        for f in it_files:
+            check_log_file(log, f, ITEM_LOG_SCHEMA, read_pages=read_pages)
+    except CorruptLogFile as exc:
+        logger.error("%s", exc)
+        raise
 
 
 def _new_files(log: OfflineLog, topic: str, watermarks: dict[int, int]) -> list[LogFile]:

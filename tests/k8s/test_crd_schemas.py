@@ -112,7 +112,8 @@ def test_readme_installs_the_pinned_operators():
     readme = (K8S_DIR / "README.md").read_text(encoding="utf-8")
     for operator in SOURCES.values():
         version = operator["tag"].removeprefix("v")
-        assert f"--version {version}" in readme, f"k8s/README.md does not install {operator['operator']} {version}"
+        pin = operator.get("install", f"--version {version}")  # a Helm chart's version, or the release's URL
+        assert pin in readme, f"k8s/README.md does not install {operator['operator']} {version} ({pin})"
     assert "install/latest" not in readme, "k8s/README.md installs an unpinned operator"
 
 

@@ -79,6 +79,30 @@ def test_the_probes_and_the_warm_up_503_are_documented(openapi):
             assert "503" in op["responses"], f"{path}: the warm-up 503 is not documented"
 
 
+def test_every_route_documents_the_edge_refusals_and_the_keyed_ones_429_and_the_key(openapi):
+    """What a schema-driven client (or fuzzer) may meet: 400/413/414/431 on every route (the size
+    limits run before any route), and 429 plus the x-api-key security scheme on every /v1 route."""
+    scheme = openapi["components"]["securitySchemes"]["ApiKey"]
+    assert scheme == {**scheme, "type": "apiKey", "in": "header", "name": "x-api-key"}
+    for method, path, op in _operations(openapi):
+        for status in ("400", "413", "414", "431"):
+            assert _schema_name(op["responses"].get(status, {})) == "ErrorBody", f"{method} {path}: no {status}"
+        if path.startswith("/v1/"):
+            assert _schema_name(op["responses"].get("429", {})) == "ErrorBody", f"{method} {path}: no 429"
+            assert op.get("security") == [{"ApiKey": []}], f"{method} {path} does not name the API key"
+        else:
+            assert "429" not in op["responses"] and "security" not in op, f"{method} {path} is not keyed"
+
+
+def test_a_recommendation_links_to_the_similar_items_of_its_first_item(openapi):
+    paths = openapi["paths"]
+    assert paths["/v1/items/{item_id}/similar"]["get"]["operationId"] == "similar_items"
+    for op in paths["/v1/recommendations"].values():
+        link = op["responses"]["200"]["links"]["SimilarToFirst"]
+        assert link["operationId"] == "similar_items"
+        assert link["parameters"]["item_id"] == "$response.body#/items/0/item_id"
+
+
 def test_the_error_builders_give_the_readme_shape():
     body = validation_error([{"loc": ("query", "k"), "msg": "Input should be greater than or equal to 1",
                               "type": "greater_than_equal"}])

@@ -102,7 +102,8 @@ def assert_help_lists(args: list[str], names: tuple[str, ...]) -> None:
     assert not missing, f"streamrec {' '.join(args)} --help lacks {missing}"
 
 
-def test_up_demo_and_train_loop_have_help_and_refuse_bad_options():
+def test_up_demo_and_train_loop_have_help_and_refuse_bad_options(tmp_path, monkeypatch):
+    monkeypatch.setenv("STREAMREC_DATA_DIR", str(tmp_path))  # a refused `train` records a failed run there
     assert_help_lists([], ("up", "demo", "train-loop"))
     assert_help_lists(["up"], ("--train-every", "--preset", "--port", "--fresh", "--keep-stack", "--no-train"))
     assert "--quick" in runner.invoke(app, ["demo", "--help"]).output

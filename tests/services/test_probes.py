@@ -55,6 +55,9 @@ def registry(monkeypatch):
         def current(self, scene: str):
             return SimpleNamespace(version=live[scene])
 
+        def get(self, scene: str, version: str):  # the manifest a swapped-in version's NDCG@10 comes from
+            return SimpleNamespace(version=version, metrics={"val_ndcg10": 0.25})
+
     monkeypatch.setattr("training.registry.Registry", FakeRegistry)
     return live
 

@@ -282,6 +282,20 @@ def test_hot_reload_under_load_and_a_corrupt_version_is_refused(served):
     assert 'streamrec_adapter_reload_failures_total{scene="default"} 1.0' in metrics
 
 
+def test_error_answers_are_counted_beside_successes(served):
+    def count(text: str, route: str, status: str) -> float:
+        line = f'streamrec_requests_total{{route="{route}",status="{status}"}} '
+        return sum(float(ln[len(line):]) for ln in text.splitlines() if ln.startswith(line))
+
+    before = requests.get(served["base"] + "/metrics", timeout=10).text
+    assert _get(served, "/v1/recommendations", user_id="u1", k=0).status_code == 422
+    assert _get(served, "/v1/items/no-such-item/similar", k=3).status_code == 404
+    after = requests.get(served["base"] + "/metrics", timeout=10).text
+    assert count(after, "GET /v1/recommendations", "422") == count(before, "GET /v1/recommendations", "422") + 1
+    assert count(after, "GET /v1/items/{item_id}/similar", "404") == \
+        count(before, "GET /v1/items/{item_id}/similar", "404") + 1
+
+
 def test_redis_down_means_popular_fallback_never_5xx(served):
     proc = served["redis_proc"]
     proc.stop()

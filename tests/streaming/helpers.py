@@ -7,11 +7,11 @@ import uuid
 from pathlib import Path
 
 import pyarrow as pa
-import redis
 
 from streaming.events import EVENT_LOG_SCHEMA, ITEM_LOG_SCHEMA
 from streaming.kafka_io import ensure_topics
 from streaming.offline_log import OfflineLog, read_table
+from streaming.redis_io import make_redis
 from streaming.settings import Settings, load_settings
 
 WAIT_POLL_S = 0.05
@@ -33,6 +33,7 @@ def isolated_settings(stack, data_dir: Path, **overrides) -> Settings:
         session_timeout_ms=3000,
         log_flush_interval_s=0.2,
         features_interval_s=0,
+        ingest_metrics_port=0,  # ingest processes of concurrent tests must not collide on the metrics port
     )
     values.update(overrides)
     settings = load_settings(**values)
@@ -68,5 +69,5 @@ def assert_no_overlap(settings: Settings, topic: str) -> None:
 
 
 def popularity_total(settings: Settings) -> int:
-    r = redis.Redis.from_url(settings.redis_url)
+    r = make_redis(settings)  # the settings' credentials too
     return int(sum(score for _, score in r.zrange(f"{settings.redis_prefix}pop:all", 0, -1, withscores=True)))

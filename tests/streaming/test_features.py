@@ -18,7 +18,8 @@ import pytest
 
 from streaming import features
 from streaming.events import EVENT_LOG_SCHEMA, ITEM_LOG_SCHEMA
-from streaming.features import load_feature_tables, push_popularity_to_redis, run_features, store
+from streaming.features import load_feature_tables, push_popularity_to_redis, run_features, run_metrics, store
+from streaming.job_metrics import metrics_file, read_job_metrics
 from streaming.offline_log import OfflineLog
 from streaming.settings import Settings
 
@@ -270,8 +271,15 @@ def test_hand_checked_values(tmp_path, ray_local):
         it("i2", "two", 300, 1, 1, deleted=True),  # delete
         it("i3", "three old", 400, 0, 3),  # older ts than the live record: ignored
     ])
+    before = time.time()
     r = run_features(s)
     assert (r.version, r.new_files, r.new_events, r.users_touched) == (2, 4, 4, 2)
+    # ...and the run's outcome metrics (streaming/features/run_metrics.py) say the same.
+    prom = read_job_metrics(metrics_file(s, run_metrics.FEATURES_METRICS))
+    assert [prom.value(n) for n in (run_metrics.LAST_RUN_OK, run_metrics.VERSION, run_metrics.LAST_FILES,
+                                    run_metrics.LAST_ROWS)] == [1, 2, 4, 4]
+    assert before <= prom.value(run_metrics.LAST_SUCCESS) == prom.value(run_metrics.LAST_RUN) <= time.time()
+    assert 0 < prom.value(run_metrics.LAST_DURATION) <= prom.value(run_metrics.LAST_RUN) - before
     t = load_feature_tables(s)
     seq = {row["user_id"]: row for row in t.sequences.to_pylist()}
     assert seq["u1"]["item_ids"] == ["i1", "i1", "i2", "i3"]

@@ -21,8 +21,10 @@ import torch
 
 from streaming.datasets import load_dataset
 from streaming.features import run_features
+from streaming.job_metrics import metrics_file, read_job_metrics
 from streaming.settings import Settings, settings_env
 from tests.streaming.test_features import write
+from training import train_metrics as tm
 from training.adapter import ADAPTER_FILE, EMBEDDINGS_FILE, load_adapter, read_embeddings
 from training.corpus import Corpus, NotEnoughData, leave_one_out, training_windows
 from training.fault_injection import FAULT_ENV, WORKER_PIDS, worker_pid_file
@@ -118,6 +120,12 @@ def test_train_publish_incremental_and_gate(tmp_path, ray_local, synthetic, monk
     assert result.exit_code == 0, result.output
     assert "outcome: nothing new (no events past v000002's data window; v000002 stays live)" in result.output
     assert json.loads(out.read_text())["outcome"] == NOTHING_NEW
+    # ...and leaves its outcome metrics (training/train_metrics.py), with the live adapter's NDCG@10.
+    prom = read_job_metrics(metrics_file(settings, tm.train_metrics_name("default")))
+    assert prom.value(tm.LAST_OUTCOME, scene="default", outcome="nothing_new") == 1
+    assert [prom.value(tm.RUNS, scene="default", outcome=o) for o in tm.TRAIN_OUTCOMES] == [0, 0, 1, 0]
+    assert prom.value(tm.LIVE_NDCG, scene="default") == registry.current("default").metrics["val_ndcg10"] > 0
+    assert 0 < prom.value(tm.LAST_SUCCESS, scene="default") == prom.value(tm.LAST_RUN, scene="default")
     with pytest.raises(NotEnoughData):
         run_training(settings, inc_req)
 
