@@ -1,8 +1,7 @@
 """Prometheus metrics of one API replica, and how an error that a replica survives is reported.
 
-Each replica has a registry of its own (its `GET /metrics` exports it, labelled with
-`streamrec_replica_info`), so that unit tests and several replicas in one process do not share
-counters.
+Each replica has a registry of its own (its `GET /metrics` exports it, every series labelled
+`replica`), so that unit tests and several replicas in one process do not share counters.
 
 A replica survives some errors on purpose -- Redis down (popularity fallback), a registry
 that cannot be read this second, one malformed catalog record -- and keeps serving. Such an error
@@ -24,7 +23,8 @@ import threading
 import time
 from typing import Any, Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ class ServeMetrics:
         # (scene, source) -> its counter child: `answered` runs on every request, `labels()` takes a lock
         self._answers: dict[tuple[str, str], Any] = {}
         self.replica.labels(replica).set(1)
+        self.replica_id = replica
         for loop in BACKGROUND_LOOPS:  # exported at 0 from the start: an alert can use rate() at once
             self.background_errors.labels(loop)
         for what in REQUEST_DEGRADATIONS:
@@ -96,6 +97,12 @@ class ServeMetrics:
         self._log_lock = threading.Lock()  # catalog work runs in threads
         self._last_logged: dict[str, float] = {}
         self._unlogged: dict[str, int] = {}
+
+    def exposition(self) -> bytes:
+        """This replica's `GET /metrics` body: every series labelled `replica`. On Kubernetes a worker
+        pod's port is answered by any of its replicas, one per scrape; without the label their counters
+        would look like one series that keeps resetting, and rates over them would be wrong."""
+        return generate_latest(_ReplicaLabelled(self.registry, self.replica_id))
 
     def answered(self, scene: str, source: str) -> None:
         """Count one /v1/recommend answer for `scene` from `source` (SOURCE_MODEL or SOURCE_FALLBACK)."""
@@ -144,6 +151,20 @@ class ServeMetrics:
             skipped = self._unlogged.pop(where, 0)
         more = f" ({skipped} more since the last report)" if skipped else ""
         logger.log(level, "%s: %s (%s: %s)%s", where, what, type(exc).__name__, exc, more)
+
+
+class _ReplicaLabelled:
+    """A collector view of `registry` whose samples all carry `replica` (kept where one already does)."""
+
+    def __init__(self, registry: CollectorRegistry, replica: str) -> None:
+        self.registry, self.replica = registry, replica
+
+    def collect(self):
+        for family in self.registry.collect():
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            labelled.samples = [s if "replica" in s.labels else s._replace(labels={**s.labels, "replica": self.replica})
+                                for s in family.samples]
+            yield labelled
 
 
 __all__ = ["ANSWER_SOURCES", "BACKGROUND_LOOPS", "ERROR_LOG_INTERVAL_S", "REFUSAL_REASONS", "REQUEST_DEGRADATIONS",

@@ -47,7 +47,6 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from prometheus_client import generate_latest
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.exceptions import RayServeException
@@ -398,7 +397,7 @@ class Api:
     @api.get("/metrics", response_class=PlainTextResponse, responses={
         200: {"description": "Prometheus text format"}, **error_responses(*EDGE_ERRORS, media_type="application/json")})
     async def metrics_route(self) -> Response:
-        return Response(generate_latest(self.metrics.registry), media_type="text/plain; version=0.0.4")
+        return Response(self.metrics.exposition(), media_type="text/plain; version=0.0.4")
 
     @api.get("/v1/models", response_model=ModelsResponse, responses=error_responses(*KEYED_ERRORS, *EDGE_ERRORS),
              openapi_extra=KEYED_ROUTE)

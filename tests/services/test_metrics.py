@@ -28,3 +28,16 @@ def test_survived_errors_are_counted_always_and_logged_rate_limited(caplog):
 def test_an_unknown_error_site_is_refused_by_name():
     with pytest.raises(ValueError, match="'nosuch'"):
         ServeMetrics("r1").survived("nosuch", OSError(), "x")
+
+
+def test_every_exported_series_names_its_replica():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    m = ServeMetrics("replica-7")
+    m.requests.labels("GET /v1/recommendations", "200").inc(3)
+    m.latency.labels("GET /v1/recommendations").observe(0.01)
+    families = list(text_string_to_metric_families(m.exposition().decode()))
+    samples = [s for f in families for s in f.samples]
+    assert samples and all(s.labels.get("replica") == "replica-7" for s in samples)
+    assert any(s.name == "streamrec_requests_total" and s.value == 3.0 and s.labels["status"] == "200" for s in samples)
+    assert any(s.name == "streamrec_request_seconds_bucket" for s in samples)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.api_schema import ErrorBody, ModelsResponse
 from services.processes import free_port
@@ -278,22 +279,26 @@ def test_hot_reload_under_load_and_a_corrupt_version_is_refused(served):
     assert len(results) / elapsed >= MIN_RPS, f"the load generator reached only {len(results) / elapsed:.1f} req/s"
     assert results and all(code == 200 for code, _ in results), [r for r in results if r[0] != 200][:5]
     assert results[-1][1] == v2
-    metrics = requests.get(served["base"] + "/metrics", timeout=10).text
-    assert 'streamrec_adapter_reload_failures_total{scene="default"} 1.0' in metrics
+    assert _metric(served, "streamrec_adapter_reload_failures_total", scene="default") == 1.0
+
+
+def _metric(served, name: str, **labels: str) -> float:
+    """The sum of the samples `name` whose labels include `labels`, as the API's /metrics exports them
+    (every series also carries `replica`)."""
+    text = requests.get(served["base"] + "/metrics", timeout=10).text
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    assert samples and all("replica" in s.labels for s in samples)
+    return sum(s.value for s in samples if s.name == name and labels.items() <= s.labels.items())
 
 
 def test_error_answers_are_counted_beside_successes(served):
-    def count(text: str, route: str, status: str) -> float:
-        line = f'streamrec_requests_total{{route="{route}",status="{status}"}} '
-        return sum(float(ln[len(line):]) for ln in text.splitlines() if ln.startswith(line))
-
-    before = requests.get(served["base"] + "/metrics", timeout=10).text
+    route, similar = "GET /v1/recommendations", "GET /v1/items/{item_id}/similar"
+    before = (_metric(served, "streamrec_requests_total", route=route, status="422"),
+              _metric(served, "streamrec_requests_total", route=similar, status="404"))
     assert _get(served, "/v1/recommendations", user_id="u1", k=0).status_code == 422
     assert _get(served, "/v1/items/no-such-item/similar", k=3).status_code == 404
-    after = requests.get(served["base"] + "/metrics", timeout=10).text
-    assert count(after, "GET /v1/recommendations", "422") == count(before, "GET /v1/recommendations", "422") + 1
-    assert count(after, "GET /v1/items/{item_id}/similar", "404") == \
-        count(before, "GET /v1/items/{item_id}/similar", "404") + 1
+    assert _metric(served, "streamrec_requests_total", route=route, status="422") == before[0] + 1
+    assert _metric(served, "streamrec_requests_total", route=similar, status="404") == before[1] + 1
 
 
 def test_redis_down_means_popular_fallback_never_5xx(served):
