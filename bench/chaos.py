@@ -36,7 +36,9 @@ COLUMNS = ("scenario", "requests", "failed", "events", "lost", "duplicated", "re
 SMALL = {"ingest-sigkill": {"kills": 5, "rate": 400.0}, "broker-restart": {"events": 300},
          "trainer-sigkill-in-publish": {"rounds": 1}, "feature-job-sigkill": {"events": 2000},
          "corrupt-parquet": {"events": 1200}, "train-worker-sigkill": {"epochs": 4},
-         "disk-full": {"events": 5000}}
+         "disk-full": {"events": 5000},
+         "redis-sigkill-serving": {"rate": 40.0, "clients": 4, "steady_s": 5.0, "outage_s": 10.0},
+         "serve-replica-sigkill": {"rate": 40.0, "clients": 4, "steady_s": 10.0, "after_s": 10.0}}
 
 
 def table(results: list[ScenarioResult]) -> str:

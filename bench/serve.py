@@ -45,7 +45,7 @@ CONCURRENCY = (1, 2, 4, 8, 16, 32)
 READY_TIMEOUT_S = 180.0
 
 
-async def _closed_loop(url: str, concurrency: int, duration_s: float, params_of) -> tuple[float, np.ndarray, int]:
+async def closed_loop(url: str, concurrency: int, duration_s: float, params_of) -> tuple[float, np.ndarray, int]:
     import aiohttp
 
     lat: list[float] = []
@@ -72,7 +72,7 @@ async def _closed_loop(url: str, concurrency: int, duration_s: float, params_of)
     return len(lat) / wall, np.array(lat), errors
 
 
-async def _open_loop(url: str, rate: float, duration_s: float, params_of) -> tuple[np.ndarray, int]:
+async def open_loop(url: str, rate: float, duration_s: float, params_of) -> tuple[np.ndarray, int]:
     import aiohttp
 
     rng = np.random.default_rng(0)
@@ -102,10 +102,12 @@ async def _open_loop(url: str, rate: float, duration_s: float, params_of) -> tup
     return np.array(lat), errors
 
 
-def _max_rps(url: str, duration_s: float, params_of, label: str) -> dict:
+def max_rps(url: str, duration_s: float, params_of, label: str, concurrency=CONCURRENCY) -> dict:
+    """The best rate of a closed-loop load at rising `concurrency`, `duration_s` per step (also used by
+    bench/soak.py): stops once a step falls 10% below the best (past the knee)."""
     best = {"rps": 0.0}
-    for c in CONCURRENCY:
-        rps, lat, errors = asyncio.run(_closed_loop(url, c, duration_s, params_of))
+    for c in concurrency:
+        rps, lat, errors = asyncio.run(closed_loop(url, c, duration_s, params_of))
         print(f"  {label}: concurrency {c:>2}: {rps:7.1f} req/s  p50 {1e3 * np.percentile(lat, 50):6.1f} ms  "
               f"p99 {1e3 * np.percentile(lat, 99):6.1f} ms  errors {errors}", flush=True)
         if rps > best["rps"]:
@@ -133,6 +135,7 @@ def main() -> int:
     from services.processes import free_port
     from services.stack import EmbeddedStack
     from tests.fixtures.synthetic_adapter import publish_synthetic_adapter, synthetic_catalog
+    from streaming.pseudonym import Pseudonymizer
     from streaming.settings import load_settings, settings_env
     from training.registry import Registry
 
@@ -147,9 +150,10 @@ def main() -> int:
         ids, titles, texts = synthetic_catalog(CATALOG_ITEMS)
         rng = np.random.default_rng(0)
         pipe = r.pipeline(transaction=False)
+        pseudonymize = Pseudonymizer.from_settings(settings)  # what ingest would have stored for user u<n>
         for u in range(USERS):
             items = rng.choice(CATALOG_ITEMS, size=HISTORY, replace=False)
-            pipe.zadd(f"{settings.redis_prefix}u:u{u}:recent", {ids[i]: 1_000 * (k + 1) for k, i in enumerate(items)})
+            pipe.zadd(f"{settings.redis_prefix}u:{pseudonymize(f'u{u}')}:recent", {ids[i]: 1_000 * (k + 1) for k, i in enumerate(items)})
         pipe.execute()
         v1 = publish_synthetic_adapter(registry, tmp / "staging", n_items=CATALOG_ITEMS, seed=1)
 
@@ -190,11 +194,11 @@ def main() -> int:
             return {"user_id": f"u{i % USERS}", "k": 10}
 
         print("max throughput", flush=True)
-        noop = _max_rps(f"{base}/noop", args.duration_s, lambda i: None, "noop")
-        noop_fastapi = _max_rps(f"{base}/noop-fastapi", args.duration_s, lambda i: None, "noop (FastAPI)")
-        rec = _max_rps(f"{base}/v1/recommendations", args.duration_s, rec_params, "recommendations")
+        noop = max_rps(f"{base}/noop", args.duration_s, lambda i: None, "noop")
+        noop_fastapi = max_rps(f"{base}/noop-fastapi", args.duration_s, lambda i: None, "noop (FastAPI)")
+        rec = max_rps(f"{base}/v1/recommendations", args.duration_s, rec_params, "recommendations")
         half = rec["rps"] / 2
-        lat, errors = asyncio.run(_open_loop(f"{base}/v1/recommendations", half, args.duration_s * 2, rec_params))
+        lat, errors = asyncio.run(open_loop(f"{base}/v1/recommendations", half, args.duration_s * 2, rec_params))
         p99_half = 1e3 * float(np.percentile(lat, 99))
         print(f"  half load {half:.1f} req/s: p50 {1e3 * np.percentile(lat, 50):.1f} ms  p99 {p99_half:.1f} ms  "
               f"errors {errors}", flush=True)

@@ -374,6 +374,17 @@ def _mount_status() -> None:
 _mount_status()
 
 
+# --- forget, privacy (services/privacy_cli.py) -------------------------------------------------
+def _mount_privacy() -> None:
+    from services.privacy_cli import forget, privacy_app
+
+    app.command("forget")(forget)
+    app.add_typer(privacy_app, name="privacy")
+
+
+_mount_privacy()
+
+
 # --- rebuild-online (services/rebuild_cli.py) -------------------------------------------------
 def _mount_rebuild_online() -> None:
     from services.rebuild_cli import rebuild_online

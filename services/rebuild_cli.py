@@ -47,7 +47,7 @@ def rebuild_online(
             settings = settings.model_copy(update={"redis_url": start_stack(settings.data_dir, kafka=False).redis_url})
         except StackError as exc:
             raise fail(str(exc), EXIT_CONFIG) from None
-    committed = _committed(settings) if kafka else None
+    committed = committed_offsets_or_none(settings) if kafka else None
     from streaming.redis_io import RedisRefused, RedisUnavailable, check_redis, make_redis, shown_url
 
     try:
@@ -86,7 +86,7 @@ def rebuild_online(
     )
 
 
-def _committed(settings):
+def committed_offsets_or_none(settings):
     """The ingest group's committed offsets (`streaming.online_rebuild.committed_offsets`), or None (with a note) when
     no Kafka is configured and no embedded broker runs; an unreachable configured one exits 2."""
     from services.stack import stack_status

@@ -176,7 +176,10 @@ async def http_error_handler(request: Request, exc: StarletteHTTPException) -> J
     return _error(exc.status_code, http_error(exc.detail), exc.headers)
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256, health_check_period_s=5)
+# health_check_period_s: Serve learns that a replica's process died only from its next health check, so
+# the period bounds how long a killed replica goes unreplaced (bench/chaos.py serve-replica-sigkill); a
+# check is one cheap actor call.
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256, health_check_period_s=1)
 @serve.ingress(api)
 class Api:
     def __init__(self) -> None:
@@ -186,6 +189,7 @@ class Api:
         from services.catalog_follower import CatalogFollower
         from services.registry_follower import RegistryFollower
         from streaming.online_store import OnlineStore
+        from streaming.pseudonym import Pseudonymizer
         from streaming.redis_io import make_async_redis, make_redis  # credentials and TLS from the settings
         from training.registry import Registry
 
@@ -195,6 +199,8 @@ class Api:
         faiss.omp_set_num_threads(TORCH_THREADS)
         self.settings = _settings()
         check_api_keys_required(self.settings)  # STREAMREC_REQUIRE_API_KEYS: never an open API on k8s
+        # Redis holds pseudonyms only: a request's raw user id is hashed the way ingest hashed it.
+        self.pseudonymize = Pseudonymizer.from_settings(self.settings)
         self.registry = Registry(self.settings.registry_uri)
         kw = _redis_kwargs(self.settings)
         # blocking client for follower work in threads; asyncio client on the request path
@@ -464,8 +470,9 @@ class Api:
             raise RequestValidationError(errors)
         history: list[str] = list(body.recent_items or [])
         history_ts: list[int] = [0] * len(history)
-        recent_key = self.store.recent_key(body.user_id) if body.user_id is not None and body.recent_items is None \
-            else None
+        recent_key = None
+        if body.user_id is not None and body.recent_items is None:
+            recent_key = self.store.recent_key(self.pseudonymize(body.user_id))
         store_down = None
         if bucket is not None or recent_key is not None:
             try:

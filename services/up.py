@@ -41,6 +41,7 @@ import contextlib
 import logging
 import os
 import secrets
+import shutil
 import sys
 import threading
 import time
@@ -109,6 +110,7 @@ def _applied_offsets(settings: Settings, timeout_s: float) -> int:
 def archive_state(settings: Settings) -> Path:
     """--fresh: move the offline log, features, registry and runs aside (never deleted) and remove
     the Redis keys of `settings.redis_prefix`. Returns the archive directory."""
+    from streaming.forget import FORGET_DIR
     from streaming.redis_io import make_redis
 
     stamp = time.strftime("%Y%m%dT%H%M%S")
@@ -117,6 +119,11 @@ def archive_state(settings: Settings) -> Path:
         if Path(path).exists():
             dest.mkdir(parents=True, exist_ok=True)
             os.replace(path, dest / Path(path).name)
+    # Forget tombstones stay: a user forgotten before the fresh start stays forgotten after it.
+    archived_tombstones = dest / Path(settings.log_dir).name / FORGET_DIR
+    if archived_tombstones.is_dir():
+        Path(settings.log_dir).mkdir(parents=True, exist_ok=True)
+        shutil.copytree(archived_tombstones, Path(settings.log_dir) / FORGET_DIR)
     client = make_redis(settings)
     try:
         batch = []

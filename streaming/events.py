@@ -209,6 +209,20 @@ class Item(_Record):
     deleted: StrictBool = False  # strict: `"yes"` or `1` is a producer bug, not a deletion
 
 
+Hex32 = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+
+
+class Tombstone(_Record):
+    """One right-to-be-forgotten request on the `forget` topic (key = pseudonym), from `streamrec forget`.
+    It names the user by pseudonym only (streaming.pseudonym); every event of that user with
+    `ts` at or before the tombstone's `ts` is erased and refused ever after (streaming.forget)."""
+
+    tombstone_id: Hex32 = Field(description="Unique id of the request (random); adapter manifests list the ids they honour.")
+    pseudonym: Hex32 = Field(description="The user's pseudonym under the key chain of `generation` keys.")
+    generation: StrictInt = Field(ge=1, le=1000, description="How many keys the chain had (rotations + 1).")
+    ts: StrictInt = Field(ge=TS_MIN_MS, le=TS_MAX_MS, description="When it was requested, epoch ms.")
+
+
 # --- the contract as Arrow columns --------------------------------------------------------
 
 # Arrow type of a field's plain Python type. Dicts travel as JSON text: their keys are free-form,

@@ -104,6 +104,11 @@ class IngestMetrics:
         since.set_function(lambda: time.time() - (self.last_commit or self.started))
         self.assigned = Gauge("streamrec_ingest_assigned_partitions", "partitions this process holds",
                               ["topic"], registry=r)
+        self.forgotten = Counter("streamrec_ingest_forgotten_events_total",
+                                 "events refused because their user asked to be forgotten (streamrec forget)",
+                                 registry=r)
+        self.tombstones = Counter("streamrec_ingest_tombstones_applied_total",
+                                  "forget tombstones this process applied (online state, log rows)", registry=r)
         self.rewinds = Counter("streamrec_ingest_redis_rewinds_total",
                                "partitions sought back to the Redis watermark + 1 at assignment, because Redis "
                                "had lost offsets that Kafka had committed (it lost its last second)",

@@ -14,7 +14,7 @@ import logging
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import KafkaError, TopicAlreadyExistsError, TopicAuthorizationFailedError
 
 from streaming.settings import Settings
 
@@ -88,12 +88,14 @@ def make_admin(settings: Settings, **overrides) -> KafkaAdminClient:
         raise _unreachable(settings, exc) from exc
 
 
-def ensure_topics(settings: Settings) -> None:
-    """Create the events, items and DLQ topics if they do not exist (idempotent)."""
+def ensure_topics(settings: Settings, topics: list[str] | None = None) -> None:
+    """Create these topics (default: events, items, DLQ and forget) if they do not exist (idempotent).
+    A client whose ACLs may not create (or even see) a topic leaves it to whoever manages the topics
+    (Strimzi `KafkaTopic`s on Kubernetes): a topic it may not see looks missing to it."""
     admin = make_admin(settings)
     try:
         existing = set(admin.list_topics())
-        wanted = [settings.events_topic, settings.items_topic, settings.dlq_topic]
+        wanted = topics or [settings.events_topic, settings.items_topic, settings.dlq_topic, settings.forget_topic]
         missing = [
             NewTopic(name, settings.topic_partitions, settings.topic_replication)
             for name in wanted
@@ -105,6 +107,9 @@ def ensure_topics(settings: Settings) -> None:
                 log.info("created topics %s", [t.name for t in missing])
             except TopicAlreadyExistsError:
                 pass  # another process won the race
+            except TopicAuthorizationFailedError:
+                log.info("not allowed to create %s: leaving the topics to whoever manages them",
+                         [t.name for t in missing])
     finally:
         admin.close()
 

@@ -162,7 +162,8 @@ def check_log_file(log: OfflineLog, file: LogFile, schema: pa.Schema, *, read_pa
         if missing:
             raise CorruptLogFile(log.root, file, f"columns {missing} missing")
         rows = pf.metadata.num_rows
-        if not 0 < rows <= file.end - file.start + 1:
+        # (0 rows is a file whose every row was erased by a forget request: streaming.forget)
+        if not 0 <= rows <= file.end - file.start + 1:
             raise CorruptLogFile(log.root, file, f"{rows} rows for {file.end - file.start + 1} offsets")
         if read_pages:
             pf.read(columns=schema.names)

@@ -4,7 +4,7 @@ Keys (all under `Settings.redis_prefix`, `sr:` by default):
 
 | key | type | holds |
 | --- | --- | --- |
-| `u:<user>:recent` | sorted set item -> last ts (ms) | the user's recent distinct items, newest first, capped; TTL |
+| `u:<pseudonym>:recent` | sorted set item -> last ts (ms) | the user's recent distinct items, newest first, capped; TTL (the user id is a pseudonym: streaming.pseudonym) |
 | `i:<item>` | hash | title, text, attributes (JSON), ts, deleted (0/1) |
 | `items:live` | set | ids of items that exist and are not deleted |
 | `items:log` | stream | one entry (`item_id`, `deleted`) per catalog change, capped at `CATALOG_LOG_MAX` |
@@ -251,6 +251,12 @@ class OnlineStore:
                     return len(new)
                 except redis.WatchError:
                     continue  # another consumer advanced this partition meanwhile: re-filter
+
+    def forget_users(self, pseudonyms: list[str]) -> int:
+        """Delete the online state of these users (streaming.forget); returns the keys deleted."""
+        if not pseudonyms:
+            return 0
+        return int(self.r.delete(*(self.recent_key(p) for p in pseudonyms)))
 
     # --- reads ----------------------------------------------------------------------------
     def watermark(self, topic: str, partition: int) -> int:

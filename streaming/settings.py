@@ -119,6 +119,11 @@ class Settings(BaseSettings):
     events_topic: TopicName = Field(default="events", description="Click/interaction events, keyed by user_id.")
     items_topic: TopicName = Field(default="items", description="Item catalog events, keyed by item_id.")
     dlq_topic: TopicName = Field(default="events.dlq", description="Dead-letter topic for malformed records of both topics.")
+    forget_topic: TopicName = Field(
+        default="forget",
+        description="Right-to-be-forgotten tombstones (`streamrec forget`), keyed by pseudonym; every ingest "
+        "process reads all of it. Keep its retention unlimited.",
+    )
     topic_partitions: int = Field(default=4, ge=1, le=1024, description="Partitions when streamrec creates a topic.")
     topic_replication: int = Field(default=1, ge=1, le=16, description="Replication factor when streamrec creates a topic.")
 
@@ -171,6 +176,25 @@ class Settings(BaseSettings):
         description="A user's Redis key (`u:<user>:recent`) expires this many seconds after that user's last "
         "event (up to a 30th sooner: the user's events rewrite the TTL once a 30th has run down), so inactive "
         "users do not fill Redis. 0: never expires (a TTL set earlier is dropped at the user's next event).",
+    )
+
+    # --- privacy --------------------------------------------------------------------------
+    pseudonym_keys: SecretStr | None = Field(
+        default=None,
+        description="HMAC-SHA256 keys that pseudonymize user ids at ingestion and in the API: hex, comma-separated, "
+        "oldest first (`streamrec privacy rotate-key` appends one). Secret: never printed nor logged. Unset: the "
+        "key file.",
+    )
+    pseudonym_key_file: Path | None = Field(
+        default=None,
+        description="File of the pseudonym keys (one hex key per line, oldest first), used when "
+        "STREAMREC_PSEUDONYM_KEYS is unset. Unset: <data_dir>/secrets/pseudonym.key, created with a random key "
+        "(mode 0600) on first use.",
+    )
+    forget_retrain_s: float = Field(
+        default=86_400.0, ge=1, le=90 * 86_400,
+        description="Seconds within which adapters trained on a forgotten user's events are replaced by a full "
+        "retrain (the continuous trainer starts it once the oldest pending tombstone is half this old).",
     )
 
     # --- features -------------------------------------------------------------------------
@@ -336,9 +360,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _distinct_topics(self) -> "Settings":
-        names = [self.events_topic, self.items_topic, self.dlq_topic]
-        if len(set(names)) != 3:
-            raise ValueError(f"events, items and DLQ topics must differ, got {names}")
+        names = [self.events_topic, self.items_topic, self.dlq_topic, self.forget_topic]
+        if len(set(names)) != len(names):
+            raise ValueError(f"events, items, DLQ and forget topics must differ, got {names}")
         return self
 
     # --- derived paths --------------------------------------------------------------------

@@ -14,6 +14,8 @@ from bench.chaos_scenarios import (
     ingest_kill,
     publish_kill,
     redis_kill,
+    redis_serving,
+    serve_kill,
     worker_kill,
 )
 from bench.chaos_scenarios.common import ScenarioResult
@@ -73,3 +75,20 @@ def test_a_killed_training_worker_resumes_from_its_checkpoint(ray_local, tmp_pat
 def test_redis_sigkilled_under_ingest_is_waited_out_and_nothing_is_lost(embedded_stack, tmp_path):
     result = redis_kill.run(embedded_stack.kafka_bootstrap, None, tmp_path, rate=600.0)
     assert_clean(result)
+
+
+def test_redis_sigkilled_under_the_api_is_answered_with_popular_never_a_5xx(embedded_stack, tmp_path):
+    result = redis_serving.run(embedded_stack.kafka_bootstrap, None, tmp_path, rate=40.0, clients=4, steady_s=5.0,
+                               outage_s=10.0)
+    assert_clean(result)  # failed: requests of the outage not answered 2xx
+    assert result.requests > 0
+
+
+def test_a_serve_replica_sigkilled_under_load_fails_at_most_half_a_percent_and_is_replaced(embedded_stack, tmp_path):
+    # The recovery time is reported, not asserted (no timed assertion on a shared machine): the scenario
+    # waits until the replacement replica answers, and bench/chaos.py checks the 10 s target.
+    result = serve_kill.run(embedded_stack.kafka_bootstrap, embedded_stack.redis_url, tmp_path, rate=40.0, clients=4,
+                            steady_s=10.0, after_s=10.0, recovery_target_s=None)
+    assert not result.problems, "\n".join(result.problems)
+    assert result.requests > 0 and result.failed <= serve_kill.MAX_ERROR_SHARE * result.requests
+    assert result.recovery_s > 0  # a replacement replica answered

@@ -598,12 +598,11 @@ def _topics() -> dict[str, dict]:
 def test_topics_match_the_settings(k8s_settings):
     topics = _topics()
     s = k8s_settings
-    assert set(topics) == {s.events_topic, s.items_topic, s.dlq_topic}
+    assert set(topics) == {s.events_topic, s.items_topic, s.dlq_topic, s.forget_topic}
     # the ConfigMap names the topics explicitly, and as the code's defaults
     defaults = Settings.model_fields
-    assert (s.events_topic, s.items_topic, s.dlq_topic) == (
-        defaults["events_topic"].default, defaults["items_topic"].default, defaults["dlq_topic"].default
-    )
+    names = ("events_topic", "items_topic", "dlq_topic", "forget_topic")
+    assert tuple(getattr(s, n) for n in names) == tuple(defaults[n].default for n in names)
     for name, t in topics.items():
         spec = t["spec"]
         # `streamrec ingest` creates a missing topic with these numbers: they must agree.
@@ -615,6 +614,7 @@ def test_topics_match_the_settings(k8s_settings):
     policy = lambda n: str(topics[n]["spec"].get("config", {}).get("cleanup.policy", "delete"))  # noqa: E731
     assert "compact" in policy(s.items_topic)
     assert "compact" not in policy(s.events_topic)
+    assert "compact" not in policy(s.forget_topic), "compaction drops tombstones (kafka/topics.yaml)"
     retention = lambda n: int(topics[n]["spec"]["config"]["retention.ms"])  # noqa: E731
     assert retention(s.dlq_topic) > retention(s.events_topic)
 
@@ -1093,8 +1093,8 @@ def test_per_user_redis_keys_expire_under_noeviction(k8s_settings):
 
 
 # Pods on the streamrec image that do not touch the data: the training trigger only calls the
-# Kubernetes API (k8s/training/start_run.py).
-NO_DATA_PODS = {"CronJob/streamrec-train"}
+# Kubernetes API (k8s/training/start_run.py); `streamrec forget` only publishes to Kafka.
+NO_DATA_PODS = {"CronJob/streamrec-train", "CronJob/streamrec-forget"}
 
 
 def test_streamrec_pods_share_the_data_volume(k8s_settings):

@@ -48,7 +48,9 @@ ID_EMBEDDING_PREFIX = "id_emb"  # heads of the ID embeddings (rows follow ``item
 
 MANIFEST_FIELDS = frozenset({"base_model", "base_model_sha256", "model_config", "train_config", "data_window",
                              "metrics", "run_dir", "workers", "use_gpu", "incremental"})
-DATA_WINDOW_FIELDS = frozenset({"watermarks", "max_ts", "events", "users", "items"})
+# `forgotten`: the forget tombstones (ids) the training data honoured (streaming.forget); the continuous
+# trainer retrains an adapter whose list misses one the feature tables honour (training/forget_retrain.py).
+DATA_WINDOW_FIELDS = frozenset({"watermarks", "max_ts", "events", "users", "items", "forgotten"})
 
 
 # --- the checkpoint dict -------------------------------------------------------------------
@@ -229,7 +231,7 @@ def read_embeddings(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
 def data_window(corpus: "Corpus") -> dict[str, Any]:
     """What a corpus holds: per-topic, per-partition offset watermarks, the newest timestamp and counts."""
     return {"watermarks": corpus.watermarks, "max_ts": corpus.max_ts(), "events": corpus.n_events,
-            "users": len(corpus.user_ids), "items": len(corpus.catalog)}
+            "users": len(corpus.user_ids), "items": len(corpus.catalog), "forgotten": sorted(corpus.forgotten)}
 
 
 def new_event_masks(corpus: "Corpus", window: dict) -> list[np.ndarray]:

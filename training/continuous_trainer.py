@@ -9,7 +9,9 @@ Each check (every `CHECK_INTERVAL_S`):
 2. new events = events in the feature tables - events in the live adapter's data window;
 3. when the schedule is due: train from scratch if the scene has no adapter yet (once at least
    `min_events` events are in), else incrementally from the live adapter (its data window ->
-   the new events + a replay sample); publish through the gate (training/gate.py).
+   the new events + a replay sample); publish through the gate (training/gate.py);
+4. whatever the schedule: when the live adapter was trained on a user who asked to be forgotten,
+   retrain from scratch within STREAMREC_FORGET_RETRAIN_S (training/forget_retrain.py).
 
 The schedule (`parse_every`): `10m` (also `90s`, `1h`; a bare number is minutes) trains at most
 that often and only when there are new events; `5000events` trains once that many events arrived
@@ -37,6 +39,7 @@ from typing import Any, Callable
 
 from streaming.versioned_store import atomic_write_json
 from training.corpus import NotEnoughData
+from training.forget_retrain import pending_tombstones, retrain_due
 from training.presets import Preset, get_preset
 
 logger = logging.getLogger(__name__)
@@ -141,6 +144,12 @@ class ContinuousTrainer:
             if st.feature_events < self.min_events:
                 return self._set("waiting", f"{st.feature_events:,} of {self.min_events:,} events for the first adapter")
             return self._maybe_train(incremental=False)
+        pending = pending_tombstones(manifest, current.manifest)
+        if pending:  # the live adapter remembers a forgotten user (training/forget_retrain.py)
+            due, age_s = retrain_due(self.settings, pending)
+            if due:
+                return self._maybe_train(incremental=False, forget=pending)
+            logger.debug("%d forget tombstones pending for %.0f s", len(pending), age_s)
         seen = int((current.manifest.get("data_window") or {}).get("events") or 0)
         st.new_events = max(0, st.feature_events - seen)
         if st.new_events == 0:
@@ -156,7 +165,7 @@ class ContinuousTrainer:
                                  if since > 0 else f"no new events since the last run ({current.version} live)")
         return self._maybe_train(incremental=True)
 
-    def _maybe_train(self, incremental: bool) -> str:
+    def _maybe_train(self, incremental: bool, forget: set[str] | None = None) -> str:
         from training.train_metrics import record_train_run
         from training.train_run import FAILED, GATE_REFUSED, NOTHING_NEW, PUBLISHED, TrainRequest, run_training
 
@@ -165,9 +174,14 @@ class ContinuousTrainer:
         st = self.status
         tcfg = self.preset.train_config(incremental)
         epochs = tcfg.epochs
+        # A forget retrain is from scratch and is published past the gate: the live adapter
+        # remembers a forgotten user and must not stay (training/forget_retrain.py; run_training
+        # then retires the versions that remember).
         req = TrainRequest(scene=self.scene, workers=self.workers, use_gpu=self.use_gpu, incremental=incremental,
-                           model_config=self.preset.model, train_config=tcfg, progress=False)
+                           model_config=self.preset.model, train_config=tcfg, progress=False,
+                           force=bool(forget), force_reason=f"forget retrain for {len(forget or ())} tombstones")
         what = (f"incremental from {st.live_version}, {st.new_events:,} new events" if incremental
+                else f"forget retrain from scratch ({len(forget)} tombstones), {st.feature_events:,} events" if forget
                 else f"first adapter, {st.feature_events:,} events")
         self._set("training", f"{what} ({epochs} epochs, preset {self.preset.name})")
         self.last_attempt_t, self.last_attempt_events = time.monotonic(), st.feature_events
@@ -195,6 +209,7 @@ class ContinuousTrainer:
         if published:
             st.published += 1
             st.live_version = published
+
             logger.info("published %s/%s in %.0f s: %s", self.scene, published, time.monotonic() - t0,
                         outcome.gate_message)
             return self._set("published", f"{published} ({outcome.gate_message})")

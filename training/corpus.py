@@ -110,6 +110,7 @@ class Corpus:
     offsets: list[np.ndarray] | None = None  # int64 per event (feature tables only)
     scenes: list[np.ndarray] | None = None  # object (str | None) per event
     watermarks: dict[str, dict[str, int]] = field(default_factory=dict)  # features manifest watermarks
+    forgotten: tuple[str, ...] = ()  # forget tombstone ids the feature tables honour (streaming.forget)
     source: str = ""
 
     @property
@@ -140,7 +141,8 @@ class Corpus:
         scenes = [np.asarray(s, dtype=object) for s in seq.column("scenes").to_pylist()]
         manifest = getattr(tables, "manifest", {}) or {}
         return cls(catalog, [str(u) for u in users], items, ts, parts, offs, scenes,
-                   watermarks=manifest.get("watermarks", {}), source=source)
+                   watermarks=manifest.get("watermarks", {}), source=source,
+                   forgotten=tuple(manifest.get("forgotten", ())))
 
     @classmethod
     def from_dataset(cls, dataset: Any, *, source: str = "dataset") -> "Corpus":

@@ -464,6 +464,17 @@ class Registry:
             self._write_pointer(scene, pointer, target, "rollback")
         return info
 
+    def retire(self, scene: str, version: str) -> None:
+        """Delete a version that is not live (its data must not be served again: a forget request,
+        training/forget_retrain.py). A rollback to it is then refused as not found."""
+        validate_name(scene, "scene")
+        validate_name(version, "version")
+        with self._store.scene_lock(scene):
+            pointer = self.pointer(scene)
+            if pointer is not None and pointer["version"] == version:
+                raise RegistryError(f"scene {scene!r}: {version!r} is the live version; publish another first")
+            self._store.remove_tree(f"{scene}/{version}")
+
 
 def _published_limit(pointer: dict) -> int:
     """The number of the highest version ever made live: versions above it are crash leftovers."""

@@ -60,6 +60,7 @@ from training.corpus import (
 )
 from training.covis import CovisPrior, tune_beta
 from training.embed import embed_catalog
+from training.forget_retrain import honoured, honoured_by_run, retire_remembering
 from training.inference import ModelScorer
 from training.lm import resolve_base_model
 from training.model import ModelConfig
@@ -97,6 +98,7 @@ class TrainRequest:
     embed_actors: int = 2
     progress: bool = True
     publish: bool = True
+    force_reason: str = "--force"  # why `force` publishes past the gate (shown in the outcome)
 
 
 @dataclass
@@ -282,7 +284,14 @@ def run_training(settings: Any, req: TrainRequest, corpus: Corpus | None = None)
     mcfg = req.model_config
     if not mcfg.base_model:
         mcfg = dataclasses.replace(mcfg, base_model=resolve_base_model(settings.base_model))
-    if req.incremental:
+    # Forget requests the live adapter does not honour: only a run from scratch honours them, and it
+    # goes live past the gate (training/forget_retrain.py) -- whatever was asked, `--incremental` too.
+    forgotten_pending = set(corpus.forgotten) - honoured(current.manifest) if current is not None else set()
+    if forgotten_pending:
+        logger.warning("%d forget requests are not honoured by %s/%s: training from scratch%s, to be published "
+                       "past the gate", len(forgotten_pending), req.scene, current.version,
+                       " instead of incrementally" if req.incremental else "")
+    if req.incremental and not forgotten_pending:
         if current is None:
             logger.warning("--incremental: scene %r has no live adapter yet; training from scratch", req.scene)
         else:
@@ -335,7 +344,9 @@ def run_training(settings: Any, req: TrainRequest, corpus: Corpus | None = None)
 
     published, message, kind, detail = None, "not published (--no-publish)", NOT_PUBLISHED, "--no-publish"
     if req.publish:
-        decision = decide(metrics["val_ndcg10"], current_valid, settings.gate_tolerance, force=req.force)
+        decision = decide(metrics["val_ndcg10"], current_valid, settings.gate_tolerance,
+                          force=req.force or bool(forgotten_pending))
+        force_reason = req.force_reason if req.force else f"forget retrain for {len(forgotten_pending)} requests"
         if not decision.allows_publish:
             message = f"gate refused: {decision.refusal(req.scene)}"
             kind, detail = GATE_REFUSED, f"{decision.reason}; {current.version if current else 'nothing'} stays live"
@@ -349,15 +360,19 @@ def run_training(settings: Any, req: TrainRequest, corpus: Corpus | None = None)
                                     adapter["warm"], actors=req.embed_actors, use_gpu=req.use_gpu)
                 write_embeddings(staged / EMBEDDINGS_FILE, corpus.catalog.item_ids, adapter["warm"], emb)
                 logger.info("embedded %d items in %.1f s (Ray Data)", len(emb), time.perf_counter() - t0)
+                window = data_window(corpus)  # an incremental run remembers what its parent saw:
+                window["forgotten"] = honoured_by_run(window["forgotten"], current.manifest if parent else None)
                 manifest = manifest_payload(model_config=mcfg, train_config=req.train_config,
-                                            window=data_window(corpus), metrics=metrics, run_dir=run_dir,
+                                            window=window, metrics=metrics, run_dir=run_dir,
                                             workers=req.workers, use_gpu=req.use_gpu, incremental=parent is not None)
                 published = publish_gated(registry, req.scene, staged, manifest, decision,
                                           expected_parent=current.version if current else None)
                 message = f"published {req.scene}/{published.version} ({decision.reason})"
-                kind, detail = PUBLISHED, decision.reason + ("" if decision.passed else "; published anyway (--force)")
+                kind, detail = PUBLISHED, decision.reason + ("" if decision.passed else f"; published anyway ({force_reason})")
             finally:
                 shutil.rmtree(staged, ignore_errors=True)
+            if forgotten_pending:  # nothing that remembers a forgotten user may stay (nor be rolled back to)
+                retire_remembering(registry, req.scene, set(corpus.forgotten), settings.runs_dir, run_dir)
     outcome = TrainOutcome(run_dir, published, message, metrics, result, kind, detail)
     (run_dir / OUTCOME_FILE).write_text(json.dumps({
         **outcome.record(req.scene), "published": published.version if published else None, "gate": message,

@@ -15,6 +15,8 @@ from bench.chaos_scenarios import (
     ingest_kill,
     publish_kill,
     redis_kill,
+    redis_serving,
+    serve_kill,
     worker_kill,
 )
 from bench.chaos_scenarios.common import ScenarioResult
@@ -29,6 +31,8 @@ SCENARIOS: dict[str, Callable[..., ScenarioResult]] = {
     disk_full.NAME: disk_full.run,
     worker_kill.NAME: worker_kill.run,
     redis_kill.NAME: redis_kill.run,
+    redis_serving.NAME: redis_serving.run,
+    serve_kill.NAME: serve_kill.run,
 }
 
 __all__ = ["SCENARIOS", "ScenarioResult"]

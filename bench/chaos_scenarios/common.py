@@ -1,28 +1,30 @@
-"""What every chaos scenario shares: its result row, condition waits, isolated settings on a stack,
-a paced event feeder, and `streamrec` child processes (the real CLI, so a SIGKILL hits what runs
-in production)."""
+"""What every chaos scenario shares: its result row, condition waits and isolated settings on a stack
+(those of the streaming tests, tests/streaming/helpers.py), a paced event feeder, `streamrec` child
+processes (the real CLI, so a SIGKILL hits what runs in production), and the log + feature version
+the feature-job scenarios start from."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from streaming.events import EVENT_LOG_SCHEMA
-from streaming.kafka_io import ensure_topics
 from streaming.offline_log import OfflineLog, read_table
 from streaming.producer import EventProducer, Pacer
 from streaming.redis_io import make_redis
-from streaming.settings import Settings, load_settings, settings_env
+from streaming.settings import Settings, settings_env
+# the streaming tests' condition wait and isolated settings, for the scenarios (imported from here)
+from tests.streaming.helpers import isolated_settings_at as isolated_settings  # noqa: F401
+from tests.streaming.helpers import wait_for  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[2]
-WAIT_POLL_S = 0.05  # how often a condition wait looks again
 N_USERS = 300  # users / items of the generated traffic: enough keys to spread over every partition
 N_ITEMS = 200
 BASE_TS_MS = 1_700_000_000_000  # event time of the first generated event
@@ -57,35 +59,6 @@ class ScenarioResult:
 
 def progress(msg: str) -> None:
     print(f"[chaos {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def wait_for(condition: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    """Poll `condition()` until it is truthy; raise TimeoutError naming `what` after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(WAIT_POLL_S)
-
-
-def isolated_settings(kafka_bootstrap: str | None, redis_url: str | None, data_dir: Path, **overrides) -> Settings:
-    """Settings with topics, group and Redis prefix of their own (a stack may be shared)."""
-    tag = uuid.uuid4().hex[:8]
-    values = dict(
-        kafka_bootstrap_servers=kafka_bootstrap, redis_url=redis_url, data_dir=data_dir,
-        events_topic=f"events-{tag}", items_topic=f"items-{tag}", dlq_topic=f"events-{tag}.dlq",
-        consumer_group=f"ingest-{tag}", redis_prefix=f"c{tag}:",
-        max_poll_interval_ms=3000, session_timeout_ms=3000, log_flush_interval_s=0.2,
-        features_interval_s=0, ingest_metrics_port=0,  # concurrent ingest processes must not share a port
-    )
-    values.update(overrides)
-    settings = load_settings(**{k: v for k, v in values.items() if v is not None})
-    if kafka_bootstrap:
-        ensure_topics(settings)
-    return settings
 
 
 def event(tag: str, i: int) -> dict[str, Any]:
@@ -187,6 +160,52 @@ def log_tail(path: Path, chars: int = 2000) -> str:
         return path.read_text(errors="replace")[-chars:]
     except OSError:
         return ""
+
+
+INGEST_UNTIL_IDLE = ("ingest", "--until-idle", "2", "--no-progress", "--features-every", "0")
+
+
+def ingest_until_idle(settings: Settings, result: ScenarioResult, tag: str, n: int, rate: float,
+                      timeout_s: float) -> int:
+    """Produce `n` generated events at `rate`/s, then `streamrec ingest` until the topic is idle;
+    returns the events sent (a failed ingest is a problem of `result`)."""
+    feeder = Feeder(settings, rate, tag=tag, limit=n)
+    feeder.run()
+    done = run_cli(settings, *INGEST_UNTIL_IDLE, timeout_s=timeout_s)
+    result.check(done.returncode == 0, f"ingest exited {done.returncode}: {done.stderr[-800:]}")
+    return feeder.sent
+
+
+@dataclass
+class HalfFolded:
+    """A log whose first half is folded into the live feature version and whose second half is not,
+    and `clean`: an untouched copy of it (other data dir) on which the feature job already ran once."""
+
+    settings: Settings
+    clean: Settings
+    sent: int  # events produced (and logged)
+    live_before: bytes  # the live version's manifest.json before anything was done to `settings`
+    clean_bucket_files: int  # files the clean run wrote: the size of a run's version
+
+
+def half_folded_log(kafka_bootstrap: str, redis_url: str, workdir: Path, result: ScenarioResult, *, events: int,
+                    rate: float, tags: tuple[str, str], log_flush_records: int, timeout_s: float) -> HalfFolded:
+    """The starting point of the feature-job scenarios (corrupt-parquet, feature-job-sigkill)."""
+    from streaming.features import run_features
+
+    settings = isolated_settings(kafka_bootstrap, redis_url, workdir / "data", log_flush_records=log_flush_records)
+    sent = ingest_until_idle(settings, result, tags[0], events // 2, rate, timeout_s)
+    run_features(settings)
+    live_before = (settings.features_dir / "manifest.json").read_bytes()
+    sent += ingest_until_idle(settings, result, tags[1], events - events // 2, rate, timeout_s)
+    result.events = sent
+    clean = settings.model_copy(update={"data_dir": workdir / "clean"})
+    shutil.copytree(settings.log_dir, clean.log_dir)
+    shutil.copytree(settings.features_dir, clean.features_dir)
+    before = set(clean.features_dir.glob("v*/**/*.parquet"))
+    run_features(clean)
+    written = len(set(clean.features_dir.glob("v*/**/*.parquet")) - before)
+    return HalfFolded(settings, clean, sent, live_before, written)
 
 
 TABLE_KEYS = {"sequences": ("user_id",), "items": ("item_id",), "popularity": ("item_id",),

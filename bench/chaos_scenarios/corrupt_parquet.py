@@ -15,9 +15,8 @@ import time
 from pathlib import Path
 
 from bench.chaos_scenarios.common import (
-    Feeder,
     ScenarioResult,
-    isolated_settings,
+    half_folded_log,
     progress,
     run_cli,
     table_differences,
@@ -27,16 +26,7 @@ from streaming.offline_log import CorruptLogFile, OfflineLog
 
 NAME = "corrupt-parquet"
 CLI_TIMEOUT_S = 240.0
-INGEST_ARGS = ("ingest", "--until-idle", "2", "--no-progress", "--features-every", "0")
 GARBAGE = b"\xde\xad\xbe\xef" * 64  # what overwrites a data page
-
-
-def _ingest(settings, result: ScenarioResult, tag: str, n: int, rate: float) -> int:
-    feeder = Feeder(settings, rate, tag=tag, limit=n)
-    feeder.run()
-    done = run_cli(settings, *INGEST_ARGS, timeout_s=CLI_TIMEOUT_S)
-    result.check(done.returncode == 0, f"ingest exited {done.returncode}: {done.stderr[-800:]}")
-    return feeder.sent
 
 
 def _truncate(path: Path) -> None:
@@ -54,17 +44,10 @@ def _overwrite_middle(path: Path) -> None:
 def run(kafka_bootstrap: str, redis_url: str, workdir: Path, *, events: int = 3000, rate: float = 3000.0
         ) -> ScenarioResult:
     result = ScenarioResult(NAME)
-    settings = isolated_settings(kafka_bootstrap, redis_url, workdir / "data", log_flush_records=500)
-    sent = _ingest(settings, result, "p", events // 2, rate)
-    run_features(settings)
-    live_before = (settings.features_dir / "manifest.json").read_bytes()
-    sent += _ingest(settings, result, "q", events - events // 2, rate)
-    result.events = sent
-    # The clean run: the same log, intact, in a copy of the data dir.
-    clean = settings.model_copy(update={"data_dir": workdir / "clean"})
-    shutil.copytree(settings.log_dir, clean.log_dir)
-    shutil.copytree(settings.features_dir, clean.features_dir)
-    run_features(clean)
+    # The clean run (`clean`): the same log, intact, in a copy of the data dir.
+    start = half_folded_log(kafka_bootstrap, redis_url, workdir, result, events=events, rate=rate, tags=("p", "q"),
+                            log_flush_records=500, timeout_s=CLI_TIMEOUT_S)
+    settings, clean, sent, live_before = start.settings, start.clean, start.sent, start.live_before
 
     log = OfflineLog(settings.log_dir)
     new_files = [f for f in log.list_files(settings.events_topic)

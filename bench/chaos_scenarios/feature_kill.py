@@ -13,7 +13,6 @@ the last kill until the recovered version is published."""
 from __future__ import annotations
 
 import random
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -21,9 +20,8 @@ from pathlib import Path
 import psutil
 
 from bench.chaos_scenarios.common import (
-    Feeder,
     ScenarioResult,
-    isolated_settings,
+    half_folded_log,
     log_tail,
     progress,
     run_cli,
@@ -31,23 +29,14 @@ from bench.chaos_scenarios.common import (
     table_differences,
     wait_for,
 )
-from streaming.features import load_feature_tables, run_features
+from streaming.features import load_feature_tables
 
 NAME = "feature-job-sigkill"
 CLI_TIMEOUT_S = 300.0
-INGEST_ARGS = ("ingest", "--until-idle", "2", "--no-progress", "--features-every", "0")
 EARLY_KILL_S = (0.5, 4.0)  # the first kill: this long after the start (random in the range)
 LATE_KILL_FRACTION = (0.02, 0.5)  # the others: once this share of a clean run's bucket files is written
 START_TIMEOUT_S = 120.0  # a run waiting out the killed run's Redis lock, then starting Ray
 ORPHAN_TIMEOUT_S = 10.0  # how long a killed run's Ray processes may take to follow it
-
-
-def _ingest(settings, result: ScenarioResult, tag: str, n: int, rate: float) -> int:
-    feeder = Feeder(settings, rate, tag=tag, limit=n)
-    feeder.run()
-    done = run_cli(settings, *INGEST_ARGS, timeout_s=CLI_TIMEOUT_S)
-    result.check(done.returncode == 0, f"ingest exited {done.returncode}: {done.stderr[-800:]}")
-    return feeder.sent
 
 
 def _descendants(pid: int) -> list[psutil.Process]:
@@ -61,19 +50,11 @@ def run(kafka_bootstrap: str, redis_url: str, workdir: Path, *, kills: int = 3, 
         rate: float = 4000.0, seed: int = 5) -> ScenarioResult:
     result = ScenarioResult(NAME)
     rng = random.Random(seed)
-    settings = isolated_settings(kafka_bootstrap, redis_url, workdir / "data", log_flush_records=300)
-    sent = _ingest(settings, result, "f", events // 2, rate)
-    run_features(settings)
+    start = half_folded_log(kafka_bootstrap, redis_url, workdir, result, events=events, rate=rate, tags=("f", "g"),
+                            log_flush_records=300, timeout_s=CLI_TIMEOUT_S)
+    settings, clean, sent, live_before = start.settings, start.clean, start.sent, start.live_before
     live = settings.features_dir / "manifest.json"
-    live_before = live.read_bytes()
-    sent += _ingest(settings, result, "g", events - events // 2, rate)
-    result.events = sent
-    clean = settings.model_copy(update={"data_dir": workdir / "clean"})
-    shutil.copytree(settings.log_dir, clean.log_dir)
-    shutil.copytree(settings.features_dir, clean.features_dir)
-    clean_files = set(clean.features_dir.glob("v*/**/*.parquet"))
-    run_features(clean)
-    n_bucket_files = len(set(clean.features_dir.glob("v*/**/*.parquet")) - clean_files)
+    n_bucket_files = start.clean_bucket_files
 
     def bucket_files() -> set[Path]:  # version numbers are never reused: each run writes a new directory
         return set(settings.features_dir.glob("v*/**/*.parquet"))

@@ -32,8 +32,8 @@ DRAIN_TIMEOUT_S = 240.0
 
 
 def run(kafka_bootstrap: str, redis_url: str | None, workdir: Path, *, rate: float = 600.0) -> ScenarioResult:
-    # The AOF-backed redis-server of the Redis recovery tests (tests/fixtures/redis_server.py has no AOF).
-    from tests.streaming.test_redis_recovery import RedisServer
+    # The tests' private redis-server, on its append-only file (appendfsync everysec, as the stack runs it).
+    from tests.fixtures.redis_server import RedisServer
 
     del redis_url  # this scenario kills its Redis: it starts its own
     result = ScenarioResult(NAME)

@@ -37,7 +37,7 @@ import datetime as dt
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -62,6 +62,7 @@ from streaming.features.merge import (
 from streaming.features.redis_push import push_popularity_to_redis, pushed_version
 from streaming.features.run_metrics import record_features_run
 from streaming.features.store import KEEP_VERSIONS, MANIFEST_FORMAT, write_parquet
+from streaming.forget import purge_log, read_durable
 from streaming.features.tables import (
     COVISIT_BUCKETS,
     COVISIT_COUNTS,
@@ -153,6 +154,8 @@ class _Run:
     started: float
     new_events: int = 0
     users_touched: int = 0
+    forgotten: list[str] = field(default_factory=list)  # the forget tombstones these tables honour
+    forget_rebuild: bool = False  # rebuilt for new tombstones: no older version may stay on disk
 
     @property
     def vdir(self) -> str:
@@ -179,6 +182,16 @@ def _run_locked(settings: Settings, features_dir: Path, full: bool, rlock: Any, 
         base = None
 
     log = OfflineLog(settings.log_dir)
+    # Forget tombstones the live tables do not honour yet (streaming.forget): purge the log once more
+    # (a writer may not have seen them when it wrote) and rebuild every table from it, so the users'
+    # events leave the aggregates (popularity, co-visitation) too, not only their sequences.
+    tombstones = read_durable(log)
+    unhonoured = tombstones.ids - set((current or {}).get("forgotten", []))
+    if unhonoured:
+        purge_log(log, settings.events_topic, tombstones)
+        if base is not None:
+            logger.info("%d new forget tombstones: rebuilding every table from the log", len(unhonoured))
+            base = None
     base_wm = (base or {}).get("watermarks", {})
     ev_wm = _wm_from_json(base_wm.get(settings.events_topic))
     it_wm = _wm_from_json(base_wm.get(settings.items_topic))
@@ -197,7 +210,8 @@ def _run_locked(settings: Settings, features_dir: Path, full: bool, rlock: Any, 
         version=store.next_version(features_dir, current),
         ev_files=ev_files, it_files=it_files, ev_wm=ev_wm, it_wm=it_wm,
         tables={name: list(base_tables.get(name, [])) for name in TABLE_NAMES},
-        ref_ts=(base or {}).get("ref_ts"), started=started,
+        ref_ts=(base or {}).get("ref_ts"), started=started, forgotten=sorted(tombstones.ids),
+        forget_rebuild=bool(unhonoured),
     )
     job = MergeJob(
         root=str(features_dir), vdir=run.vdir, user_buckets=settings.user_buckets,
@@ -257,13 +271,16 @@ def _finish(run: _Run, rlock: Any) -> Path:
         "watermarks": {s.events_topic: _wm_to_json(_advance(run.ev_wm, run.ev_files)),
                        s.items_topic: _wm_to_json(_advance(run.it_wm, run.it_files))},
         "ref_ts": run.ref_ts,
+        "forgotten": run.forgotten,
         "tables": run.tables,
         "counts": {
             "users": total(SEQUENCES), "events": total(SEQUENCES, "events"), "items": total(ITEMS),
             "deleted_items": total(ITEMS, "deleted"), "popular_items": total(POPULARITY),
             "covisit_pairs": total(COVISIT_COUNTS), "covisit_items": total(COVISIT_TOPK),
         },
-        "history": [*((run.current or {}).get("history", []))[-(KEEP_VERSIONS - 1):], run.version],
+        # After a forget rebuild the older versions (which hold the forgotten users) are collected at once.
+        "history": [*([] if run.forget_rebuild else (run.current or {}).get("history", [])[-(KEEP_VERSIONS - 1):]),
+                    run.version],
         "last_run": {"full": run.base is None, "new_files": run.new_files, "new_events": run.new_events,
                      "users_touched": run.users_touched, "duration_s": round(time.monotonic() - run.started, 3)},
     }

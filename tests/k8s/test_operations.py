@@ -61,6 +61,10 @@ STRIMZI_FORBIDDEN_EXCEPTIONS = {
 # Kafka's broker defaults for the consumer-group session bounds
 GROUP_MIN_SESSION_MS, GROUP_MAX_SESSION_MS = 6000, 1_800_000
 DISK_SHARE = 0.75  # of a broker volume the delete-policy topics may fill (the rest: compacted topics, metadata)
+# The forget topic keeps every tombstone forever (retention -1, k8s/kafka/topics.yaml): its size grows
+# with the number of `streamrec forget` requests, a few hundred bytes each, not with time. Budgeted
+# per broker at this much (a few million requests).
+FORGET_TOPIC_ALLOWANCE = 2**30  # bytes
 ZONE = "topology.kubernetes.io/zone"
 HOST = "kubernetes.io/hostname"
 
@@ -117,10 +121,10 @@ def test_kafka_exports_metrics_and_consumer_lag(k8s_settings):  # noqa: F811
         assert re.fullmatch(exporter.get("topicRegex", ".*"), topic), f"topic {topic} is not exported"
 
 
-def test_topics_fit_on_the_broker_volumes():
+def test_topics_fit_on_the_broker_volumes(k8s_settings):  # noqa: F811
     """Kafka deletes closed segments only, so a delete-policy partition holds up to retention.bytes
     + segment.bytes; with every broker holding replicas/brokers of all partitions, that must fit in
-    DISK_SHARE of a broker's volume."""
+    DISK_SHARE of a broker's volume. The forget topic, never deleted, counts with its allowance."""
     brokers = _broker_count()
     config = _kafka()["spec"]["kafka"]["config"]
     assert int(config.get("log.retention.bytes", -1)) > 0, "bound topics created outside topics.yaml too"
@@ -129,6 +133,9 @@ def test_topics_fit_on_the_broker_volumes():
     for name, t in _topics().items():
         cfg = t["spec"].get("config", {})
         if "delete" not in str(cfg.get("cleanup.policy", "delete")):
+            continue
+        if name == k8s_settings.forget_topic:
+            per_broker += FORGET_TOPIC_ALLOWANCE
             continue
         assert int(cfg.get("retention.bytes", -1)) > 0, f"{name}: set retention.bytes (the volume must not fill)"
         partition = int(cfg["retention.bytes"]) + int(cfg.get("segment.bytes", default_segment))

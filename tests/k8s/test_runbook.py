@@ -22,11 +22,13 @@ from tests.test_k8s_manifests import K8S_DIR
 TEXT = RUNBOOK.read_text(encoding="utf-8")
 SHELL_BLOCKS = re.findall(r"```(?:sh|bash)\n(.*?)```", TEXT, flags=re.S)
 PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", TEXT, flags=re.S)
-# The on-call tasks of issue 14, by their sections' anchors.
+# The on-call tasks of issues 14 and 15, by their sections' anchors.
 TASKS = [
     "deploy-from-zero", "upgrade-the-image", "scale-ingest", "scale-serving", "pin-or-roll-back-an-adapter",
     "replay-a-topic-from-an-offset-or-a-time", "drain-and-reprocess-the-dlq", "rotate-the-api-keys", "redis-lost",
     "a-broker-or-topic-recreated", "a-stuck-trainer", "the-shared-volume-is-full",
+    # issue 15, privacy
+    "forget-a-user-right-to-be-forgotten", "rotate-the-pseudonym-key",
 ]
 ALERT_PARTS = ("**Meaning.**", "**Confirm.**", "**Act.**")
 
@@ -81,7 +83,8 @@ def test_every_alert_has_a_section_saying_what_to_do(alert):
 
 def test_the_runbook_shows_the_commands_the_issue_asks_for():
     commands = {" ".join(args[:2]) for args in INVOCATIONS}
-    for needed in ("status", "rebuild-online", "dlq", "registry rollback", "registry list", "ingest --fresh"):
+    for needed in ("status", "rebuild-online", "dlq", "registry rollback", "registry list", "ingest --fresh",
+                   "forget", "privacy rotate-key", "privacy pseudonym"):
         assert any(c.startswith(needed) for c in commands), f"no `streamrec {needed}` in k8s/RUNBOOK.md"
     assert "--reset-offsets" in TEXT and "--to-datetime" in TEXT and "--to-offset" in TEXT, "replay by time/offset"
 

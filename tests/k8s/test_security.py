@@ -6,6 +6,10 @@
   over a universe of the pods the manifests make, the operators' pods and a few strangers.
 * Kafka: one TLS + SCRAM-SHA-512 listener, `authorization: simple`, a KafkaUser per client whose
   ACLs name only the topics and the group streamrec uses; each pod that uses Kafka logs in as one.
+  Only the privacy user writes the `forget` topic; ingest reads it.
+* The pseudonym key (Secret streamrec-pseudonym) reaches exactly the pods that see raw user ids
+  (ingest, serving, the privacy Jobs), never the feature job or training; the manifest has no data.
+* The one-off Jobs (k8s/oneoff/) are CronJobs that never run by themselves.
 * Redis: both instances need a password from a Secret without data; no `protected-mode no`; every
   client gets STREAMREC_REDIS_PASSWORD.
 * Ray: token authentication (KubeRay authOptions) on the RayService and the RayJob template.
@@ -78,6 +82,10 @@ WORKLOAD_PODS = {
     "redis": ("StatefulSet", "redis"),
     "gcs-redis": ("StatefulSet", "ray-gcs-redis"),
     "pushgateway": ("Deployment", "streamrec-pushgateway"),
+    # the one-off Jobs of k8s/oneoff/ (suspended CronJobs: `kubectl create job --from`)
+    "ingest-fresh": ("CronJob", "streamrec-ingest-fresh"),
+    "forget": ("CronJob", "streamrec-forget"),
+    "rotate-key": ("CronJob", "streamrec-rotate-pseudonym-key"),
 }
 
 
@@ -233,13 +241,17 @@ def allowed(src: Endpoint, dst: Endpoint, port: int) -> bool:
 SERVE = ("serve-head", "serve-worker")
 TRAIN = ("train-head", "train-worker", "train-submitter")
 STRIMZI_PODS = ("kafka-broker", "kafka-exporter", "entity-operator")
+INGEST = ("ingest", "ingest-fresh")  # the Deployment's pods and the `ingest --fresh` Job's (same labels)
+PRIVACY = ("forget", "rotate-key")  # the privacy Jobs (component privacy)
 ALL_PORTS = "*"  # every port the destination listens on
 # (sources, destinations, ports, why)
 FLOWS = [
-    (("ingest",), ("kafka-broker",), (9093,), "consume events + items, DLQ writes"),
-    (("ingest",), ("redis",), (6379,), "the online store"),
-    (("ingest",), SERVE, (8000,), "`streamrec status` in an ingest pod probes the API"),
-    (("ingest",), ("ingest",), (9310,), "`streamrec status` reads the other ingest pods' /metrics"),
+    (INGEST, ("kafka-broker",), (9093,), "consume events + items + forget, DLQ writes"),
+    (INGEST, ("redis",), (6379,), "the online store"),
+    (INGEST, SERVE, (8000,), "`streamrec status` in an ingest pod probes the API"),
+    (INGEST, ("ingest",), (9310,), "`streamrec status` reads the other ingest pods' /metrics"),
+    (PRIVACY, ("kafka-broker",), (9093,), "forget: tombstones (streamrec-privacy); rotate-key: offsets (streamrec-ops)"),
+    (PRIVACY, ("redis",), (6379,), "`streamrec privacy rotate-key` rebuilds Redis from the migrated log"),
     (("features",), ("redis",), (6379,), "the feature push (popularity, trending)"),
     (("features",), ("pushgateway",), (9091,), "the feature run's outcome metrics"),
     (("features",), ("kafka-broker",), (9093,), "one-off Jobs from this pod: rebuild-online, dlq (read-only user)"),
@@ -404,7 +416,8 @@ def test_kafka_users_validate_against_the_vendored_crd():
 def test_kafka_acls_name_only_what_streamrec_uses():
     env = streamrec_env()
     topics = {t["spec"]["topicName"] for t in of_kind("KafkaTopic")}
-    assert {env["STREAMREC_EVENTS_TOPIC"], env["STREAMREC_ITEMS_TOPIC"], env["STREAMREC_DLQ_TOPIC"]} <= topics
+    assert {env["STREAMREC_EVENTS_TOPIC"], env["STREAMREC_ITEMS_TOPIC"], env["STREAMREC_DLQ_TOPIC"],
+            env["STREAMREC_FORGET_TOPIC"]} <= topics
     for u in of_kind("KafkaUser"):
         auth = u["spec"]["authorization"]
         assert auth["type"] == "simple" and u["spec"]["authentication"]["type"] == "scram-sha-512"
@@ -444,13 +457,40 @@ def test_each_user_can_do_its_job_and_no_more():
     producer = acl_ops("streamrec-producer")
     assert {k for k, v in producer.items() if "Write" in v} == {("topic", ev), ("topic", it)}
     assert not any("Read" in v for v in producer.values())
+    privacy = acl_ops("streamrec-privacy")
+    assert privacy == {("topic", env["STREAMREC_FORGET_TOPIC"]): {"Write", "Describe"},
+                       ("cluster", ""): {"Describe", "IdempotentWrite"}}, "writes tombstones, nothing else"
+
+
+def test_only_the_privacy_user_writes_the_forget_topic_and_ingest_reads_it():
+    """A tombstone is a deletion order: only `streamrec forget` (user streamrec-privacy) may issue one.
+    Every ingest pod reads all partitions with assign(), outside the group, so it needs Read on the
+    topic and nothing on a group for it; nobody else reads it."""
+    forget = streamrec_env()["STREAMREC_FORGET_TOPIC"]
+    ops = {u["metadata"]["name"]: acl_ops(u["metadata"]["name"]).get(("topic", forget), set())
+           for u in of_kind("KafkaUser")}
+    assert {u for u, o in ops.items() if "Write" in o} == {"streamrec-privacy"}
+    assert {u for u, o in ops.items() if "Read" in o} == {"streamrec-ingest"}
+    assert ops["streamrec-ingest"] == {"Read", "Describe"}, "ingest never writes tombstones"
+
+
+def test_the_forget_topic_keeps_every_tombstone():
+    """Not compacted (Kafka drops null-value records and all but the newest per key there) and never
+    deleted by age or size: a deleted tombstone would let a replay bring the user back."""
+    forget = streamrec_env()["STREAMREC_FORGET_TOPIC"]
+    (topic,) = [t for t in of_kind("KafkaTopic") if t["spec"]["topicName"] == forget]
+    config = topic["spec"]["config"]
+    assert config["cleanup.policy"] == "delete"
+    assert int(config["retention.ms"]) == -1 and int(config["retention.bytes"]) == -1
+    assert int(config["min.insync.replicas"]) >= 2 and topic["spec"]["replicas"] >= 3
 
 
 def test_kafka_clients_log_in_with_their_user(endpoints):
     """Every pod that uses Kafka: SASL_SSL with SCRAM-SHA-512, a KafkaUser's name, the password
     from that user's Secret, the cluster CA from Strimzi's Secret, mounted where the setting says."""
     users = {u["metadata"]["name"] for u in of_kind("KafkaUser")}
-    kafka_pods = {"ingest": "streamrec-ingest", "features": "streamrec-ops"}
+    kafka_pods = {"ingest": "streamrec-ingest", "ingest-fresh": "streamrec-ingest", "features": "streamrec-ops",
+                  "forget": "streamrec-privacy", "rotate-key": "streamrec-ops"}
     for ep, c in streamrec_containers(endpoints):
         env = env_of(c)
         if ep.name not in kafka_pods:
@@ -498,7 +538,7 @@ def test_redis_requires_the_password_from_the_secret(sts, key):
 
 
 def test_every_redis_client_has_the_password(endpoints):
-    redis_clients = {"ingest", "features", "serve-head", "serve-worker"}
+    redis_clients = {"ingest", "ingest-fresh", "features", "rotate-key", "serve-head", "serve-worker"}
     for ep, c in streamrec_containers(endpoints):
         env = env_of(c)
         if ep.name in redis_clients:
@@ -578,7 +618,7 @@ def test_kustomization_includes_security():
     assert "security" in k["resources"]
 
 
-@pytest.mark.parametrize("pod", ["ingest", "features", "serve-worker"])
+@pytest.mark.parametrize("pod", ["ingest", "features", "serve-worker", "ingest-fresh", "forget", "rotate-key"])
 def test_the_pods_settings_load_with_their_credentials(pod, endpoints, monkeypatch, tmp_path):
     """The ConfigMap plus the pod's own env (Secrets as placeholders, the CA file present) is a
     valid configuration: SASL without a user or TLS settings the code refuses would crash-loop."""
@@ -598,7 +638,8 @@ def test_the_pods_settings_load_with_their_credentials(pod, endpoints, monkeypat
     if "STREAMREC_KAFKA_SSL_CAFILE" in env_of(container):
         monkeypatch.setenv("STREAMREC_KAFKA_SSL_CAFILE", str(ca))
     settings = load_settings()
-    assert settings.redis_password is not None and settings.require_api_keys
-    if pod != "serve-worker":
+    assert settings.require_api_keys
+    assert (settings.redis_password is not None) == ("STREAMREC_REDIS_PASSWORD" in env_of(container))
+    if "STREAMREC_KAFKA_SASL_USERNAME" in env_of(container):
         config = security_config(settings)
         assert config["security_protocol"] == "SASL_SSL" and config["sasl_mechanism"] == "SCRAM-SHA-512"

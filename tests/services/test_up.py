@@ -26,6 +26,8 @@ def test_a_new_broker_over_old_offsets_is_refused_and_fresh_archives_instead_of_
         r.set("other:key", 1)
         (data / "log" / "events").mkdir(parents=True)
         (data / "log" / "events" / "events+0+0+41.parquet").write_bytes(b"old")
+        (data / "log" / "forget").mkdir()
+        (data / "log" / "forget" / "t1.json").write_text("{}")  # a forget tombstone
         settings = load_settings(data_dir=data, kafka_bootstrap_servers=None, redis_url=None)
         lines: list[str] = []
         up = Up(settings, UpOptions(port=free_port()), echo=lines.append)
@@ -37,7 +39,8 @@ def test_a_new_broker_over_old_offsets_is_refused_and_fresh_archives_instead_of_
 
         dest = archive_state(settings.model_copy(update={"redis_url": url}))
         assert (dest / "log" / "events" / "events+0+0+41.parquet").read_bytes() == b"old"
-        assert not (data / "log").exists()
+        assert sorted(p.name for p in (data / "log").iterdir()) == ["forget"]  # forgotten users stay forgotten
+        assert (data / "log" / "forget" / "t1.json").exists() and (dest / "log" / "forget" / "t1.json").exists()
         assert r.get("sr:wm:events:0") is None and r.get("other:key") == b"1"  # only the prefix's keys go
     finally:
         stop_stack(data)

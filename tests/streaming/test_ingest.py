@@ -24,6 +24,7 @@ from tests.streaming.helpers import (
     assert_no_overlap,
     isolated_settings,
     popularity_total,
+    pseudonym,
     read_log,
     wait_for,
 )
@@ -67,8 +68,9 @@ def test_round_trip_redis_and_parquet(embedded_stack, tmp_path):
     assert (stats.events, stats.items, stats.bad) == (7, 5, 0)
 
     store = _store(settings)
-    assert store.recent_items("u1") == ["i4", "i3", "i2"]  # newest first, capped at 3
-    assert store.recent_items("7") == ["1"]
+    assert store.recent_items(pseudonym(settings, "u1")) == ["i4", "i3", "i2"]  # newest first, capped at 3
+    assert store.recent_items(pseudonym(settings, "7")) == ["1"]
+    assert store.recent_items("u1") == []  # stored under its pseudonym only
     assert store.popularity(["i1", "i2", "i0", "1"]) == {"i1": 2, "i2": 1, "i0": 1, "1": 1}
     assert store.item("i1") == {
         "item_id": "i1", "title": "Alien", "text": "space horror",
@@ -84,7 +86,7 @@ def test_round_trip_redis_and_parquet(embedded_stack, tmp_path):
     assert sorted(by_id) == [f"e{i}" for i in range(1, 8)]
     assert by_id["e1"]["scene"] == "home" and by_id["e1"]["ts"] == base + 10
     assert json.loads(by_id["e2"]["context"]) == {"device": "ios"}
-    assert by_id["e6"]["user_id"] == "7" and by_id["e6"]["item_id"] == "1"
+    assert by_id["e6"]["user_id"] == pseudonym(settings, 7) and by_id["e6"]["item_id"] == "1"
     assert all(row["offset"] >= 0 and row["ingest_ts"] > 0 for row in log)
     item_log = read_log(settings, settings.items_topic)
     assert item_log.num_rows == 5
@@ -217,7 +219,7 @@ def test_sigkill_restarts_count_every_event_exactly_once(embedded_stack, tmp_pat
         seen[ev["item_id"]] = max(ev["ts"], seen.get(ev["item_id"], 0))
     for user in rng.sample(sorted(latest), 60):
         newest = sorted(latest[user], key=lambda item: -latest[user][item])[: settings.recent_items_max]
-        assert store.recent_items(user) == newest, user
+        assert store.recent_items(pseudonym(settings, user)) == newest, user
     expected_pop = Counter(ev["item_id"] for ev in events)
     assert store.popularity(sorted(expected_pop)) == dict(expected_pop)
     log = read_log(settings)

@@ -6,13 +6,8 @@ events flow and restarts it on its append-only file, behind."""
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import subprocess
-import sys
 import threading
-from collections import Counter, defaultdict
-from pathlib import Path
 
 import pytest
 import redis
@@ -145,15 +140,6 @@ PRODUCE_RATE = 800  # events/s: ~20 s of traffic, so the kill and the restart la
 OUTAGE_EVENTS = 1600  # events produced while Redis is down (~2 s of traffic): a condition, not a sleep
 
 
-def _spawn_ingest(settings, log_path: Path) -> subprocess.Popen:
-    from streaming.settings import settings_env
-
-    env = {**os.environ, **settings_env(settings), "PYTHONUNBUFFERED": "1", "STREAMREC_INGEST_METRICS_PORT": "0"}
-    with open(log_path, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "services.cli", "ingest", "--no-progress", "--features-every",
-                                 "0"], env=env, stdout=out, stderr=subprocess.STDOUT)
-
-
 def _produced(settings) -> int:
     from streaming.kafka_io import make_consumer
 
@@ -165,31 +151,6 @@ def _produced(settings) -> int:
         consumer.close()
 
 
-def _watermarks(store, settings) -> dict[tuple[str, int], int]:
-    return {(t, p): store.watermark(t, p) for t in (settings.events_topic, settings.items_topic)
-            for p in range(settings.topic_partitions)}
-
-
-def _committed(settings) -> dict[tuple[str, int], int]:
-    from streaming.kafka_io import make_admin
-
-    admin = make_admin(settings)
-    try:
-        offsets = admin.list_group_offsets({settings.consumer_group: None}).get(settings.consumer_group, {})
-    finally:
-        admin.close()
-    return {(tp.topic, tp.partition): om.offset for tp, om in offsets.items()}
-
-
-def _ahead(committed: dict, watermarks: dict) -> list:
-    """Partitions whose committed offset is past watermark + 1: what a restart from the synced AOF loses."""
-    return [tp for tp, offset in committed.items() if offset > watermarks.get(tp, -1) + 1]
-
-
-def _applied(store, settings) -> int:
-    return sum(max(store.watermark(settings.events_topic, p) + 1, 0) for p in range(settings.topic_partitions))
-
-
 @pytest.mark.integration
 @pytest.mark.slow
 def test_redis_sigkilled_under_ingest_is_waited_out_and_nothing_is_lost_or_doubled(embedded_stack, tmp_path):
@@ -197,8 +158,9 @@ def test_redis_sigkilled_under_ingest_is_waited_out_and_nothing_is_lost_or_doubl
     from streaming.online_store import OnlineStore
     from streaming.producer import EventProducer, replay
     from streaming.redis_io import make_redis
+    from tests.fixtures.redis_server import RedisServer
     from tests.streaming.helpers import isolated_settings, popularity_total, read_log, wait_for
-    from tests.streaming.test_redis_recovery import RedisServer
+    from tests.streaming.redis_crash import applied_events, assert_exact, crash_behind, spawn_ingest
 
     server = RedisServer(tmp_path / "redis")
     server.start()
@@ -212,18 +174,10 @@ def test_redis_sigkilled_under_ingest_is_waited_out_and_nothing_is_lost_or_doubl
                               kwargs=dict(rate=PRODUCE_RATE, progress=False))
     feeder.start()
     log_path = tmp_path / "ingest.log"
-    ingest = _spawn_ingest(settings, log_path)
+    ingest = spawn_ingest(settings, log_path)
     try:
-        wait_for(lambda: _applied(store, settings) >= 1500, IDLE_TIMEOUT_S, "ingestion to get going")
-        synced_size = server.aof.stat().st_size  # what an fsync a moment before the crash would have kept
-        synced = _watermarks(store, settings)  # at least what that prefix of the file holds
-        wait_for(lambda: _ahead(_committed(settings), synced), IDLE_TIMEOUT_S,
-                 "Kafka commits past what the synced part of the AOF holds")
-        assert feeder.is_alive(), "events must still flow when Redis dies"
-        server.kill()
-        # a machine crash loses the unsynced tail of the AOF (up to a second with everysec): cut it back
-        with open(server.aof, "r+b") as fh:
-            fh.truncate(synced_size)
+        wait_for(lambda: applied_events(store, settings) >= 1500, IDLE_TIMEOUT_S, "ingestion to get going")
+        crash_behind(server, store, settings, feeder, IDLE_TIMEOUT_S)
         killed_at = _produced(settings)
         wait_for(lambda: "stopped answering" in log_path.read_text(), IDLE_TIMEOUT_S, "ingest to see Redis go")
         wait_for(lambda: _produced(settings) >= killed_at + OUTAGE_EVENTS, IDLE_TIMEOUT_S,
@@ -249,22 +203,7 @@ def test_redis_sigkilled_under_ingest_is_waited_out_and_nothing_is_lost_or_doubl
         back = [line for line in text.splitlines() if "answers again after" in line]
         assert len(back) == 1 and "came back without the last offsets of" in back[0], back
         assert "Traceback" not in text
-        _assert_exact(settings, store, events, items)
+        assert_exact(settings, store, events, items)
     finally:
         server.stop()
 
-
-def _assert_exact(settings, store, events: list[dict], items: list[dict]) -> None:
-    from tests.streaming.helpers import popularity_total, read_log
-
-    n = len(events)
-    assert popularity_total(settings) == n  # none lost, none counted twice
-    assert store.popularity(sorted({e["item_id"] for e in events})) == dict(Counter(e["item_id"] for e in events))
-    latest = defaultdict(dict)  # user -> item -> last ts
-    for ev in events:
-        latest[ev["user_id"]][ev["item_id"]] = max(ev["ts"], latest[ev["user_id"]].get(ev["item_id"], 0))
-    for user, seen in latest.items():
-        assert store.recent_items(user) == sorted(seen, key=lambda i: -seen[i])[: settings.recent_items_max], user
-    assert store.live_items() == {it["item_id"] for it in items}
-    ids = read_log(settings).column("event_id").to_pylist()
-    assert len(ids) == n and set(ids) == {e["event_id"] for e in events}

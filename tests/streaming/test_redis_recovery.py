@@ -5,106 +5,28 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
-from collections import Counter, defaultdict
-from pathlib import Path
 
 import pytest
 import redis
 import requests
 
 from services.processes import free_port
-from services.stack import resolve_redis_bin
 from streaming.datasets import SyntheticConfig, synthetic_dataset
 from streaming.events import Event
 from streaming.ingest import Ingestor
-from streaming.kafka_io import make_admin
 from streaming.online_store import OnlineStore
 from streaming.producer import EventProducer, replay
-from streaming.settings import settings_env
+from tests.fixtures.redis_server import RedisServer
 from tests.streaming.helpers import isolated_settings, popularity_total, read_log, wait_for
+from tests.streaming.redis_crash import ahead, applied_events, assert_exact, committed, crash_behind, spawn_ingest, \
+    watermarks
 
 pytestmark = pytest.mark.integration
 
 IDLE_EXIT_S = 2.0
 PRODUCE_RATE = 800  # events/s: 25 s of traffic, so the kill lands while events flow
-START_TIMEOUT_S = 30
 FLOW_TIMEOUT_S = 180
-
-
-class RedisServer:
-    """A redis-server of this test's own on an append-only file, `appendfsync everysec` as the
-    embedded stack runs it, so that it can be SIGKILLed and restarted on the same file."""
-
-    def __init__(self, directory: Path) -> None:
-        self.dir = directory
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    @property
-    def aof(self) -> Path:
-        return self.dir / "appendonly.aof"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [resolve_redis_bin(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-             "--save", "", "--appendonly", "yes", "--appendfsync", "everysec", "--aof-load-truncated", "yes",
-             "--logfile", str(self.dir / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_timeout=1)
-        wait_for(lambda: self._answers(client), START_TIMEOUT_S, "redis-server to answer")
-
-    def _answers(self, client) -> bool:
-        assert self.proc.poll() is None, (self.dir / "redis.log").read_text()[-2000:]
-        try:
-            return bool(client.ping())
-        except redis.RedisError:
-            return False
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-
-def _spawn_ingest(settings, log_path: Path, metrics_port: int = 0) -> subprocess.Popen:
-    env = {**os.environ, **settings_env(settings), "PYTHONUNBUFFERED": "1",
-           "STREAMREC_INGEST_METRICS_PORT": str(metrics_port)}
-    with open(log_path, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "services.cli", "ingest", "--no-progress", "--features-every",
-                                 "0"], env=env, stdout=out, stderr=subprocess.STDOUT)
-    proc.log_path = log_path
-    return proc
-
-
-def _watermarks(store: OnlineStore, settings) -> dict[tuple[str, int], int]:
-    return {(t, p): store.watermark(t, p) for t in (settings.events_topic, settings.items_topic)
-            for p in range(settings.topic_partitions)}
-
-
-def _committed(settings) -> dict[tuple[str, int], int]:
-    admin = make_admin(settings)
-    try:
-        offsets = admin.list_group_offsets({settings.consumer_group: None}).get(settings.consumer_group, {})
-    finally:
-        admin.close()
-    return {(tp.topic, tp.partition): om.offset for tp, om in offsets.items()}
-
-
-def _ahead(committed: dict, watermarks: dict) -> list:
-    """Partitions whose committed offset is past watermark + 1: what a restart from this AOF lost."""
-    return [tp for tp, offset in committed.items() if offset > watermarks.get(tp, -1) + 1]
 
 
 @pytest.mark.slow
@@ -123,32 +45,20 @@ def test_redis_sigkilled_mid_stream_and_restarted_behind_comes_out_exact(embedde
     feeder.start()
     first = second = None
     try:  # the processes are stopped in `finally`, the server after the checks
-        first = _spawn_ingest(settings, tmp_path / "ingest-1.log")
-        applied = lambda: sum(max(w + 1, 0) for (t, _), w in _watermarks(store, settings).items()  # noqa: E731
-                              if t == settings.events_topic)
-        wait_for(lambda: applied() >= 1500, FLOW_TIMEOUT_S, "ingestion to get going")
-        # What the AOF holds now is what an fsync a moment before the crash would have kept.
-        synced_size = server.aof.stat().st_size
-        synced = _watermarks(store, settings)  # at least what that prefix of the file holds
-        wait_for(lambda: _ahead(_committed(settings), synced), FLOW_TIMEOUT_S,
-                 "Kafka commits past what the synced part of the AOF holds")
-        assert feeder.is_alive(), "events must still flow when Redis dies"
-        server.kill()
-        # SIGKILL leaves every write in the page cache: the file keeps all of it. A machine crash
-        # loses the unsynced tail (up to a second with everysec), which cutting the file back does.
-        with open(server.aof, "r+b") as fh:
-            fh.truncate(synced_size)
+        first = spawn_ingest(settings, tmp_path / "ingest-1.log")
+        wait_for(lambda: applied_events(store, settings) >= 1500, FLOW_TIMEOUT_S, "ingestion to get going")
+        crash_behind(server, store, settings, feeder, FLOW_TIMEOUT_S)
         # Ingest waits an outage out (tests/streaming/test_redis_outage.py); stopped meanwhile it commits
         # nothing more, so the next one meets the restarted Redis, behind, at assignment.
         wait_for(lambda: "stopped answering" in first.log_path.read_text(), FLOW_TIMEOUT_S, "ingest to see Redis go")
         first.send_signal(signal.SIGTERM)
         assert first.wait(FLOW_TIMEOUT_S) == 0, first.log_path.read_text()[-3000:]
         server.start()
-        behind = _ahead(_committed(settings), _watermarks(store, settings))
+        behind = ahead(committed(settings), watermarks(store, settings))
         assert behind, "the restarted Redis should be behind the committed offsets"
 
         port = free_port()
-        second = _spawn_ingest(settings, tmp_path / "ingest-2.log", metrics_port=port)
+        second = spawn_ingest(settings, tmp_path / "ingest-2.log", metrics_port=port)
         feeder.join()
         producer.close()
         wait_for(lambda: popularity_total(settings) >= n and read_log(settings).num_rows >= n, FLOW_TIMEOUT_S,
@@ -167,25 +77,9 @@ def test_redis_sigkilled_mid_stream_and_restarted_behind_comes_out_exact(embedde
         if feeder.is_alive():
             feeder.join(FLOW_TIMEOUT_S)
     try:
-        _assert_exact(settings, store, events, items)
+        assert_exact(settings, store, events, items)
     finally:
         server.stop()
-
-
-def _assert_exact(settings, store: OnlineStore, events: list[dict], items: list[dict]) -> None:
-    n = len(events)
-    assert popularity_total(settings) == n
-    assert store.popularity(sorted({e["item_id"] for e in events})) == dict(Counter(e["item_id"] for e in events))
-    latest = defaultdict(dict)  # user -> item -> last ts
-    for ev in events:
-        seen = latest[ev["user_id"]]
-        seen[ev["item_id"]] = max(ev["ts"], seen.get(ev["item_id"], 0))
-    for user, seen in latest.items():
-        newest = sorted(seen, key=lambda item: -seen[item])[: settings.recent_items_max]
-        assert store.recent_items(user) == newest, user
-    assert store.live_items() == {it["item_id"] for it in items}
-    ids = read_log(settings).column("event_id").to_pylist()
-    assert len(ids) == n and set(ids) == {e["event_id"] for e in events}
 
 
 def _event(i: int) -> Event:

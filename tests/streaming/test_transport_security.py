@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 
 from streaming import kafka_io
 from streaming.settings import SECRET_MASK, SettingsError, load_settings, redact_url, settings_env
+from tests.fixtures.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "s3cr3t-Pa55"
@@ -222,6 +223,7 @@ def test_every_command_reaches_kafka_through_the_factories(recorded, tmp_path):
     from streaming.ingest import Ingestor
     from streaming.online_rebuild import committed_offsets
     from streaming.producer import EventProducer
+    from tests.streaming.helpers import pseudonym
 
     s = _sasl(redis_url="redis://127.0.0.1:1/0", data_dir=tmp_path)
     Ingestor(s)  # no connection is made until it runs
@@ -301,48 +303,20 @@ def test_an_outage_logs_one_warning_and_one_info_with_its_duration(caplog):
 
 
 # --- integration: a real redis-server with requirepass / an ACL user -------------------------------
-class SecuredRedis:
-    """A redis-server of this test's own with `requirepass` and an ACL user `streamrec`."""
+class SecuredRedis(RedisServer):
+    """A redis-server of this test's own (tests/fixtures/redis_server.py) with `requirepass` and an ACL
+    user `streamrec`."""
 
     def __init__(self, directory: Path) -> None:
-        from services.processes import free_port
-
-        self.dir, self.port = directory, free_port()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.admin_password, self.user_password = f"adm-{uuid.uuid4().hex}", f"usr-{uuid.uuid4().hex}"
-        self.proc: subprocess.Popen | None = None
+        super().__init__(directory, appendfsync=None, password=f"adm-{uuid.uuid4().hex}")
+        self.admin_password, self.user_password = self.password, f"usr-{uuid.uuid4().hex}"
 
     def start(self) -> "SecuredRedis":
-        from services.stack import resolve_redis_bin
-        from tests.streaming.helpers import wait_for
-
-        self.proc = subprocess.Popen(
-            [resolve_redis_bin(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-             "--save", "", "--appendonly", "no", "--requirepass", self.admin_password],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        admin = redis.Redis(port=self.port, password=self.admin_password, socket_timeout=1)
-
-        def answers() -> bool:
-            assert self.proc.poll() is None, "redis-server exited"
-            try:
-                return bool(admin.ping())
-            except redis.ConnectionError:
-                return False
-
-        wait_for(answers, 30, "the secured redis-server to answer")
-        # the ACL user of the issue: its own keys and the commands ingest and serving use
-        admin.acl_setuser("streamrec", enabled=True, passwords=[f"+{self.user_password}"], keys=["*"],
-                          commands=["+@all", "-@dangerous", "+info"])
+        super().start()
+        with self.client() as admin:  # the ACL user of the issue: its own keys and the commands ingest and serving use
+            admin.acl_setuser("streamrec", enabled=True, passwords=[f"+{self.user_password}"], keys=["*"],
+                              commands=["+@all", "-@dangerous", "+info"])
         return self
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
 
 
 @pytest.fixture
@@ -358,6 +332,7 @@ def test_ingest_runs_against_a_redis_with_an_acl_user(embedded_stack, secured_re
     from streaming.ingest import Ingestor
     from streaming.online_store import OnlineStore
     from streaming.producer import EventProducer
+    from tests.streaming.helpers import pseudonym
     from streaming.redis_io import check_redis, make_redis
     from tests.streaming.helpers import isolated_settings, popularity_total, read_log
 
@@ -373,7 +348,7 @@ def test_ingest_runs_against_a_redis_with_an_acl_user(embedded_stack, secured_re
     assert popularity_total(settings) == n and read_log(settings).num_rows == n
     store = OnlineStore(make_redis(settings), settings.redis_prefix)
     newest_of_u0 = max(i for i in range(n) if i % 7 == 0)
-    assert store.recent_items("u0")[0] == f"i{newest_of_u0 % 5}"
+    assert store.recent_items(pseudonym(settings, "u0"))[0] == f"i{newest_of_u0 % 5}"
     with pytest.raises(redis.AuthenticationError):  # and the server really does require the password
         redis.Redis(port=secured_redis.port, username="streamrec", password="wrong", socket_timeout=2).ping()
 
