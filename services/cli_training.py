@@ -175,8 +175,11 @@ def train_loop(
     schedule is due, published through the gate. This is the trainer `streamrec up` runs; Ctrl-C stops
     (a run in progress is abandoned: nothing half-published is ever visible)."""
     setup_logging()
+    from streaming.ray_runtime import run_as_batch_work
     from training.continuous_trainer import ContinuousTrainer
     from training.registry import validate_name
+
+    run_as_batch_work()  # the trainer's own evaluation and embedding yield the CPU to serving and ingest
 
     schedule = schedule_or_exit(every)
     chosen = preset_or_exit(preset)

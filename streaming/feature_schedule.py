@@ -47,6 +47,9 @@ class PeriodicFeatures:
         self.thread.start()
 
     def _run(self) -> None:
+        from streaming.ray_runtime import run_as_batch_work
+
+        run_as_batch_work()  # this thread only (Linux nice is per thread): ingest's loop keeps its priority
         run = self.run
         if run is None:
             from streaming.features import run_features as run

@@ -54,7 +54,7 @@ def test_a_corrupt_log_file_stops_the_feature_job_naming_it(embedded_stack, ray_
 
 
 def test_a_feature_job_killed_three_times_publishes_a_clean_runs_tables(embedded_stack, ray_local, tmp_path):
-    # ~2.5 min on 2 busy cores: each next run waits out the killed run's Redis lock (REDIS_LOCK_TTL_S)
+    # ~1.5 min on 2 busy cores: each next run waits out the killed run's Redis lock (REDIS_LOCK_TTL_S)
     result = feature_kill.run(embedded_stack.kafka_bootstrap, embedded_stack.redis_url, tmp_path, kills=3,
                               events=2000)
     assert_clean(result)

@@ -178,8 +178,8 @@ PARTS = ("up", "ingest (+ feature schedule)", "trainer", "serve (driver)", "ray 
 def test_a_short_soak_has_figures_for_every_process_and_no_5xx(tmp_path):
     out = tmp_path / "soak.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "soak.py"), "--duration-s", "45", "--warmup-events", "1500",
-         "--probe-s", "1.5", "--sample-s", "3", "--window-s", "15", "--json", str(out)],
+        [sys.executable, str(ROOT / "bench" / "soak.py"), "--duration-s", "25", "--warmup-events", "1500",
+         "--probe-s", "1.5", "--sample-s", "3", "--window-s", "10", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=840)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     result = json.loads(out.read_text())

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from streaming.ray_runtime import run_as_batch_work
 from training.adapter import load_adapter, load_adapter_model
 
 EMBED_BATCH_ROWS = 256
@@ -26,6 +27,7 @@ class ItemEmbedder:
     """Ray Data callable class: rows (row, text) -> rows (row, embedding)."""
 
     def __init__(self, adapter_path: str, threads: int = 1) -> None:
+        run_as_batch_work()  # serving on the same machine keeps its CPU share
         torch.set_num_threads(threads)
         adapter = load_adapter(adapter_path)
         # The batches bring the texts: no catalog to tokenize (ID embeddings keep their rows).

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from streaming.ray_runtime import ensure_ray
+from streaming.ray_runtime import ensure_ray, run_as_batch_work
 from streaming.versioned_store import atomic_write_json
 from training import fault_injection
 from training.adapter import checkpoint_dict, load_adapter, load_state, load_torch_file, save_adapter
@@ -72,6 +72,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    run_as_batch_work()  # serving on the same machine keeps its CPU share
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     run_dir = Path(config["run_dir"])

@@ -35,6 +35,7 @@ from streaming.features.tables import (
     bucket_of,
     read_parquet,
 )
+from streaming.ray_runtime import run_as_batch_work
 
 # The log columns a merge reads, as a list (what Ray Data's and pyarrow's `select` take).
 EVENT_COLUMNS_READ = list(EVENT_FEATURE_COLUMNS)
@@ -132,6 +133,7 @@ def above_watermarks(batch: pa.Table, watermarks: dict[int, int]) -> pa.Table:
 
 
 def prepare_events(batch: pa.Table, *, watermarks: dict[int, int], buckets: int) -> pa.Table:
+    run_as_batch_work()  # a Ray Data task: serving on the same machine keeps its CPU share
     """Stage 1's input: new event rows (the columns features read), tagged with their user bucket."""
     batch = above_watermarks(batch.select(EVENT_COLUMNS_READ), watermarks)
     return batch.append_column("bucket", pa.array(_buckets_of(batch["user_id"], buckets), pa.int32()))
@@ -188,6 +190,7 @@ def _delta_rows(kind: str, n: int, **cols: Any) -> pa.Table:
 
 
 def merge_user_bucket(group: pa.Table, *, job: MergeJob) -> pa.Table:
+    run_as_batch_work()
     """Merge one user bucket's stored sequences with its new events; write the new bucket file;
     return the bucket's deltas (see `DELTA_SCHEMA`)."""
     group = group.combine_chunks()
@@ -314,6 +317,7 @@ def _topk(counts: pa.Table, k: int) -> pa.Table:
 
 
 def merge_covisit_bucket(group: pa.Table, *, job: MergeJob) -> pa.Table:
+    run_as_batch_work()
     """Add one item bucket's pair deltas to its stored counts; write counts and top-K files."""
     bucket = int(group["bucket"][0].as_py())
     delta = pa.table({"item_a": group["key"], "item_b": group["item_b"], "count": group["count"]})
