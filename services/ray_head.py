@@ -34,6 +34,7 @@ from typing import Callable
 
 from services.processes import HOST, free_port, log_tail, port_open
 from services.supervisor import Part, Supervisor
+from streaming.ray_runtime import RAY_WORKER_NICENESS_ENV
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,8 @@ class RayHead:
             ports = _fresh_ports()
             self.tried.append(ports)
             gcs = ports[0]
-            self.sup.add(Part(PART_NAME, head_argv(self.binary, ports, self.cpus, self.gpu), env=self.env(f"{HOST}:{gcs}"),
+            env = {**self.env(f"{HOST}:{gcs}"), **RAY_WORKER_NICENESS_ENV}  # Serve's workers at nice 0, not 15
+            self.sup.add(Part(PART_NAME, head_argv(self.binary, ports, self.cpus, self.gpu), env=env,
                               ready=lambda gcs=gcs: _says(log_path, STARTED_MARK) and port_open(gcs)))
             why = self._wait(stop)
             if why is None:

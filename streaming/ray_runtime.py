@@ -6,9 +6,13 @@ import logging
 import os
 
 # Batch work (training, catalog embedding, the feature job's tasks) runs this much nicer than serving
-# and ingest. Measured by bench/soak.py on 2 cores: with continuous training at normal priority the
-# API queued into 30 s timeouts at half its idle maximum rate.
+# and ingest (`run_as_batch_work`).
 BATCH_NICENESS = 10
+# Ray starts every worker process -- Serve's replicas and proxy included -- at nice 15 unless told
+# otherwise (raylet `worker_niceness`). bench/soak.py found the API at nice 15 starved by everything
+# else at 0 on a shared machine (ingest, the broker, the trainer's driver): 30 s answers at half its
+# idle maximum rate. Workers start at 0 instead; batch work lowers itself to BATCH_NICENESS.
+RAY_WORKER_NICENESS_ENV = {"RAY_worker_niceness": "0"}
 
 
 def run_as_batch_work() -> None:
@@ -34,6 +38,8 @@ def ensure_ray(ray_address: str | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    for name, value in RAY_WORKER_NICENESS_ENV.items():  # a local instance's workers (see the constant)
+        os.environ.setdefault(name, value)
     if ray_address:
         ray.init(address=ray_address, log_to_driver=False, logging_level=logging.WARNING)
     else:
