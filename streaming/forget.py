@@ -47,7 +47,7 @@ from pydantic import ValidationError
 
 from streaming.events import EVENT_LOG_SCHEMA, Tombstone
 from streaming.offline_log import PARQUET_COMPRESSION, OfflineLog
-from streaming.pseudonym import Pseudonymizer, forget_marker
+from streaming.pseudonym import CACHE_MAX_ENTRIES, Pseudonymizer, forget_marker
 from streaming.versioned_store import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class TombstoneSet:
         limit = self._memo.get(raw_user_id, -1)
         if limit == -1:
             limit = self.limit_of(pseudonymizer.chain(raw_user_id))
-            if len(self._memo) >= 200_000:
+            if len(self._memo) >= CACHE_MAX_ENTRIES:
                 self._memo.clear()
             self._memo[raw_user_id] = limit
         return limit is not None and ts <= limit
@@ -284,10 +284,6 @@ class ForgetFollower:
         self.consumer.close(autocommit=False)
 
 
-def honoured_ids(tombstones: TombstoneSet) -> list[str]:
-    return sorted(tombstones.ids)
-
-
-__all__ = ["FORGET_DIR", "ForgetFollower", "PurgeResult", "TombstoneSet", "forget_dir", "honoured_ids",
+__all__ = ["FORGET_DIR", "ForgetFollower", "PurgeResult", "TombstoneSet", "forget_dir",
            "new_tombstone", "publish_tombstone", "purge_log", "read_durable", "record_durable"]
 
