@@ -1,9 +1,11 @@
 """Serving benchmark: the recommendation API against a no-op Ray Serve deployment, one run.
 
-    python bench/serve.py --json bench/results/serve.json [--duration-s 10] [--swap-items 100000]
+    python bench/serve.py --json bench/results/serve.json [--duration-s 10] [--swap-items 100000] [--no-ranker]
 
 On the embedded Redis and a local registry, with the real model (MiniLM + LoRA, untrained:
-serving cost does not depend on training):
+serving cost does not depend on training) and, unless `--no-ranker`, the second stage every
+request pays for (training/two_stage.py: co-visitation prior, a LightGBM ranker of
+tests/fixtures/synthetic_adapter.py's size, trending snapshot; `--no-ranker`: the first stage alone):
 
 1. max throughput and p50/p99 of `GET /v1/recommendations` and of a no-op deployment behind the
    same proxy, each with a closed-loop load generator at rising concurrency (the best rate wins);
@@ -124,6 +126,7 @@ def main() -> int:
     ap.add_argument("--duration-s", type=float, default=8.0, help="seconds per load step")
     ap.add_argument("--swap-items", type=int, default=100_000, help="catalog size of the swapped-in version")
     ap.add_argument("--replicas", type=int, default=1, help="replicas of the API deployment")
+    ap.add_argument("--no-ranker", action="store_true", help="adapters without the second stage (first stage only)")
     args = ap.parse_args()
 
     import ray
@@ -140,7 +143,8 @@ def main() -> int:
     from training.registry import Registry
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    out: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}
+    out: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                             "load_avg_at_start": list(os.getloadavg())}, "ranker": not args.no_ranker}
     with EmbeddedStack(tmp / "stack", kafka=False) as info:
         port = free_port()
         settings = load_settings(redis_url=info.redis_url, data_dir=tmp, registry_root=str(tmp / "registry"),
@@ -155,7 +159,8 @@ def main() -> int:
             items = rng.choice(CATALOG_ITEMS, size=HISTORY, replace=False)
             pipe.zadd(f"{settings.redis_prefix}u:{pseudonymize(f'u{u}')}:recent", {ids[i]: 1_000 * (k + 1) for k, i in enumerate(items)})
         pipe.execute()
-        v1 = publish_synthetic_adapter(registry, tmp / "staging", n_items=CATALOG_ITEMS, seed=1)
+        v1 = publish_synthetic_adapter(registry, tmp / "staging", n_items=CATALOG_ITEMS, seed=1,
+                                       ranker=not args.no_ranker)
 
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -225,7 +230,7 @@ def main() -> int:
         time.sleep(1.0)
         staged_at = time.time()
         v2 = publish_synthetic_adapter(registry, tmp / "staging", n_items=args.swap_items, seed=2,
-                                       random_embeddings=True)
+                                       random_embeddings=True, ranker=not args.no_ranker)
         published_at = time.time()
         swap_s = None
         while time.time() - published_at < 120:
@@ -251,6 +256,7 @@ def main() -> int:
         "half_load_rps": half, "half_load_errors": errors, "swap_s_100k": swap_s, "swap_items": args.swap_items,
         "swap_failed_requests": failed, "noop": noop, "noop_fastapi": noop_fastapi, "rec": rec,
     })
+    out["machine"]["load_avg_at_end"] = list(os.getloadavg())
     out["targets"] = {
         "rps_ratio>=0.6": out["rps_ratio"] >= 0.6,
         "rec_p99_ms_at_half_load<=50": p99_half <= 50,

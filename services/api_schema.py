@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Iterable, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from training.registry import NAME_RE
 
@@ -31,6 +31,7 @@ DEFAULT_K = 10
 MAX_QUERY_CHARS = 512
 MAX_RECENT_ITEMS = 200
 MAX_ID_CHARS = 256
+QUERY_WEIGHT_MIN, QUERY_WEIGHT_MAX = 0.0, 1.0  # 0: the history's ranking alone; 1: the query's alone
 SCENE_PATTERN = NAME_RE.pattern  # a scene is a registry name
 
 Id = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS, strip_whitespace=True)]
@@ -51,11 +52,24 @@ class RecommendRequest(BaseModel):
     recent_items: list[Id] | None = Field(default=None, min_length=1, max_length=MAX_RECENT_ITEMS,
                                           description="an anonymous session's items, oldest first")
     query: Annotated[str, StringConstraints(min_length=1, max_length=MAX_QUERY_CHARS, strip_whitespace=True)] | None = Field(
-        default=None, description="optional intent as text, blended into the user embedding")
+        default=None, description="optional intent as text: with no history it alone decides the list; with a "
+                                  "history it is blended with the history's ranking (`query_weight`)")
+    query_weight: float | None = Field(
+        default=None, json_schema_extra={"minimum": QUERY_WEIGHT_MIN, "maximum": QUERY_WEIGHT_MAX},
+        description="the blend between the history's ranking (0) and the query's (1); default: the adapter's, "
+                    "chosen on held-out data so that a query visibly moves the list")
     k: int = Field(default=DEFAULT_K, ge=1, le=MAX_K, description="number of items")
     scene: Scene = Field(default="default", description="which adapter answers")
     exclude_seen: bool = Field(default=True, description="leave out items the user has interacted with")
     filters: Filters | None = None
+
+    @field_validator("query_weight")
+    @classmethod
+    def _weight_in_range(cls, v: float | None) -> float | None:
+        # a validator, not ge/le: the 422's message names the value the client sent
+        if v is not None and not QUERY_WEIGHT_MIN <= v <= QUERY_WEIGHT_MAX:
+            raise ValueError(f"query_weight={v!r}: must be between {QUERY_WEIGHT_MIN:g} and {QUERY_WEIGHT_MAX:g}")
+        return v
 
     def input_errors(self) -> list[dict[str, Any]]:
         """The rule no single field states -- a request names a user, a session or a query -- as
@@ -205,6 +219,7 @@ def error_responses(*statuses: int, media_type: str | None = None) -> dict[int |
 
 __all__ = ["DEFAULT_K", "EDGE_ERRORS", "ERROR_DESCRIPTIONS", "KEYED_ERRORS", "ErrorBody", "FieldError", "Filters",
            "HealthResponse", "MAX_ID_CHARS",
-           "MAX_K", "MAX_QUERY_CHARS", "MAX_RECENT_ITEMS", "ModelsResponse", "ReadinessResponse", "RecommendRequest",
+           "MAX_K", "MAX_QUERY_CHARS", "MAX_RECENT_ITEMS", "QUERY_WEIGHT_MAX", "QUERY_WEIGHT_MIN", "ModelsResponse",
+           "ReadinessResponse", "RecommendRequest",
            "RecommendResponse", "ReplicaView", "SCENE_PATTERN", "SceneState", "SceneVersion", "ScoredItem",
            "SimilarResponse", "error_responses", "field_name", "http_error", "validation_error"]

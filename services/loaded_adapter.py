@@ -7,9 +7,17 @@ the old version): files checked against the manifest's sha256, the adapter dict 
 `streamrec train`) checked against it and put into an `ItemIndex` -- the catalog is not
 re-encoded. Only items published after the version (new catalog items) go through the LM.
 
-Scoring: the user's recent items (their rows in the index, so new items count too) -> the user
-tower -> optional query blend -> FAISS top-`CANDIDATES` -> plus the co-visitation prior on those
-candidates when the adapter has one (training/covis.py) -> top-k.
+Scoring goes through `training.two_stage.rank_request`, the code evaluation scores its cases with,
+so serving and the offline figures cannot drift: at load, a `RankCatalog` over the index's rows
+(item vectors, popularity and newness, the co-visitation prior re-keyed to the index, the ranker
+when the adapter has one -- an adapter trained before it is served by its first stage, tower +
+beta x co-visitation + new-item calibration); per request, a `RankInputs` (the user tower over
+the recent items, the query vector and weight, the co-visitation and trend features; on an
+approximate (HNSW) index the FAISS top-N as the towers' candidates) -> retrieval, features,
+ranker, query blend, calibration -> top-k.
+
+Catalog changes replace the `RankState` whole (never mutate it): a request reads it once and sees
+one consistent catalog of `n` rows even while the catalog follower's thread adds items behind it.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from __future__ import annotations
 import logging
 import pickle
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -25,14 +33,17 @@ import numpy as np
 import torch
 
 from services.item_index import ItemIndex
-from training.calibration import HISTORY_ITEMS, new_item_lift, new_item_slots
+from training.adapter import ADAPTER_FILE, COVIS_KEY, EMBEDDINGS_FILE, RANKER_KEY, load_adapter, read_embeddings
+from training.baselines import ItemKNNScorer
 from training.corpus import history_features
 from training.covis import CovisPrior
-from training.adapter import ADAPTER_FILE, EMBEDDINGS_FILE, load_adapter, read_embeddings
+from training.ranker import Ranker
+from training.ranking_features import RetrievalSizes, trend_feature
+from training.two_stage import RankCatalog, RankInputs, rank_request
 
 logger = logging.getLogger(__name__)
 
-CANDIDATES = 200  # FAISS candidates per request before the co-visitation prior re-ranks them
+PRIOR_GROWTH_ROWS = 64  # an upsert past the prior's catalog grows it by at least this many (empty) rows
 
 # What a malformed adapter or embeddings file raises while it is unpickled (torch.load), rebuilt
 # into a model (state-dict keys and shapes) or read (pyarrow: ArrowInvalid is a ValueError). An
@@ -49,6 +60,71 @@ class AdapterLoadError(RuntimeError):
     raised as they are, for the caller to try again."""
 
 
+@dataclass(frozen=True)
+class RankState:
+    """The catalog side of `rank_request` over the index's first `len(catalog.is_new)` rows, and the
+    trend feature of those rows (the adapter's trending snapshot; zeros without a ranker)."""
+
+    catalog: RankCatalog
+    trend: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return len(self.catalog.is_new)
+
+    def with_new_row(self, item_vectors: np.ndarray) -> "RankState":
+        """One more row (an item the adapter never saw: new, no popularity, no trend, no co-visitation)."""
+        cat = self.catalog
+        n = self.n + 1
+        prior = cat.prior
+        if prior is not None and prior.knn.n_items < n:
+            prior = grown_prior(prior, max(n, prior.knn.n_items + PRIOR_GROWTH_ROWS, prior.knn.n_items * 5 // 4))
+        catalog = RankCatalog(item_vectors[:n], np.append(cat.log_pop, 0.0), np.append(cat.is_new, True), prior,
+                              cat.ranker, cat.sizes, cat.calibrate)
+        return RankState(catalog, np.append(self.trend, np.float32(0.0)))
+
+
+def grown_prior(prior: CovisPrior, n_items: int) -> CovisPrior:
+    """`prior` over `n_items` rows: the rows past its catalog have no co-visitation (and no count)."""
+    k = prior.knn
+    extra = n_items - k.n_items
+    indptr = np.concatenate([k.indptr, np.full(extra, k.indptr[-1], dtype=k.indptr.dtype)])
+    counts = np.concatenate([k.counts, np.zeros(extra, dtype=k.counts.dtype)])
+    knn = ItemKNNScorer(n_items, indptr, k.neighbors, k.weights, counts, last_n=k.last_n, decay=k.decay)
+    return CovisPrior(knn, prior.beta, prior.tuning)
+
+
+def rank_state(adapter: dict, model, index: ItemIndex, warm: np.ndarray) -> RankState:
+    """The `RankState` of a freshly built index (rows = the embeddings file's items; `warm` per row)."""
+    n = len(index.item_ids)
+    ids = list(adapter["item_ids"])
+    index_map = np.array([index.row.get(i, -1) for i in ids], dtype=np.int64)  # adapter row -> index row
+    known = index_map >= 0
+    prior = None
+    counts = np.zeros(n, dtype=np.float64)
+    if adapter.get(COVIS_KEY):
+        # kept even when its beta is 0: the ranker reads its features (first_stage_scores ignores beta 0)
+        prior = CovisPrior.from_dict(adapter[COVIS_KEY], index_map, n)
+        counts = prior.knn.counts.astype(np.float64)
+    second = adapter.get(RANKER_KEY)
+    ranker = Ranker.from_dict(second) if second else None
+    if ranker is not None:
+        import lightgbm
+
+        try:  # parsed now: the first request does not pay for it, and a malformed model refuses the version
+            ranker.booster
+        except lightgbm.basic.LightGBMError as exc:
+            raise ValueError(f"the ranker's LightGBM model does not parse: {exc}") from exc
+    sizes = RetrievalSizes.from_dict(second["retrieval"]) if second and "retrieval" in second else RetrievalSizes()
+    trend = np.zeros(n, dtype=np.float32)
+    if second and "trending" in second:
+        trend[index_map[known]] = trend_feature(np.asarray(second["trending"]["decayed"], dtype=np.float64))[known]
+    calibrate = bool(model.text is not None and model.cfg.new_item_calibration)
+    catalog = RankCatalog.build(index.vectors, counts, ~np.asarray(warm, dtype=bool), prior, ranker, sizes,
+                                calibrate=calibrate)
+    return RankState(catalog, trend)
+
+
 @dataclass
 class LoadedAdapter:
     scene: str
@@ -56,9 +132,7 @@ class LoadedAdapter:
     model: "torch.nn.Module"
     index: ItemIndex
     titles: dict[str, str]
-    prior: CovisPrior | None
-    prior_rows: dict[str, int]  # item id -> row of the prior's catalog
-    new_rows: set[int] = field(default_factory=set)  # index rows of items the adapter has no interactions for
+    rank: RankState  # what rank_request reads besides the request; replaced whole on a catalog change
     loaded_s: float = 0.0
     catalog_pos: str | None = None  # the online store's catalog log position this index reflects (None: never synced)
 
@@ -93,7 +167,6 @@ class LoadedAdapter:
             item_ids, warm, emb = read_embeddings(emb_path)
             ids = list(adapter["item_ids"])
             titles = dict(zip(ids, adapter.get("extra", {}).get("item_titles") or []))
-            prior = CovisPrior.from_dict(adapter["covis"]) if adapter.get("covis") else None
         except ARTIFACT_ERRORS as exc:  # a malformed file: refuse the version, say why
             raise AdapterLoadError(f"{scene}/{version}: cannot load ({type(exc).__name__}: {exc})") from exc
         dim = model.cfg.dim
@@ -104,11 +177,12 @@ class LoadedAdapter:
             index = ItemIndex(item_ids, emb)
         except ValueError as exc:
             raise AdapterLoadError(f"{scene}/{version}: {exc}") from exc
-        if prior is not None and prior.beta <= 0:
-            prior = None
-        new_rows = {r for r, w in enumerate(np.asarray(warm, dtype=bool)) if not w}
-        return cls(scene, version, model, index, titles, prior, {i: r for r, i in enumerate(ids)},
-                   new_rows=new_rows, loaded_s=time.perf_counter() - t0)
+        try:
+            rank = rank_state(adapter, model, index, warm)
+        except ARTIFACT_ERRORS as exc:  # a ranker or prior that does not fit this code or catalog
+            raise AdapterLoadError(f"{scene}/{version}: cannot load its ranking stage ({type(exc).__name__}: "
+                                   f"{exc})") from exc
+        return cls(scene, version, model, index, titles, rank, loaded_s=time.perf_counter() - t0)
 
     # --- catalog changes ---------------------------------------------------------------------
     @torch.no_grad()
@@ -120,86 +194,93 @@ class LoadedAdapter:
     def upsert_item(self, item_id: str, text: str, title: str | None = None) -> None:
         vec = self.embed_texts([text])[0]
         self.index.upsert(item_id, vec)
-        self.new_rows.add(self.index.row[item_id])
+        # after the index has the row (a request's snapshot never holds a row the index lacks); only
+        # the catalog follower's thread writes `rank`, so one upsert at a time
+        self.rank = self.rank.with_new_row(self.index.vectors)
         if title:
             self.titles[item_id] = title
 
     def remove_item(self, item_id: str) -> bool:
+        """Tombstone the item; its row stays (requests exclude dead rows), so `rank` keeps its size."""
         return self.index.remove(item_id)
 
     # --- scoring -----------------------------------------------------------------------------
     @torch.no_grad()
-    def user_vectors(self, histories: Sequence[Sequence[str]], history_ts: Sequence[Sequence[int]],
-                     queries: Sequence[str | None]) -> np.ndarray:
-        """(B, dim) user embeddings from recent item ids (oldest first) and optional text queries."""
-        index = self.index
-        rows, stamps = [], []
-        for h, ts in zip(histories, history_ts):
-            keep = [j for j, i in enumerate(h) if i in index.row]  # `row` maps live items only
-            rows.append(np.asarray([index.row[h[j]] for j in keep], dtype=np.int64))
-            stamps.append(np.asarray([ts[j] for j in keep], dtype=np.int64))
-        # the same features as training and evaluation (gaps included), over the index's rows
+    def user_vectors(self, rows: Sequence[np.ndarray], stamps: Sequence[np.ndarray], table: np.ndarray) -> np.ndarray:
+        """(B, dim) user tower vectors from recent index rows (oldest first) over `table`'s items:
+        the same features as training and evaluation (gaps included). No query here: rank_request
+        blends it (`training.ranker.blend_query`)."""
         inputs, gaps = history_features(rows, stamps, np.zeros(len(rows), dtype=np.int64), self.model.cfg.max_len)
-        table = torch.cat([torch.zeros(1, index.dim), torch.from_numpy(index.vectors)])
-        users = self.model.user_embedding(torch.from_numpy(inputs), torch.from_numpy(gaps), table)
-        qs = [(r, q) for r, q in enumerate(queries) if q]
-        if qs:
-            qv = self.model.text_vectors([q for _, q in qs])
-            at = torch.tensor([r for r, _ in qs])
-            users[at] = self.model.fuse_query(users[at], qv)
+        items = torch.cat([torch.zeros(1, table.shape[1]), torch.from_numpy(np.ascontiguousarray(table))])
+        users = self.model.user_embedding(torch.from_numpy(inputs), torch.from_numpy(gaps), items)
         return users.cpu().numpy().astype(np.float32)
 
+    @torch.no_grad()
+    def query_vectors(self, queries: Sequence[str | None]) -> list[np.ndarray | None]:
+        """The query of each request through the item tower (None where there is none)."""
+        asked = [(b, q) for b, q in enumerate(queries) if q]
+        out: list[np.ndarray | None] = [None] * len(queries)
+        if asked:
+            qv = self.embed_texts([q for _, q in asked])
+            for (b, _), v in zip(asked, qv):
+                out[b] = v
+        return out
+
+    def rank_inputs(self, histories: Sequence[Sequence[str]], history_ts: Sequence[Sequence[int]],
+                    queries: Sequence[str | None], exclude: Sequence[set[str]], rank: RankState,
+                    query_weights: Sequence[float | None] | None = None, now_ms: int | None = None
+                    ) -> list[RankInputs]:
+        """One `RankInputs` per request over `rank`'s rows: history item ids -> index rows (items the
+        index does not hold are skipped), time stamps in epoch ms (0 = unknown), `exclude` and dead
+        rows excluded, the co-visitation and trend features, the FAISS top-`sizes.tower` rows (HNSW)."""
+        index, cat, n = self.index, rank.catalog, rank.n
+        now = int(time.time() * 1000) if now_ms is None else int(now_ms)
+        rows, stamps = [], []
+        for h, ts in zip(histories, history_ts):
+            keep = [j for j, i in enumerate(h) if index.row.get(i, n) < n]  # `row` maps live items only
+            rows.append(np.asarray([index.row[h[j]] for j in keep], dtype=np.int64))
+            stamps.append(np.asarray([ts[j] for j in keep], dtype=np.int64))
+        users = self.user_vectors(rows, stamps, cat.item_vectors)
+        qv = self.query_vectors(queries)
+        # The towers' top-N from FAISS only where the index is approximate (HNSW, a large catalog):
+        # an exact index would scan every row, which rank_request's retrieval does anyway (it needs
+        # the tower score of the new items), so there the top-N comes from that one scan (0.4 ms saved).
+        found = None if index.exact else index.search(users, cat.sizes.tower, [set(e) for e in exclude])
+        dead = index.dead[:n]
+        covis = None
+        if cat.prior is not None:
+            covis = cat.prior.feature(rows, stamps, np.full(len(rows), now, dtype=np.int64))[:, :n]
+        weights = list(query_weights) if query_weights is not None else [None] * len(rows)
+        out = []
+        for b in range(len(rows)):
+            excluded = dead.copy()
+            gone = [index.row[i] for i in exclude[b] if index.row.get(i, n) < n]
+            excluded[np.asarray(gone, dtype=np.int64)] = True
+            top = None
+            if found is not None:
+                top = np.asarray([index.row.get(i, n) for i in found.item_ids[b]], dtype=np.int64)
+                top = top[top < n]
+            out.append(RankInputs(users[b], rows[b], stamps[b], now, excluded,
+                                  covis[b] if covis is not None else None, rank.trend, query=qv[b],
+                                  query_weight=weights[b], tower_top=top))
+        return out
+
     def recommend(self, histories: Sequence[Sequence[str]], history_ts: Sequence[Sequence[int]],
-                  queries: Sequence[str | None], k: int, exclude: list[set[str]]) -> tuple[list[list[str]], list[list[float]]]:
-        users = self.user_vectors(histories, history_ts, queries)
-        fetch = max(k, CANDIDATES) if self.prior is not None else k
-        found = self.index.search(users, fetch, exclude)
-        boost = self._prior_boost(histories) if self.prior is not None else None
+                  queries: Sequence[str | None], k: int, exclude: list[set[str]],
+                  query_weights: Sequence[float | None] | None = None, now_ms: int | None = None
+                  ) -> tuple[list[list[str]], list[list[float]]]:
+        """Top-`k` (ids, scores) per request through `training.two_stage.rank_request` (module
+        docstring); `now_ms`: the requests' time (default: the wall clock)."""
+        rank = self.rank  # one snapshot for the batch
+        inputs = self.rank_inputs(histories, history_ts, queries, exclude, rank, query_weights, now_ms)
+        ids = self.index.item_ids
         out_ids, out_scores = [], []
-        for b, (ids, scores) in enumerate(zip(found.item_ids, found.scores)):
-            s = scores[:len(ids)].astype(np.float64)
-            if boost is not None and ids:
-                rows = np.array([self.prior_rows.get(c, -1) for c in ids])
-                s = s + np.where(rows >= 0, boost[b, rows], 0.0)
-            ids, s = self._calibrate_new(users[b], histories[b], ids, s, k, exclude[b])
+        for r in inputs:
+            rows, s = rank_request(rank.catalog, r, k)
             order = np.argsort(-s, kind="stable")[:k]
-            out_ids.append([ids[j] for j in order])
+            out_ids.append([ids[int(rows[j])] for j in order])
             out_scores.append([float(s[j]) for j in order])
         return out_ids, out_scores
-
-    def _calibrate_new(self, user: np.ndarray, history: Sequence[str], ids: list[str], s: np.ndarray, k: int,
-                       exclude: set[str]) -> tuple[list[str], np.ndarray]:
-        """training/calibration.py at serving time: new items get the user's recent share of the top-k.
-
-        New items are scored exhaustively (they are few) so they need not have made FAISS' top-N."""
-        if not self.new_rows:
-            return ids, s
-        index = self.index
-        recent = [index.row[i] for i in list(history)[-HISTORY_ITEMS:] if i in index.row]
-        m = new_item_slots([r in self.new_rows for r in recent], k)
-        if m == 0:
-            return ids, s
-        rows = np.array(sorted(r for r in self.new_rows if not index.dead[r] and index.item_ids[r] not in exclude),
-                        dtype=np.int64)
-        if len(rows) == 0:
-            return ids, s
-        new_scores = index.vectors[rows] @ user
-        best = np.argsort(-new_scores)[:m]
-        top, top_scores = rows[best], new_scores[best].astype(np.float64)
-        new_ids = {index.item_ids[r] for r in top}
-        known = [(i, v) for i, v in zip(ids, s) if i not in new_ids and index.row.get(i) not in self.new_rows]
-        lift = new_item_lift(np.array([v for _, v in known], dtype=np.float64), top_scores, m, k)
-        merged_ids = [i for i, _ in known] + [index.item_ids[r] for r in top]
-        merged = np.array([v for _, v in known] + list(top_scores + lift))
-        return merged_ids, merged
-
-    def _prior_boost(self, histories: Sequence[Sequence[str]]) -> np.ndarray:
-        """(B, n_items of the prior's catalog) the co-visitation prior of each user's recent items."""
-        prior = self.prior
-        assert prior is not None
-        recent = [np.asarray([self.prior_rows[i] for i in h if i in self.prior_rows], dtype=np.int64)
-                  for h in histories]
-        return prior.boost(recent, [np.zeros(len(r)) for r in recent], np.zeros(len(recent)))
 
     def similar(self, item_id: str, k: int) -> tuple[list[str], list[float]] | None:
         vec = self.index.vector(item_id)
@@ -209,4 +290,5 @@ class LoadedAdapter:
         return found.item_ids[0], [float(x) for x in found.scores[0][:len(found.item_ids[0])]]
 
 
-__all__ = ["ARTIFACT_ERRORS", "AdapterLoadError", "CANDIDATES", "LoadedAdapter"]
+__all__ = ["ARTIFACT_ERRORS", "AdapterLoadError", "LoadedAdapter", "PRIOR_GROWTH_ROWS", "RankState", "grown_prior",
+           "rank_state"]

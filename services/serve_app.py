@@ -1,8 +1,9 @@
 """The recommendation API: a Ray Serve application, one deployment with a FastAPI ingress.
 
 `Api` is the whole request path in one replica: validate -> the user's recent items from Redis
-(async client) -> user embedding (`@serve.batch` under load) -> FAISS -> co-visitation re-rank ->
-top-k. Adapters are held per replica with `@serve.multiplexed`, keyed "scene@version" (a new
+(async client) -> user embeddings (`@serve.batch` under load) -> the two stages, per request through
+`training.two_stage.rank_request` as in evaluation (retrieval, LightGBM ranker, query blend with the
+request's `query_weight`, new-item calibration; services/loaded_adapter.py) -> top-k. Adapters are held per replica with `@serve.multiplexed`, keyed "scene@version" (a new
 version is a new id: requests already holding the old one finish on it), loaded from their
 precomputed item embeddings (checksums verified, no catalog re-encoding).
 
@@ -496,7 +497,8 @@ class Api:
         genres = body.filters.genres if body.filters else []
         fetch = body.k * (GENRE_FETCH_FACTOR if genres else 1)
         try:
-            ids, scores = await self._score((adapter, history, history_ts, body.query, fetch, exclude))
+            ids, scores = await self._score((adapter, history, history_ts, body.query, fetch, exclude,
+                                             body.query_weight))
         except MODEL_ERRORS as exc:
             self.metrics.survived("model", exc, "model call failed: popularity fallback", level=logging.ERROR)
             return self._fallback(route, t0, "popular", self._popular_answer(body, exclude, "popular"))
@@ -509,7 +511,8 @@ class Api:
 
     @serve.batch(max_batch_size=BATCH_MAX, batch_wait_timeout_s=BATCH_WAIT_S)
     async def _score(self, requests: list[tuple]) -> list[tuple[list[str], list[float]]]:
-        """One user-tower call per adapter for the whole batch: (adapter, history, ts, query, k, exclude)."""
+        """One user-tower call per adapter for the whole batch, then `rank_request` per request:
+        (adapter, history, ts, query, k, exclude, query_weight)."""
         out: list[Any] = [None] * len(requests)
         groups: dict[int, list[int]] = {}
         for j, r in enumerate(requests):
@@ -521,7 +524,7 @@ class Api:
             # In the event loop, not a thread: a batch costs ~1-2 ms, and on a small machine the
             # thread hand-off and GIL ping-pong cost more throughput than they gave back (bench/serve.py).
             ids, scores = adapter.recommend([r[1] for r in rs], [r[2] for r in rs], [r[3] for r in rs], k,
-                                            [r[5] for r in rs])
+                                            [r[5] for r in rs], [r[6] for r in rs])
             for j, r, i, s in zip(members, rs, ids, scores):
                 out[j] = (i[:r[4]], s[:r[4]])
         return out

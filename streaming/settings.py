@@ -206,6 +206,7 @@ class Settings(BaseSettings):
     trending_half_life_s: float = Field(default=6 * 3600, gt=0, description="Half-life of the decayed 'trending' popularity.")
     covisit_window: int = Field(default=5, ge=1, le=100, description="Two items co-visit when at most this many positions apart in a user's sequence.")
     covisit_topk: int = Field(default=50, ge=1, le=1000, description="Neighbours kept per item in the co-visitation table.")
+    retrieval_n: int = Field(default=200, ge=10, le=5000, description="Candidates the LM towers, the co-visitation neighbours and a query each retrieve for the ranker (trending and new items: a quarter of it each); fixed into an adapter when it is trained.")
     popular_push_n: int = Field(default=1000, ge=1, le=1_000_000, description="Top items pushed to Redis for the serving fallback.")
 
     # --- training, registry ---------------------------------------------------------------

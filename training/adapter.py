@@ -43,6 +43,10 @@ EMBEDDINGS_FILE = "item_embeddings.parquet"
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_KEYS = frozenset({"format", "model_config", "item_ids", "warm", "lora", "heads", "extra"})
 COVIS_KEY = "covis"  # the co-visitation prior (training/covis.py), when the model config asks for one
+# The second stage (training/two_stage.py): `Ranker.to_dict()` (LightGBM model text, features, query weight,
+# init scale, tuning) plus `retrieval` (RetrievalSizes.to_dict()) and `trending` ({"half_life_s", "at_ms",
+# "decayed": float64 per item_ids row, the decayed interaction counts as of at_ms}); absent in older adapters.
+RANKER_KEY = "ranker"
 CATALOG_KEYS = frozenset({"item_texts", "item_titles"})  # ``extra`` of a published adapter
 ID_EMBEDDING_PREFIX = "id_emb"  # heads of the ID embeddings (rows follow ``item_ids``)
 
@@ -89,6 +93,12 @@ def set_covis_prior(adapter: dict, prior: "CovisPrior") -> None:
     adapter[COVIS_KEY] = prior.to_dict()
 
 
+def set_ranker(adapter: dict, ranker: dict) -> None:
+    """Store the second stage (see RANKER_KEY) in `adapter`: it is versioned, checksummed, gated and
+    hot-reloaded with the adapter because it is part of the adapter's one file."""
+    adapter[RANKER_KEY] = dict(ranker)
+
+
 def catalog_texts(adapter: dict) -> list[str] | None:
     return adapter.get("extra", {}).get("item_texts")
 
@@ -98,7 +108,7 @@ def check_adapter(adapter: Any, source: str) -> dict:
     if not isinstance(adapter, dict):
         raise ValueError(f"{source}: not an adapter (a {type(adapter).__name__}, expected a dict)")
     missing = sorted(CHECKPOINT_KEYS - adapter.keys())
-    unknown = sorted(adapter.keys() - CHECKPOINT_KEYS - {COVIS_KEY})
+    unknown = sorted(adapter.keys() - CHECKPOINT_KEYS - {COVIS_KEY, RANKER_KEY})
     if missing or unknown:
         raise ValueError(f"{source}: not an adapter (missing keys {missing}, unknown keys {unknown})")
     return adapter
@@ -265,7 +275,7 @@ def manifest_payload(*, model_config: ModelConfig, train_config: Any, window: di
     }
 
 
-__all__ = ["ADAPTER_FILE", "CATALOG_KEYS", "CHECKPOINT_FORMAT", "CHECKPOINT_KEYS", "COVIS_KEY", "DATA_WINDOW_FIELDS",
+__all__ = ["ADAPTER_FILE", "CATALOG_KEYS", "CHECKPOINT_FORMAT", "CHECKPOINT_KEYS", "COVIS_KEY", "RANKER_KEY", "set_ranker", "DATA_WINDOW_FIELDS",
            "EMBEDDINGS_FILE", "MANIFEST_FIELDS", "catalog_texts", "check_adapter", "checkpoint_dict", "data_window",
            "load_adapter", "load_adapter_model", "load_state", "load_torch_file", "manifest_payload",
            "new_event_masks", "pack_strings", "read_embeddings", "save_adapter", "set_covis_prior", "with_catalog",

@@ -35,9 +35,14 @@ Ranking rules (deterministic; a model gains nothing from ties):
   `exclude_seen`, an item already in the user's history (a repeat) -- is kept in `n` and
   counted as a miss: the protocol's denominator does not depend on the model.
 
+Per case: `evaluate(..., return_ranks=True)` also returns each case's target rank, and
+`case_metrics(ranks)` the per-case NDCG/Recall/MRR whose means are the figures above -- what the
+bootstrap intervals of `training/bootstrap.py` resample (users are the unit).
+
 Reports: `results_table_markdown` (rows = models, columns = metrics of the "test" protocol then
 Recall/NDCG of every other protocol, e.g. "cold"; best value of each column in bold; a missing
-protocol shows "—") and `save_report` (`evaluation.json`, `evaluation.md`, `evaluation.png`).
+protocol shows "—"; optional 95% intervals after NDCG/Recall) and `save_report`
+(`evaluation.json`, `evaluation.md`, `evaluation.png`).
 """
 
 from __future__ import annotations
@@ -158,10 +163,38 @@ def intra_list_diversity(top: np.ndarray, unit_embeddings: np.ndarray) -> np.nda
 # --- evaluation ------------------------------------------------------------------------------
 
 
+def case_metrics(ranks: np.ndarray, k: int = 10) -> dict[str, np.ndarray]:
+    """Per-case ranking metrics from 0-based target ranks (`evaluate(..., return_ranks=True)`).
+
+    Returns float64 arrays, one value per case: "ndcg10" (1/log2(rank + 2) on a hit, else 0),
+    "recall10" (1.0 on a hit, else 0.0) and "mrr10" (1/(rank + 1) on a hit, else 0); a hit is
+    rank < k (the names say 10, they hold @k). A rank >= n_items (target not a candidate) is a
+    miss. Their means are exactly `evaluate`'s figures: `evaluate` computes them with this
+    function. These are what `training/bootstrap.py` resamples.
+    """
+    if k < 1:
+        raise ValueError(f"k={k}: must be >= 1")
+    ranks = np.asarray(ranks, dtype=np.int64)
+    hit = ranks < k
+    safe = np.where(hit, ranks, 0).astype(np.float64)
+    return {
+        "ndcg10": np.where(hit, 1.0 / np.log2(safe + 2.0), 0.0),
+        "recall10": hit.astype(np.float64),
+        "mrr10": np.where(hit, 1.0 / (safe + 1.0), 0.0),
+    }
+
+
 def evaluate(scorer: Scorer, cases: EvalSet, *, live: np.ndarray, k: int = 10,
              ref_embeddings: np.ndarray | None = None, batch_size: int = 256, exclude_seen: bool = True,
-             progress: bool = False) -> dict[str, float]:
-    """Score `cases` with `scorer` under the protocol above; returns METRIC_KEYS + "n"."""
+             progress: bool = False, return_ranks: bool = False
+             ) -> dict[str, float] | tuple[dict[str, float], np.ndarray]:
+    """Score `cases` with `scorer` under the protocol above; returns METRIC_KEYS + "n".
+
+    With `return_ranks=True` returns `(metrics, ranks)` instead: `ranks` (int64, one per case, in
+    the order of `cases`) is each target's 0-based rank among the candidates, `n_items` for a
+    target that is not a candidate. `case_metrics(ranks, k)` gives the per-case values whose means
+    are `metrics` -- the input of the bootstrap intervals, without scoring the cases twice.
+    """
     if k < 1:
         raise ValueError(f"k={k}: must be >= 1")
     live = np.asarray(live, dtype=bool)
@@ -193,20 +226,21 @@ def evaluate(scorer: Scorer, cases: EvalSet, *, live: np.ndarray, k: int = 10,
         if unit is not None:
             div_all.append(intra_list_diversity(top, unit))
     if not n_cases:
-        return {**{key: float("nan") for key in METRIC_KEYS}, "n": 0}
+        empty = {**{key: float("nan") for key in METRIC_KEYS}, "n": 0}
+        return (empty, np.zeros(0, dtype=np.int64)) if return_ranks else empty
     ranks = np.concatenate(ranks_all)
-    hit = ranks < k
-    safe = np.where(hit, ranks, 0).astype(np.float64)
+    per_case = case_metrics(ranks, k)
     n_live = int(live.sum())
     div = np.concatenate(div_all) if div_all else np.array([np.nan])
-    return {
-        "recall10": float(hit.mean()),
-        "ndcg10": float(np.where(hit, 1.0 / np.log2(safe + 2.0), 0.0).mean()),
-        "mrr10": float(np.where(hit, 1.0 / (safe + 1.0), 0.0).mean()),
+    metrics = {
+        "recall10": float(per_case["recall10"].mean()),
+        "ndcg10": float(per_case["ndcg10"].mean()),
+        "mrr10": float(per_case["mrr10"].mean()),
         "coverage10": float(covered.sum() / n_live) if n_live else float("nan"),
         "diversity10": float(np.nanmean(div)) if np.isfinite(div).any() else float("nan"),
         "n": int(n_cases),
     }
+    return (metrics, ranks) if return_ranks else metrics
 
 
 def evaluate_models(scorers: Mapping[str, Scorer], protocols: Mapping[str, tuple[EvalSet, np.ndarray]], *,
@@ -222,6 +256,9 @@ def evaluate_models(scorers: Mapping[str, Scorer], protocols: Mapping[str, tuple
 
 
 # --- reports ---------------------------------------------------------------------------------
+
+CI_COLUMNS = ("ndcg10", "recall10")  # the metrics whose intervals the table shows (others would only widen it)
+CI_DIGITS = 3  # an interval's ends: the third digit is already below the bootstrap's own run-to-run noise
 
 _PRIMARY_COLUMNS = (("ndcg10", "NDCG@10"), ("recall10", "Recall@10"), ("mrr10", "MRR@10"),
                     ("coverage10", "Coverage@10"), ("diversity10", "Diversity"))
@@ -263,10 +300,25 @@ def _value(results: Mapping[str, Mapping[str, Any]], model: str, proto: str, key
     return v if math.isfinite(v) else None
 
 
-def results_table_markdown(results: Mapping[str, Mapping[str, Mapping[str, float]]], *, digits: int = 4) -> str:
+def _interval(ci: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]] | None, model: str, proto: str,
+              key: str) -> tuple[float, float] | None:
+    if ci is None or key not in CI_COLUMNS:
+        return None
+    v = ((ci.get(model) or {}).get(proto) or {}).get(key)
+    if v is None or len(v) != 2 or v[0] is None or v[1] is None:
+        return None
+    lo, hi = float(v[0]), float(v[1])
+    return (lo, hi) if math.isfinite(lo) and math.isfinite(hi) else None
+
+
+def results_table_markdown(results: Mapping[str, Mapping[str, Mapping[str, float]]], *, digits: int = 4,
+                           ci: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]] | None = None) -> str:
     """Markdown table: one row per model, one column per (protocol, metric); best in bold.
 
     A missing protocol or a NaN metric shows "—" and never counts as best; ties for best are all bold.
+    `ci[model][protocol][metric] = [lo, hi]` (optional, e.g. from `training.bootstrap`): the
+    NDCG@10 and Recall@10 cells (`CI_COLUMNS`) that have one show it after the point value,
+    `0.1275 [0.118, 0.137]` (`CI_DIGITS`); bold still marks the best point value only.
     """
     cols = report_columns(results)
     models = list(results)
@@ -285,7 +337,9 @@ def results_table_markdown(results: Mapping[str, Mapping[str, Mapping[str, float
                 cells.append("—")
                 continue
             text = f"{v:.{digits}f}"
-            cells.append(f"**{text}**" if b is not None and round(v, digits) == b else text)
+            text = f"**{text}**" if b is not None and round(v, digits) == b else text
+            iv = _interval(ci, m, proto, key)
+            cells.append(text if iv is None else f"{text} [{iv[0]:.{CI_DIGITS}f}, {iv[1]:.{CI_DIGITS}f}]")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -351,22 +405,29 @@ def plot_results(results: Mapping[str, Mapping[str, Mapping[str, float]]], path:
 
 
 def save_report(out_dir: Path, results: Mapping[str, Mapping[str, Mapping[str, float]]], *,
-                meta: Mapping[str, Any]) -> dict[str, Path]:
-    """Write evaluation.json ({"meta", "results"}, NaN as null), evaluation.md and evaluation.png."""
+                meta: Mapping[str, Any],
+                ci: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]] | None = None) -> dict[str, Path]:
+    """Write evaluation.json ({"meta", "results"}, NaN as null; with `ci` also "ci95":
+    ci[model][protocol][metric] = [lo, hi]), evaluation.md (the table, intervals shown when `ci`
+    is given, see `results_table_markdown`) and evaluation.png."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "evaluation.json", "markdown": out_dir / "evaluation.md", "png": out_dir / "evaluation.png"}
-    paths["json"].write_text(json.dumps(_jsonable({"meta": dict(meta), "results": results}), indent=2,
-                                        allow_nan=False) + "\n", encoding="utf-8")
+    doc: dict[str, Any] = {"meta": dict(meta), "results": results}
+    if ci is not None:
+        doc["ci95"] = ci
+    paths["json"].write_text(json.dumps(_jsonable(doc), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     lines = ["# Offline evaluation", ""]
     for key, value in _jsonable(dict(meta)).items():
         lines.append(f"- {key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
     if meta:
         lines.append("")
-    lines.append(results_table_markdown(results))
+    lines.append(results_table_markdown(results, ci=ci))
     counts = _case_counts(results)
     if counts:
         lines.append("Cases: " + ", ".join(f"{p} n={n}" for p, n in counts.items()) + ".")
+    if ci is not None:
+        lines.append("[lo, hi]: 95% bootstrap interval over users (training/bootstrap.py).")
     paths["markdown"].write_text("\n".join(lines) + "\n", encoding="utf-8")
     plot_results(results, paths["png"])
     return paths
@@ -384,7 +445,7 @@ def _case_counts(results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> di
 
 
 __all__ = [
-    "METRIC_KEYS", "Scorer", "candidate_mask", "evaluate", "evaluate_models", "intra_list_diversity", "load_results",
+    "CI_COLUMNS", "CI_DIGITS", "METRIC_KEYS", "Scorer", "candidate_mask", "case_metrics", "evaluate", "evaluate_models", "intra_list_diversity", "load_results",
     "plot_results", "report_columns", "results_table_markdown", "save_report", "target_ranks", "top_k",
 ]
 

@@ -71,6 +71,7 @@ class ModelConfig:
     warm_negatives: bool = field(default=True, metadata={"help": "full softmax over warm items only: an item nobody has interacted with yet is no evidence against it"})
     new_item_calibration: bool = field(default=True, metadata={"help": "scoring: give new items each user's share of new items in their recent history (training/calibration.py)"})
     covis_prior: bool = field(default=True, metadata={"help": "add the co-visitation prior (training/covis.py), its weight tuned on validation"})
+    ranker: bool = field(default=True, metadata={"help": "train the second-stage LightGBM ranker on validation (training/two_stage.py) and publish it in the adapter"})
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -46,6 +46,7 @@ from training.adapter import (
     new_event_masks,
     save_adapter,
     set_covis_prior,
+    set_ranker,
     with_catalog,
     write_embeddings,
 )
@@ -58,7 +59,7 @@ from training.corpus import (
     popularity_log_q,
     training_windows,
 )
-from training.covis import CovisPrior, tune_beta
+from training.covis import MAX_NEIGHBORS, CovisPrior, tune_beta
 from training.embed import embed_catalog
 from training.forget_retrain import honoured, honoured_by_run, retire_remembering
 from training.inference import ModelScorer
@@ -184,14 +185,23 @@ def train_on_split(split: Split, model_config: ModelConfig, train_config: TrainC
 
 
 def attach_covis_prior(adapter: dict, split: Split, base: ModelScorer) -> CovisPrior:
-    """Fit the co-visitation prior on `split`'s training sequences, choose its weight on the
-    validation cases (see training/covis.py) with `base` (the adapter's scorer, no prior yet),
-    store it in `adapter["covis"]` and give it to `base`."""
+    """Fit the co-visitation prior on `split`'s training sequences -- its window, decay and history
+    length chosen on the validation cases like the ItemKNN baseline's (`tune_itemknn`) -- choose its
+    weight on the same cases (see training/covis.py) with `base` (the adapter's scorer, no prior
+    yet), store it in `adapter["covis"]` and give it to `base`."""
+    from training.baselines import tune_itemknn
     from training.evaluation import candidate_mask, target_ranks
 
     corpus = split.corpus
-    prior = CovisPrior.fit(split.train_items, len(corpus.catalog))
     valid, live = split.valid, corpus.catalog.live
+    knn_choice: dict[str, float] = {}
+    if len(valid):
+        knn, rec = tune_itemknn(split.train_items, valid, live, len(corpus.catalog), max_neighbors=MAX_NEIGHBORS)
+        prior = CovisPrior(knn, 0.0)
+        knn_choice = {f"knn_{k}": float(v) for k, v in (rec.get("chosen") or {}).items()
+                      if isinstance(v, (int, float))}
+    else:
+        prior = CovisPrior.fit(split.train_items, len(corpus.catalog))
     if len(valid):  # else beta stays 0: no held-out cases to justify the prior
         neural = base.neural_scores(valid.histories, valid.history_ts, valid.target_ts)
         boost = prior.feature(valid.histories, valid.history_ts, valid.target_ts)
@@ -202,10 +212,31 @@ def attach_covis_prior(adapter: dict, split: Split, base: ModelScorer) -> CovisP
             return float(np.mean(1.0 / (1.0 + ranks)))
 
         prior.beta, prior.tuning = tune_beta(full_mrr)
+        prior.tuning.update(knn_choice)
     logger.info("co-visitation prior: beta %.3g (validation full-ranking MRR by beta: %s)", prior.beta, prior.tuning)
     set_covis_prior(adapter, prior)
     base.prior = prior
     return prior
+
+
+def attach_ranker(adapter: dict, split: Split, scorer: ModelScorer, settings: Any) -> dict | None:
+    """Train the second stage on `split.valid` over `scorer` (the adapter with its prior) and store it
+    in `adapter` (training/two_stage.py). None -- the adapter then serves its first stage -- for a
+    model without text or a corpus too small to train a ranker on; the gate still compares first
+    stages, because the ranker has seen the validation cases it would be gated on."""
+    from training.ranking_features import RetrievalSizes
+    from training.two_stage import fit_two_stage, ranker_payload
+
+    if scorer.model.text is None or not len(split.valid):
+        return None
+    try:
+        two, record = fit_two_stage(split, scorer, sizes=RetrievalSizes.from_n(settings.retrieval_n),
+                                    half_life_ms=float(settings.trending_half_life_s) * 1000.0)
+    except ValueError as exc:
+        logger.warning("no ranker for this adapter (%s): it serves its first stage", exc)
+        return None
+    set_ranker(adapter, ranker_payload(two, split.corpus))
+    return record
 
 
 def scorer_for(adapter: dict, corpus: Corpus, name: str, *, device: str = "cpu") -> ModelScorer:
@@ -313,6 +344,8 @@ def run_training(settings: Any, req: TrainRequest, corpus: Corpus | None = None)
                                   max_failures=req.max_failures, progress=req.progress,
                                   ray_address=settings.ray_address)
     save_loss_curve(run_dir, result.history)
+    if mcfg.ranker:
+        attach_ranker(result.adapter, split, cand, settings)
 
     # Evaluation: candidate vs live adapter on the same validation cases; baselines on test.
     valid, test, live = split.valid, split.test, corpus.catalog.live

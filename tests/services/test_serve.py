@@ -32,7 +32,9 @@ MIN_RPS = 20.0
 def publish_adapter(registry, tmp: Path, *, seed: int, corrupt: bool = False) -> str:
     from tests.fixtures.synthetic_adapter import publish_synthetic_adapter
 
-    return publish_synthetic_adapter(registry, tmp, n_items=N_ITEMS, seed=seed, corrupt=corrupt)
+    # with the second stage (ranker, prior, trending), as `streamrec train` publishes; the "homepage"
+    # scene below is published without one: an older adapter, served by its first stage
+    return publish_synthetic_adapter(registry, tmp, n_items=N_ITEMS, seed=seed, corrupt=corrupt, ranker=True)
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +116,23 @@ def test_anonymous_session_query_and_similar(served):
     assert "m2" not in {i["item_id"] for i in sim.json()["items"]}
 
 
+def test_query_alone_and_query_weight(served):
+    """A query alone answers its nearest items (the first is the item whose text it is); beside a
+    history, `query_weight` 0 (the history's ranking) and 1 (the query's) give different lists."""
+    def post(**body):
+        resp = requests.post(served["base"] + "/v1/recommendations", headers=served["headers"], timeout=10,
+                             json={"k": 5, **body})
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["fallback"] is None
+        return [i["item_id"] for i in resp.json()["items"]]
+
+    assert post(query="Movie 17. Genres: Thriller.")[0] == "m17"
+    history = ["m1", "m7", "m13", "m19", "m25"]  # Drama (GENRES[i % 6])
+    by_history = post(recent_items=history, query="Movie 17. Genres: Thriller.", query_weight=0.0)
+    by_query = post(recent_items=history, query="Movie 17. Genres: Thriller.", query_weight=1.0)
+    assert by_history != by_query and by_query[0] == "m17"
+
+
 def test_unknown_user_gets_trending(served):
     body = _get(served, "/v1/recommendations", user_id="nobody", k=3).json()
     assert body["fallback"] == "trending" and [i["item_id"] for i in body["items"]] == ["m39", "m38", "m37"]
@@ -130,6 +149,8 @@ def test_unknown_user_gets_trending(served):
     ("POST", "/v1/recommendations", {}, {"recent_items": []}, 422, "recent_items"),
     ("POST", "/v1/recommendations", {}, {"user_id": "u1", "query": "x" * 600}, 422, "query"),
     ("POST", "/v1/recommendations", {}, {"user_id": ""}, 422, "user_id"),
+    ("POST", "/v1/recommendations", {}, {"user_id": "u1", "query": "comedy", "query_weight": 1.5}, 422,
+     "query_weight=1.5"),
     ("POST", "/v1/recommendations", {}, {"k": 3}, 422, "user_id"),
     ("GET", "/v1/items/nosuch/similar", {}, None, 404, "nosuch"),
 ])

@@ -5,6 +5,7 @@ Run: `pytest -q tests/training/test_evaluation.py` (unit-level: no services, a f
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from pathlib import Path
@@ -13,11 +14,19 @@ import numpy as np
 import pytest
 
 from streaming.datasets import load_dataset
-from training.baselines import ItemKNNScorer, PopularScorer, ZeroShotScorer, co_visitation_pairs
+from training.baselines import (
+    ItemKNNGrid,
+    ItemKNNScorer,
+    PopularScorer,
+    ZeroShotScorer,
+    co_visitation_pairs,
+    tune_itemknn,
+)
 from training.corpus import Corpus, EvalSet, cold_start_split, leave_one_out
 from training.evaluation import (
     METRIC_KEYS,
     Scorer,
+    case_metrics,
     evaluate,
     evaluate_models,
     load_results,
@@ -199,6 +208,43 @@ def test_bad_shape_and_empty_cases():
     assert m["n"] == 0 and all(math.isnan(m[k]) for k in METRIC_KEYS)
 
 
+def test_return_ranks_and_case_metrics_agree_with_the_means_exactly():
+    rng = np.random.default_rng(4)
+    scores = rng.random((60, N)).astype(np.float32)
+    scores[::7] = np.round(scores[::7], 1)  # some ties
+    histories = [list(rng.choice(N, size=rng.integers(0, 5), replace=False)) for _ in range(60)]
+    targets = list(rng.integers(0, N, size=60))  # some are seen: non-candidates, counted misses
+    live = ALL_LIVE.copy()
+    live[3] = False
+    c = cases(histories, targets)
+    plain = evaluate(FixedScorer(scores), c, live=live, k=5, batch_size=16)
+    metrics, ranks = evaluate(FixedScorer(scores), c, live=live, k=5, batch_size=16, return_ranks=True)
+    assert {k: v for k, v in metrics.items() if k != "diversity10"} == {k: v for k, v in plain.items()
+                                                                       if k != "diversity10"}
+    assert ranks.shape == (60,) and ranks.dtype == np.int64
+    per = case_metrics(ranks, k=5)
+    assert set(per) == {"ndcg10", "recall10", "mrr10"}
+    for key, values in per.items():
+        assert values.shape == (60,)
+        assert float(values.mean()) == metrics[key]  # exactly, not approximately
+    not_cand = np.array([t in h or t == 3 for h, t in zip(histories, targets)])
+    assert not_cand.any() and (ranks[not_cand] == N).all() and (per["recall10"][not_cand] == 0).all()
+
+
+def test_case_metrics_by_hand():
+    per = case_metrics(np.array([0, 3, 12, 20]), k=10)
+    np.testing.assert_allclose(per["recall10"], [1, 1, 0, 0])
+    np.testing.assert_allclose(per["ndcg10"], [1.0, 1 / math.log2(5), 0, 0])
+    np.testing.assert_allclose(per["mrr10"], [1.0, 0.25, 0, 0])
+    with pytest.raises(ValueError, match="k=0"):
+        case_metrics(np.array([0]), k=0)
+
+
+def test_return_ranks_with_no_cases():
+    metrics, ranks = evaluate(DESC, cases([], []), live=ALL_LIVE, return_ranks=True)
+    assert metrics["n"] == 0 and ranks.shape == (0,)
+
+
 def test_scorers_satisfy_the_protocol():
     assert isinstance(DESC, Scorer)
     assert isinstance(PopularScorer(np.ones(3)), Scorer)
@@ -242,6 +288,83 @@ def test_itemknn_sparse_path_matches_dense():
                                rtol=1e-5, atol=1e-7)
     cut = ItemKNNScorer.fit(seqs, 50, dense_max_items=0, max_neighbors=3)
     assert np.diff(cut.indptr).max() <= 3
+
+
+def _planted_window_3(n_users: int = 120, seed: int = 0) -> tuple[list[np.ndarray], EvalSet]:
+    """Item p (0..9) is followed by its partner p + 10 exactly 3 positions later, with fillers
+    (20..29) between: only a window >= 3 co-visits the pair. Validation: history [p], target p + 10."""
+    rng = np.random.default_rng(seed)
+    train = []
+    for u in range(n_users):
+        p = u % 10
+        fill = rng.choice(np.arange(20, 30), size=2, replace=False)
+        train.append(np.array([p, fill[0], fill[1], p + 10], dtype=np.int32))
+    valid = cases([[p] for p in range(10)], [p + 10 for p in range(10)])
+    return train, valid
+
+
+def test_tune_itemknn_picks_the_planted_window_on_validation():
+    train, valid = _planted_window_3()
+    live = np.ones(30, dtype=bool)
+    grid = ItemKNNGrid(window=(1, 2, 3, 5), decay=(0.7, 1.0), last_n=(5, 10))
+    knn, record = tune_itemknn(train, valid, live, 30, grid=grid)
+    # windows 1 and 2 never see the pair; 3 and 5 rank the partner first; a one-item history
+    # reads the same for every decay/last_n: ties go to the first point in grid order
+    assert record["chosen"] == {"window": 3, "decay": 0.7, "last_n": 5}
+    assert knn.params() == record["chosen"]
+    assert len(record["grid"]) == 4 * 2 * 2 and record["n_valid"] == 10 and record["criterion"] == "valid_mrr"
+    by_window = {r["window"]: r for r in record["grid"] if r["decay"] == 0.7 and r["last_n"] == 5}
+    assert by_window[3]["valid_ndcg10"] == by_window[5]["valid_ndcg10"] == 1.0
+    assert by_window[1]["valid_mrr"] < 0.5 and by_window[2]["valid_mrr"] < 0.5
+    assert record["valid_mrr"] == max(r["valid_mrr"] for r in record["grid"]) == 1.0
+    # the record's figure is what the returned scorer gets
+    assert evaluate(knn, valid, live=live)["ndcg10"] == record["valid_ndcg10"]
+
+
+def test_tune_itemknn_is_given_no_test_split(synthetic):
+    corpus, _ = synthetic
+    split = leave_one_out(corpus)
+
+    class Poisoned:
+        def __getattr__(self, name):
+            raise AssertionError(f"tuning read the test split ({name})")
+
+        def __len__(self):
+            raise AssertionError("tuning read the test split (len)")
+
+    split.test = Poisoned()
+    assert "test" not in inspect.signature(tune_itemknn).parameters
+    grid = ItemKNNGrid(window=(2, 5), decay=(0.8,), last_n=(10,))
+    knn, record = tune_itemknn(split.train_items, split.valid, corpus.catalog.live, split.n_items, grid=grid)
+    assert record["n_valid"] == len(split.valid) and knn.window in (2, 5)
+    with pytest.raises(ValueError, match="no validation cases"):
+        tune_itemknn(split.train_items, split.valid.subset(np.zeros(len(split.valid), dtype=bool)),
+                     corpus.catalog.live, split.n_items, grid=grid)
+
+
+def test_itemknn_dense_scores_match_a_plain_loop():
+    rng = np.random.default_rng(8)
+    seqs = [rng.integers(0, 30, size=rng.integers(2, 15)) for _ in range(40)]
+    knn = ItemKNNScorer.fit(seqs, 30, window=2, last_n=6, decay=0.7)
+    hist = [seqs[0], np.zeros(0, dtype=np.int64), seqs[1][:1], seqs[2], seqs[3][:3]]  # ragged, one empty
+    got = knn.score(hist, hist, np.zeros(len(hist)))
+    for r, h in enumerate(hist):
+        want = knn.backoff.copy()
+        for age, item in enumerate(h[::-1][:6]):
+            want += 0.7 ** age * knn.dense[item]
+        np.testing.assert_allclose(got[r], want, rtol=1e-6, atol=1e-9)
+
+
+def test_with_params_shares_the_weights():
+    rng = np.random.default_rng(3)
+    seqs = [rng.integers(0, 40, size=rng.integers(2, 20)) for _ in range(50)]
+    knn = ItemKNNScorer.fit(seqs, 40, window=3)
+    other = knn.with_params(last_n=5, decay=0.5)
+    assert other.dense is knn.dense and other.weights is knn.weights
+    assert other.params() == {"window": 3, "decay": 0.5, "last_n": 5}
+    fresh = ItemKNNScorer.fit(seqs, 40, window=3, last_n=5, decay=0.5)
+    hist = seqs[:8]
+    np.testing.assert_array_equal(other.score(hist, hist, np.zeros(8)), fresh.score(hist, hist, np.zeros(8)))
 
 
 def test_zero_shot_scorer():
@@ -314,6 +437,42 @@ def test_markdown_table():
     assert rows["popular"][4] == "—"  # NaN diversity
     assert rows["zeroshot_lm"][5] == rows["zeroshot_lm"][6] == "—"  # no cold protocol
     assert rows["popular"][5] == rows["itemknn"][5] == "**0.0000**"  # ties: both bold
+
+
+CI = {
+    "popular": {"test": {"ndcg10": [0.038, 0.052], "recall10": [0.068, 0.104]}},
+    "itemknn": {"test": {"ndcg10": [0.1105, 0.1291], "recall10": [0.201, 0.255], "mrr10": [0.1, 0.2]},
+                "cold": {"recall10": [0.0, 0.0]}},
+}
+
+
+def test_markdown_table_with_intervals():
+    plain = results_table_markdown(RESULTS)
+    assert results_table_markdown(RESULTS, ci=None) == plain
+    md = results_table_markdown(RESULTS, ci=CI)
+    lines = md.strip().splitlines()
+    assert lines[0] == plain.strip().splitlines()[0]  # same columns
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines[2:]}
+    assert rows["itemknn"][0] == "**0.1196** [0.111, 0.129]"  # bold marks the best point value only
+    assert rows["itemknn"][1] == "**0.2280** [0.201, 0.255]"
+    assert rows["popular"][0] == "0.0449 [0.038, 0.052]"
+    assert rows["itemknn"][2] == "**0.0598**"  # MRR: no interval in the table
+    assert rows["itemknn"][5] == "**0.0000** [0.000, 0.000]"  # cold Recall@10
+    assert rows["zeroshot_lm"][0] == "0.0200"  # no interval given: the point value alone
+    assert rows["popular"][4] == "—"
+
+
+def test_save_report_writes_intervals(tmp_path: Path):
+    paths = save_report(tmp_path / "report", RESULTS, meta={"dataset": "x"}, ci=CI)
+    data = json.loads(paths["json"].read_text())
+    assert data["ci95"]["itemknn"]["test"]["ndcg10"] == [0.1105, 0.1291]
+    meta, res = load_results(paths["json"])  # older readers: unchanged
+    assert meta == {"dataset": "x"} and res.keys() == RESULTS.keys()
+    md = paths["markdown"].read_text()
+    assert "**0.1196** [0.111, 0.129]" in md and "bootstrap" in md
+    plain = save_report(tmp_path / "plain", RESULTS, meta={})
+    assert "ci95" not in json.loads(plain["json"].read_text())
+    assert "[" not in plain["markdown"].read_text()
 
 
 def test_save_report_round_trip(tmp_path: Path):

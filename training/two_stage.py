@@ -1,0 +1,281 @@
+"""Two-stage recommendation: retrieve candidates, rank them with the learned ranker, calibrate new items.
+
+    rank_request(...)          one request (serving calls this; so does evaluation, per case)
+    TwoStageScorer             the `training.evaluation.Scorer` of the full model (`finetuned`)
+    fit_two_stage(split, base) the ranker trained on `split.valid`, the query weight chosen there
+
+The order of a request, the same offline and online:
+
+1. retrieval (`training/ranking_features.py`): the union of the towers' top-N, the co-visitation
+   neighbours of the recent items, the trending items, the best new items, the query's top-N;
+2. features of every candidate (`candidate_features`), scored by the ranker (`training/ranker.py`);
+3. with a query: the query blend (`blend_query`; with no history the query alone decides);
+4. new-item calibration (`training/calibration.py`): the user's recent share of new items becomes
+   their share of the top k -- applied to the candidates, which always include the best new items.
+
+Without a ranker (an adapter trained before it, or a corpus too small to train one) step 2 is the
+first stage's own score: tower + beta x co-visitation prior, as before.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from training.calibration import HISTORY_ITEMS, TOP_K, new_item_lift, new_item_slots
+from training.corpus import EvalSet, Split
+from training.covis import CovisPrior
+from training.inference import ModelScorer
+from training.ranker import Ranker, RankingData, blend_query, choose_query_weight, fit_ranker
+from training.ranking_features import (
+    Candidates,
+    RetrievalSizes,
+    TrendingClock,
+    candidate_features,
+    top_rows,
+    trend_feature,
+    union_candidates,
+)
+
+logger = logging.getLogger(__name__)
+
+QUERY_WEIGHT_USERS = 200  # held-out histories on which the default query weight is chosen
+RANKER_CASE_BATCH = 128
+
+
+@dataclass
+class RankInputs:
+    """What one request brings: the user vector and the per-catalog-row signals (see rank_request)."""
+
+    user: np.ndarray  # (dim,) user tower vector
+    history: np.ndarray  # catalog rows, oldest first
+    history_ts: np.ndarray  # epoch ms (<= 0: unknown)
+    now_ts: int
+    excluded: np.ndarray  # bool per row: seen, filtered or not live
+    covis: np.ndarray | None  # CovisPrior.feature over the catalog, or None
+    trend: np.ndarray  # trend_feature over the catalog
+    query: np.ndarray | None = None  # query vector
+    query_weight: float | None = None  # None: the ranker's default
+    tower_top: np.ndarray | None = None  # the towers' top-N rows when an index found them (else computed here)
+
+
+@dataclass
+class RankCatalog:
+    """What does not change between requests: item vectors, popularity, newness, the prior, the ranker."""
+
+    item_vectors: np.ndarray
+    log_pop: np.ndarray
+    is_new: np.ndarray
+    prior: CovisPrior | None
+    ranker: Ranker | None
+    sizes: RetrievalSizes
+    calibrate: bool = True
+
+    @classmethod
+    def build(cls, item_vectors: np.ndarray, counts: np.ndarray, is_new: np.ndarray, prior: CovisPrior | None,
+              ranker: Ranker | None, sizes: RetrievalSizes, calibrate: bool = True) -> "RankCatalog":
+        return cls(np.asarray(item_vectors, dtype=np.float32), np.log1p(np.asarray(counts, dtype=np.float64)),
+                   np.asarray(is_new, dtype=bool), prior, ranker, sizes, calibrate)
+
+
+def retrieve(cat: RankCatalog, r: RankInputs) -> tuple[Candidates, np.ndarray]:
+    """The candidate set of one request and the towers' score of every catalog row."""
+    tower_all = cat.item_vectors @ r.user
+    allowed = ~r.excluded
+    sz = cat.sizes
+    sources: dict[str, np.ndarray] = {}
+    sources["tower"] = r.tower_top if r.tower_top is not None else top_rows(tower_all, sz.tower, allowed)
+    if r.covis is not None and len(r.history):
+        sources["covis"] = top_rows(r.covis, sz.covis, allowed & (r.covis > 0))
+    sources["trending"] = top_rows(r.trend, sz.trending, allowed & (r.trend > 0))
+    if cat.is_new.any():
+        sources["new"] = top_rows(tower_all, sz.new, allowed & cat.is_new)
+    if r.query is not None:
+        sources["query"] = top_rows(cat.item_vectors @ r.query, sz.query, allowed)
+    return union_candidates(sources, r.excluded), tower_all
+
+
+def request_features(cat: RankCatalog, r: RankInputs, cand: Candidates) -> np.ndarray:
+    return candidate_features(cand, user=r.user, item_vectors=cat.item_vectors, covis=r.covis,
+                              knn=cat.prior.knn if cat.prior is not None else None, history=r.history,
+                              history_ts=r.history_ts, now_ts=r.now_ts, log_pop=cat.log_pop, trend=r.trend,
+                              is_new=cat.is_new, query=r.query)
+
+
+def first_stage_scores(cat: RankCatalog, r: RankInputs, cand: Candidates, tower_all: np.ndarray) -> np.ndarray:
+    s = tower_all[cand.rows].astype(np.float64)
+    if cat.prior is not None and cat.prior.beta > 0 and r.covis is not None:
+        s = s + cat.prior.beta * r.covis[cand.rows]
+    return s
+
+
+def rank_request(cat: RankCatalog, r: RankInputs, k: int = TOP_K) -> tuple[np.ndarray, np.ndarray]:
+    """(candidate rows, final scores) of one request, in candidate order (the caller sorts)."""
+    cand, tower_all = retrieve(cat, r)
+    if not len(cand):
+        return cand.rows, np.zeros(0)
+    scores = first_stage_scores(cat, r, cand, tower_all)
+    if cat.ranker is not None:
+        scores = cat.ranker.predict(request_features(cat, r, cand), scores)
+    if r.query is not None:
+        w = cat.ranker.query_weight if (r.query_weight is None and cat.ranker is not None) else r.query_weight
+        w = 0.5 if w is None else w
+        scores = blend_query(scores, cat.item_vectors[cand.rows] @ r.query, w, has_history=len(r.history) > 0)
+    if cat.calibrate:
+        scores = calibrated(scores, cand.rows, cat.is_new, r.history, k)
+    return cand.rows, scores
+
+
+def calibrated(scores: np.ndarray, rows: np.ndarray, is_new: np.ndarray, history: np.ndarray, k: int) -> np.ndarray:
+    """training/calibration.py over the candidates: the best m new candidates lifted into the top k."""
+    new = is_new[rows]
+    if not new.any() or new.all():
+        return scores
+    m = new_item_slots(is_new[np.asarray(history, dtype=np.int64)[-HISTORY_ITEMS:]], k)
+    if m == 0:
+        return scores
+    lift = new_item_lift(scores[~new], scores[new], m, k)
+    return scores + lift * new if lift > 0 else scores
+
+
+class TwoStageScorer:
+    """`Scorer` of the full model: per case `rank_request`; non-candidates score -inf (rank last)."""
+
+    content_free = False
+
+    def __init__(self, name: str, base: ModelScorer, cat: RankCatalog, trending: TrendingClock, live: np.ndarray
+                 ) -> None:
+        self.name, self.base, self.cat, self.trending = name, base, cat, trending
+        self.live = np.asarray(live, dtype=bool)
+
+    def requests(self, histories: Sequence[np.ndarray], history_ts: Sequence[np.ndarray], now_ts: np.ndarray,
+                 queries: Sequence[np.ndarray | None] | None = None) -> list[RankInputs]:
+        users = self.base.user_vectors(histories, history_ts, now_ts)
+        prior = self.cat.prior
+        covis = prior.feature(histories, history_ts, now_ts) if prior is not None else None
+        trend = trend_feature(self.trending.at(now_ts))
+        out = []
+        for b, (h, ts) in enumerate(zip(histories, history_ts)):
+            excluded = ~self.live.copy()
+            excluded[np.asarray(h, dtype=np.int64)] = True
+            out.append(RankInputs(users[b], np.asarray(h, dtype=np.int64), np.asarray(ts, dtype=np.int64),
+                                  int(now_ts[b]), excluded, covis[b] if covis is not None else None, trend[b],
+                                  query=None if queries is None else queries[b]))
+        return out
+
+    def score(self, histories: Sequence[np.ndarray], history_ts: Sequence[np.ndarray], now_ts: np.ndarray
+              ) -> np.ndarray:
+        out = np.full((len(histories), len(self.live)), -np.inf, dtype=np.float32)
+        for b, r in enumerate(self.requests(histories, history_ts, now_ts)):
+            rows, s = rank_request(self.cat, r)
+            out[b, rows] = s
+        return out
+
+    def case_requests(self, cases: EvalSet):
+        """(request, target) per case, in batches of RANKER_CASE_BATCH users."""
+        for lo in range(0, len(cases), RANKER_CASE_BATCH):
+            hi = min(lo + RANKER_CASE_BATCH, len(cases))
+            reqs = self.requests(cases.histories[lo:hi], cases.history_ts[lo:hi], cases.target_ts[lo:hi])
+            yield from zip(reqs, (int(t) for t in cases.targets[lo:hi]))
+
+    def training_groups(self, cases: EvalSet) -> tuple[RankingData, dict[str, float]]:
+        """Features and labels of every case's candidates, and the retrieval's recall per source."""
+        blocks, hits = [], _no_hits()
+        for r, target in self.case_requests(cases):
+            cand, tower_all = retrieve(self.cat, r)
+            _count_hits(hits, cand, target)
+            blocks.append((request_features(self.cat, r, cand), first_stage_scores(self.cat, r, cand, tower_all),
+                           (cand.rows == target).astype(np.float32)))
+        return RankingData.stack(blocks), _recall(hits, len(cases))
+
+    def candidate_recall(self, cases: EvalSet) -> dict[str, float]:
+        """How often the held-out item is among the candidates: per source and in total."""
+        hits = _no_hits()
+        for r, target in self.case_requests(cases):
+            _count_hits(hits, retrieve(self.cat, r)[0], target)
+        return _recall(hits, len(cases))
+
+
+def _no_hits() -> dict[str, int]:
+    return {s: 0 for s in ("tower", "covis", "trending", "new", "total")}
+
+
+def _recall(hits: dict[str, int], n: int) -> dict[str, float]:
+    return {s: v / max(n, 1) for s, v in hits.items()}
+
+
+def _count_hits(hits: dict[str, int], cand: Candidates, target: int) -> None:
+    at = np.flatnonzero(cand.rows == target)
+    if len(at):
+        hits["total"] += 1
+        for s, rank in cand.ranks.items():
+            if s in hits:
+                hits[s] += int(np.isfinite(rank[at[0]]))
+
+
+def fit_two_stage(split: Split, base: ModelScorer, *, sizes: RetrievalSizes, half_life_ms: float, seed: int = 0,
+                  name: str = "finetuned") -> tuple[TwoStageScorer, dict[str, Any]]:
+    """Train the ranker on `split.valid` (never `split.test`) over `base`'s retrieval, choose the
+    default query weight on held-out histories; returns the scorer and a JSON-able record."""
+    n = split.n_items
+    counts = split.train_counts()
+    cat = RankCatalog.build(base.items, counts, base.new_items, base.prior, None, sizes,
+                            calibrate=bool(base.model.text is not None and base.model.cfg.new_item_calibration))
+    trending = TrendingClock.from_sequences(split.train_items, split.train_ts, n, half_life_ms)
+    scorer = TwoStageScorer(name, base, cat, trending, split.corpus.catalog.live)
+    data, valid_recall = scorer.training_groups(split.valid)
+    ranker = fit_ranker(data, seed=seed)
+    cat.ranker = ranker
+    if base.model.text is not None:
+        ranker.query_weight, record = choose_query_weight(lambda w: moved_share(scorer, split, w, seed))
+        ranker.tuning["query_weight_moved_share"] = record
+    logger.info("ranker trained on %d validation groups; validation candidate recall %s; query weight %.2f",
+                len(data.groups), {k: round(v, 3) for k, v in valid_recall.items()}, ranker.query_weight)
+    return scorer, {"valid_candidate_recall": valid_recall, "ranker": ranker.tuning,
+                    "query_weight": ranker.query_weight}
+
+
+def ranker_payload(scorer: TwoStageScorer, corpus: Any) -> dict[str, Any]:
+    """What `training/adapter.py` stores under RANKER_KEY: the ranker, the retrieval sizes and the
+    trending snapshot of the whole corpus as of its last event (serving's `trend` feature)."""
+    assert scorer.cat.ranker is not None
+    items = [np.asarray(s, dtype=np.int64) for s in corpus.items]
+    stamps = [np.asarray(t, dtype=np.int64) for t in corpus.ts]
+    at_ms = int(max((int(t.max()) for t in stamps if len(t)), default=0)) + 1
+    clock = TrendingClock.from_sequences(items, stamps, len(corpus.catalog), scorer.trending.half_life_ms)
+    return {**scorer.cat.ranker.to_dict(), "retrieval": scorer.cat.sizes.to_dict(),
+            "trending": {"half_life_s": scorer.trending.half_life_ms / 1000.0, "at_ms": at_ms,
+                         "decayed": clock.at(np.array([at_ms]))[0]}}
+
+
+def moved_share(scorer: TwoStageScorer, split: Split, weight: float, seed: int = 0) -> float:
+    """Mean share of the top 10 that a foreign query (the text of an item from outside the user's
+    history, far from it by the towers) replaces at `weight`, on held-out validation histories."""
+    valid = split.valid
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(valid), size=min(QUERY_WEIGHT_USERS, len(valid)), replace=False)
+    cases = valid.subset(np.isin(np.arange(len(valid)), pick))
+    reqs = scorer.requests(cases.histories, cases.history_ts, cases.target_ts)
+    texts = split.corpus.catalog.texts
+    cat = scorer.cat
+    shares = []
+    queries = []
+    for r in reqs:
+        far = np.argsort(cat.item_vectors @ r.user)[: max(10, len(texts) // 10)]  # the users' least likely tenth
+        queries.append(texts[int(rng.choice(far))])
+    qv = scorer.base.model.text_vectors(queries).detach().cpu().numpy()
+    for r, q in zip(reqs, qv):
+        rows, s = rank_request(cat, r)
+        before = set(rows[np.argsort(-s, kind="stable")[:TOP_K]].tolist())
+        r.query, r.query_weight = q, weight
+        rows, s = rank_request(cat, r)
+        after = set(rows[np.argsort(-s, kind="stable")[:TOP_K]].tolist())
+        shares.append(len(after - before) / max(len(after), 1))
+    return float(np.mean(shares)) if shares else 0.0
+
+
+__all__ = ["QUERY_WEIGHT_USERS", "RankCatalog", "RankInputs", "TwoStageScorer", "calibrated", "fit_two_stage",
+           "first_stage_scores", "moved_share", "ranker_payload", "rank_request", "request_features", "retrieve"]
