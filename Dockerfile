@@ -50,11 +50,12 @@ LABEL org.opencontainers.image.title="streamrec" \
       org.opencontainers.image.created="${CREATED}" \
       org.opencontainers.image.source="https://github.com/streamrec/streamrec" \
       org.opencontainers.image.licenses="Apache-2.0"
+# libgomp1: LightGBM's OpenMP runtime (the ranker; torch brings its own copy, LightGBM does not).
 # bash and wget: KubeRay's head/worker probes and the RayService's serve probe run them. KubeRay
 # starts Ray with `bash -lc`, and a login shell resets PATH from /etc/profile: profile.d puts the
 # venv back in front.
 RUN apt-get update \
-    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends bash wget ca-certificates \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends bash wget ca-certificates libgomp1 \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --gid 10001 streamrec \
     && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/streamrec --shell /bin/bash streamrec \

@@ -83,6 +83,34 @@ def intent(settings, ds, epochs: int, workers: int, use_gpu: bool, progress: boo
                                 popularity=split.train_counts(), now_ts=now)
 
 
+def popular_recount(corpus) -> dict[str, float]:
+    """An independent re-count of the `popular` baseline in plain Python (not the harness's code):
+    per user with >= 3 interactions, the last is the target, everything before it is the history
+    (masked), training counts are every user's sequence minus its last two (users with fewer keep
+    all); items ranked by count, ties by catalog index; HR@10 and NDCG@10 over users."""
+    import math
+    from collections import Counter
+
+    counts: Counter = Counter()
+    for seq in corpus.items:
+        seq = [int(i) for i in seq]
+        counts.update(seq[:-2] if len(seq) >= 3 else seq)
+    order = sorted(range(len(corpus.catalog)), key=lambda i: (-counts[i], i))
+    live = [bool(x) for x in corpus.catalog.live]
+    hits, gains, users = 0, 0.0, 0
+    for seq in corpus.items:
+        seq = [int(i) for i in seq]
+        if len(seq) < 3:
+            continue
+        users += 1
+        seen, target = set(seq[:-1]), seq[-1]
+        top = [i for i in order if live[i] and i not in seen][:10]
+        if target in top:
+            hits += 1
+            gains += 1.0 / math.log2(top.index(target) + 2)
+    return {"hr10": hits / users, "ndcg10": gains / users, "users": users}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path, help="write the results here")
@@ -124,6 +152,7 @@ def main() -> int:
         out[key] = {m: res[m][proto][metric] for m in res if proto in res[m]}
         out[f"{key}_ci95"] = {m: ci[m][proto][metric] for m in ci if proto in ci[m]}
     out["paired_ndcg10"] = report.paired
+    out["popular_recount"] = popular_recount(corpus)
     choices = report.meta["choices"]
     out["candidate_recall"] = choices.get("test", {}).get("ranker", {}).get("test_candidate_recall")
     t1 = time.perf_counter()
@@ -145,6 +174,8 @@ def main() -> int:
         "cold_recall_at_least_1.5x_zeroshot": out["cold_recall10"]["finetuned"]
         >= COLD_TARGET * out["cold_recall10"]["zeroshot_lm"],
         "under_30_min": wall < 1800,
+        "popular_matches_plain_recount": abs(out["popular_recount"]["ndcg10"] - ndcg["popular"]) < 1e-9
+        and abs(out["popular_recount"]["hr10"] - out["recall10"]["popular"]) < 1e-9,
     }
     if not args.no_intent:
         verdicts["query_only_precision_at_least_0.9"] = out["query_only_topic_precision10"] >= QUERY_ONLY_TARGET
@@ -158,6 +189,9 @@ def main() -> int:
     if p:
         print(f"paired NDCG@10 finetuned - {p['baseline']}: {p['diff']:+.4f} [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}]")
     print(f"candidate recall (test): {out['candidate_recall']}")
+    rc = out["popular_recount"]
+    print(f"popular, plain re-count: HR@10 {rc['hr10']:.4f} NDCG@10 {rc['ndcg10']:.4f} over {rc['users']} users "
+          f"(harness: {out['recall10']['popular']:.4f} / {ndcg['popular']:.4f})")
     if not args.no_intent:
         print(f"query only: topic precision@10 {out['query_only_topic_precision10']:.3f}; blend: query topic share@10 "
               f"{out['query_blend_topic_share10']:.3f} at the default weight {out['query_weight_default']}, "

@@ -39,7 +39,7 @@ from training.corpus import history_features
 from training.covis import CovisPrior
 from training.ranker import Ranker
 from training.ranking_features import RetrievalSizes, trend_feature
-from training.two_stage import RankCatalog, RankInputs, rank_request
+from training.two_stage import RankCatalog, RankInputs, rank_requests
 
 logger = logging.getLogger(__name__)
 
@@ -275,8 +275,7 @@ class LoadedAdapter:
         inputs = self.rank_inputs(histories, history_ts, queries, exclude, rank, query_weights, now_ms)
         ids = self.index.item_ids
         out_ids, out_scores = [], []
-        for r in inputs:
-            rows, s = rank_request(rank.catalog, r, k)
+        for rows, s in rank_requests(rank.catalog, inputs, k):
             order = np.argsort(-s, kind="stable")[:k]
             out_ids.append([ids[int(rows[j])] for j in order])
             out_scores.append([float(s[j]) for j in order])

