@@ -139,20 +139,20 @@ def fit_ranker(data: RankingData, *, grid: Sequence[dict[str, Any]] = RANKER_GRI
     over the validation users (mean NDCG@10 of the held-out folds, per round), then refit on all of them."""
     lgb = _lgb()
     fold = np.random.default_rng(seed).integers(0, CV_FOLDS, size=len(data.groups))
+    folds = [(data.take(fold != f), data.take(fold == f)) for f in range(CV_FOLDS)]
+    # round 0 = the init score alone (no trees): what the first stage gets on the held-out folds
+    base_ndcg = float(np.mean([_ndcg_of(hold.base, hold) for _, hold in folds]))
     curves: dict[tuple[int, float], np.ndarray] = {}
     for g, point in enumerate(grid):
         for scale in init_scales:
             per_fold = []
-            for f in range(CV_FOLDS):
-                fit_part, hold_part = data.take(fold != f), data.take(fold == f)
+            for fit_part, hold_part in folds:
                 train_set = fit_part.dataset(scale)
                 record: dict[str, Any] = {}
                 lgb.train(_params(point, seed), train_set, num_boost_round=MAX_ROUNDS,
                           valid_sets=[hold_part.dataset(scale, reference=train_set)],
                           callbacks=[lgb.record_evaluation(record)])
                 per_fold.append(record["valid_0"][f"ndcg@{EVAL_AT}"])
-            # round 0 = the init score alone (no trees): what the first stage gets on these folds
-            base_ndcg = np.mean([_ndcg_of(hold.base, hold) for hold in (data.take(fold == f) for f in range(CV_FOLDS))])
             curves[(g, scale)] = np.concatenate([[base_ndcg if scale > 0 else 0.0], np.mean(per_fold, axis=0)])
     (g, scale), curve = max(curves.items(), key=lambda kv: float(kv[1].max()))
     rounds = int(np.argmax(curve))
