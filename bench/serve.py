@@ -1,6 +1,7 @@
 """Serving benchmark: the recommendation API against a no-op Ray Serve deployment, one run.
 
     python bench/serve.py --json bench/results/serve.json [--duration-s 10] [--swap-items 100000] [--no-ranker]
+                          [--impressions-compare]
 
 On the embedded Redis and a local registry, with the real model (MiniLM + LoRA, untrained:
 serving cost does not depend on training) and, unless `--no-ranker`, the second stage every
@@ -14,10 +15,18 @@ tests/fixtures/synthetic_adapter.py's size, trending snapshot; `--no-ranker`: th
    embeddings, written as `streamrec train` writes them) is published; seconds from the publish
    to the first response from the new version, and the requests that failed meanwhile.
 
+4. with `--impressions-compare`: the same API with impressions on (STREAMREC_IMPRESSIONS_ENABLED: one
+   record per answer to the embedded broker, services/impressions.py), deployed beside the one with
+   impressions off (the default run's) under `/imp`: max throughput, p99 at max and p99 at the same
+   half load (half the off run's max rate), side by side with their ratios, and the replica's
+   written / dropped impression counts.
+
 Keys: noop_max_rps, rec_max_rps, rps_ratio, rec_p50_ms, rec_p99_ms_at_half_load, swap_s_100k,
 swap_failed_requests; for context noop_fastapi_max_rps and rps_ratio_vs_fastapi_noop (the same no-op
 as a FastAPI ingress: what the framework under the API costs by itself). Targets: rps_ratio >= 0.6, rec_p99_ms_at_half_load <= 50,
-swap_s_100k <= 10, swap_failed_requests = 0.
+swap_s_100k <= 10, swap_failed_requests = 0. With `--impressions-compare`, `impressions`: {off, on (each
+max_rps, p50_ms, p99_ms_at_max, p99_ms_at_half_load), rps_ratio_on_off, p99_half_load_ratio_on_off,
+written, dropped}; target rps_ratio_on_off >= 0.9.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ USERS = 1_000
 HISTORY = 20
 CONCURRENCY = (1, 2, 4, 8, 16, 32)
 READY_TIMEOUT_S = 180.0
+IMPRESSIONS_PREFIX = "/imp"  # route prefix of the API with impressions on (--impressions-compare)
 
 
 async def closed_loop(url: str, concurrency: int, duration_s: float, params_of) -> tuple[float, np.ndarray, int]:
@@ -120,6 +130,51 @@ def max_rps(url: str, duration_s: float, params_of, label: str, concurrency=CONC
     return best
 
 
+def impression_counts(api: str) -> tuple[float, dict[str, float]]:
+    """streamrec_impressions_written_total and _dropped_total{reason} from a replica's GET /metrics."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    written, dropped = 0.0, {}
+    for family in text_string_to_metric_families(requests.get(f"{api}/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name == "streamrec_impressions_written_total":
+                written += sample.value
+            elif sample.name == "streamrec_impressions_dropped_total":
+                reason = sample.labels.get("reason", "?")
+                dropped[reason] = dropped.get(reason, 0.0) + sample.value
+    return written, dropped
+
+
+def compare_impressions(api: str, duration_s: float, params_of, off: dict, half: float, off_p99_half: float) -> dict:
+    """The API with impressions on at `api`, measured as the one with them off was (`off`: its max_rps
+    result; `half`: the half-load rate both are measured at): the two side by side, and the ratios."""
+    print("impressions on (the same API, one impression per answer to the embedded broker)", flush=True)
+    on = max_rps(f"{api}/v1/recommendations", duration_s, params_of, "recommendations, impressions on")
+    lat, errors = asyncio.run(open_loop(f"{api}/v1/recommendations", half, duration_s * 2, params_of))
+    on_p99_half = 1e3 * float(np.percentile(lat, 99))
+    written, dropped = impression_counts(api)
+    side = {
+        "off": {"max_rps": off["rps"], "p50_ms": off["p50_ms"], "p99_ms_at_max": off["p99_ms"],
+                "p99_ms_at_half_load": off_p99_half},
+        "on": {"max_rps": on["rps"], "p50_ms": on["p50_ms"], "p99_ms_at_max": on["p99_ms"],
+               "p99_ms_at_half_load": on_p99_half, "half_load_errors": errors},
+        "half_load_rps": half,
+        "rps_ratio_on_off": on["rps"] / off["rps"],
+        "p99_half_load_ratio_on_off": on_p99_half / off_p99_half,
+        "written": written, "dropped": dropped,
+    }
+    print(f"  {'impressions':<12} {'max req/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'p99 ms @ half':>14}", flush=True)
+    for name in ("off", "on"):
+        row = side[name]
+        print(f"  {name:<12} {row['max_rps']:>10.1f} {row['p50_ms']:>8.1f} {row['p99_ms_at_max']:>8.1f} "
+              f"{row['p99_ms_at_half_load']:>14.1f}", flush=True)
+    print(f"  on/off: throughput x{side['rps_ratio_on_off']:.3f}, p99 at {half:.1f} req/s "
+          f"x{side['p99_half_load_ratio_on_off']:.3f}; impressions written {written:.0f}, dropped {dropped}",
+          flush=True)
+    return side
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path, help="write the results here")
@@ -127,6 +182,9 @@ def main() -> int:
     ap.add_argument("--swap-items", type=int, default=100_000, help="catalog size of the swapped-in version")
     ap.add_argument("--replicas", type=int, default=1, help="replicas of the API deployment")
     ap.add_argument("--no-ranker", action="store_true", help="adapters without the second stage (first stage only)")
+    ap.add_argument("--impressions-compare", action="store_true",
+                    help="also serve with impressions on (to the embedded broker) and print both side by side "
+                         "(the default run serves with impressions off, no broker)")
     args = ap.parse_args()
 
     import ray
@@ -138,6 +196,7 @@ def main() -> int:
     from services.processes import free_port
     from services.stack import EmbeddedStack
     from tests.fixtures.synthetic_adapter import publish_synthetic_adapter, synthetic_catalog
+    from streaming.kafka_io import ensure_topics
     from streaming.pseudonym import Pseudonymizer
     from streaming.settings import load_settings, settings_env
     from training.registry import Registry
@@ -145,10 +204,15 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     out: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                              "load_avg_at_start": list(os.getloadavg())}, "ranker": not args.no_ranker}
-    with EmbeddedStack(tmp / "stack", kafka=False) as info:
+    with EmbeddedStack(tmp / "stack", kafka=args.impressions_compare) as info:
         port = free_port()
-        settings = load_settings(redis_url=info.redis_url, data_dir=tmp, registry_root=str(tmp / "registry"),
-                                 serve_port=port)
+        common = dict(redis_url=info.redis_url, data_dir=tmp, registry_root=str(tmp / "registry"), serve_port=port)
+        if info.kafka_bootstrap:
+            common["kafka_bootstrap_servers"] = info.kafka_bootstrap
+        settings = load_settings(**common, impressions_enabled=False)
+        settings_imp = load_settings(**common, impressions_enabled=True) if args.impressions_compare else None
+        if settings_imp is not None:
+            ensure_topics(settings_imp, [settings_imp.impressions_topic])
         registry = Registry(settings.registry_uri)
         r = redis.Redis.from_url(info.redis_url)
         ids, titles, texts = synthetic_catalog(CATALOG_ITEMS)
@@ -189,11 +253,17 @@ def main() -> int:
         serve.run(build_app(settings_env(settings), replicas=args.replicas), name="streamrec",
                   route_prefix="/")
         base = f"http://127.0.0.1:{port}"
+        apis = [base]
+        if settings_imp is not None:
+            serve.run(build_app(settings_env(settings_imp), replicas=args.replicas), name="streamrec-impressions",
+                      route_prefix=IMPRESSIONS_PREFIX)
+            apis.append(base + IMPRESSIONS_PREFIX)
         deadline = time.time() + READY_TIMEOUT_S
-        while requests.get(f"{base}/healthz", timeout=5).json().get("scenes", {}).get("default") != v1:
-            if time.time() > deadline:
-                raise SystemExit("the API never served the first adapter")
-            time.sleep(0.2)
+        for api in apis:
+            while requests.get(f"{api}/healthz", timeout=5).json().get("scenes", {}).get("default") != v1:
+                if time.time() > deadline:
+                    raise SystemExit(f"the API at {api} never served the first adapter")
+                time.sleep(0.2)
 
         def rec_params(i: int) -> dict:
             return {"user_id": f"u{i % USERS}", "k": 10}
@@ -207,6 +277,10 @@ def main() -> int:
         p99_half = 1e3 * float(np.percentile(lat, 99))
         print(f"  half load {half:.1f} req/s: p50 {1e3 * np.percentile(lat, 50):.1f} ms  p99 {p99_half:.1f} ms  "
               f"errors {errors}", flush=True)
+        if settings_imp is not None:
+            impressions = compare_impressions(base + IMPRESSIONS_PREFIX, args.duration_s, rec_params, rec, half,
+                                              p99_half)
+            serve.delete("streamrec-impressions")  # it would load the swapped-in version too, beside the measure
 
         print(f"hot swap to a {args.swap_items:,}-item version under load", flush=True)
         stop = threading.Event()
@@ -256,8 +330,12 @@ def main() -> int:
         "half_load_rps": half, "half_load_errors": errors, "swap_s_100k": swap_s, "swap_items": args.swap_items,
         "swap_failed_requests": failed, "noop": noop, "noop_fastapi": noop_fastapi, "rec": rec,
     })
+    if args.impressions_compare:
+        out["impressions"] = impressions
+        out["targets"] = {"impressions_rps_ratio_on_off>=0.9": impressions["rps_ratio_on_off"] >= 0.9}
     out["machine"]["load_avg_at_end"] = list(os.getloadavg())
     out["targets"] = {
+        **out.get("targets", {}),
         "rps_ratio>=0.6": out["rps_ratio"] >= 0.6,
         "rec_p99_ms_at_half_load<=50": p99_half <= 50,
         "swap_s_100k<=10": swap_s is not None and swap_s <= 10,

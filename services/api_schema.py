@@ -91,6 +91,10 @@ class RecommendResponse(BaseModel):
     version: str | None = Field(description="adapter version that produced the list (null on a fallback)")
     fallback: Literal["popular", "trending"] | None = Field(
         description="null when the model answered; 'trending' for users with no history; 'popular' when Redis is down")
+    request_id: str = Field(description="unique id of this answer: send it back on a click (event fields `request_id` "
+                                        "and the item's 1-based `position`) so the click is attributed to it")
+    variant: str = Field(default="control", description="the experiment variant that answered: `control` (the live "
+                                                        "version) or a candidate version")
 
 
 class SimilarResponse(BaseModel):
@@ -105,9 +109,20 @@ class SceneVersion(BaseModel):
     pinned: bool = Field(description="held by user_config pins rather than following the registry")
 
 
+class ExperimentView(BaseModel):
+    """A scene's running experiment as one replica sees it."""
+
+    id: str
+    kind: Literal["manual", "canary"]
+    candidates: dict[str, float] = Field(description="candidate version -> percent of the scene's users")
+    ready: list[str] = Field(description="candidates loaded on that replica (the others' users get control meanwhile)")
+    failed: dict[str, str] = Field(default_factory=dict, description="candidates that cannot load there, and why")
+
+
 class ReplicaView(BaseModel):
     scenes: dict[str, str] = Field(description="scene -> the version that replica serves")
     pins: dict[str, str]
+    experiments: dict[str, ExperimentView] = Field(default_factory=dict, description="scene -> its experiment there")
     age_s: float = Field(description="seconds since that replica's last heartbeat")
 
 
@@ -116,6 +131,8 @@ class ModelsResponse(BaseModel):
     refused: dict[str, list[str]] = Field(description="versions this replica refused (checksum, shapes, missing file)")
     replica: str
     replicas: dict[str, ReplicaView] = Field(description="every replica heard from recently, this one included")
+    experiments: dict[str, ExperimentView] = Field(default_factory=dict,
+                                                   description="scene -> its running experiment (answering replica)")
 
 
 class HealthResponse(BaseModel):
@@ -220,6 +237,6 @@ def error_responses(*statuses: int, media_type: str | None = None) -> dict[int |
 __all__ = ["DEFAULT_K", "EDGE_ERRORS", "ERROR_DESCRIPTIONS", "KEYED_ERRORS", "ErrorBody", "FieldError", "Filters",
            "HealthResponse", "MAX_ID_CHARS",
            "MAX_K", "MAX_QUERY_CHARS", "MAX_RECENT_ITEMS", "QUERY_WEIGHT_MAX", "QUERY_WEIGHT_MIN", "ModelsResponse",
-           "ReadinessResponse", "RecommendRequest",
+           "ExperimentView", "ReadinessResponse", "RecommendRequest",
            "RecommendResponse", "ReplicaView", "SCENE_PATTERN", "SceneState", "SceneVersion", "ScoredItem",
            "SimilarResponse", "error_responses", "field_name", "http_error", "validation_error"]

@@ -9,6 +9,7 @@
     streamrec train [--incremental] [--scene S] [--workers N] [--gpu]   # LoRA fine-tuning -> registry
     streamrec evaluate [--dataset ml-100k]  # every model and baseline, leave-one-out + cold start
     streamrec registry list|show|rollback   # published adapters per scene
+    streamrec experiment start|status|stop|promote   # online experiments between adapter versions
     streamrec serve [--port 8000]           # the HTTP API on Ray Serve, following the registry
     streamrec train-loop --every 10m        # continuous training through the gate
     streamrec up                            # all of it on one machine (ingest, trainer, serve); Ctrl-C stops
@@ -16,12 +17,13 @@
     streamrec config                        # every setting, its variable and current value
     streamrec status [--json]               # one screen: stack, lag, features, adapters, replicas; exit 1 if unhealthy
     streamrec rebuild-online [--force]      # Redis lost for good: rebuild the online store from the Parquet log
+    streamrec simulate --dataset SPEC       # simulated users against the API: clicks to Kafka, CTR over time
 
 Every command reads the one settings object (`streaming.settings`); a bad value exits with
 status 2 and a message naming the variable. Commands that need Kafka or Redis start the
 embedded stack when `KAFKA_BOOTSTRAP_SERVERS` / `REDIS_URL` are unset. The training commands live
-in `services/cli_training.py`, `registry` in `services/registry_cli.py`, what they share in
-`services/cli_common.py`; long-running commands stop on SIGINT / SIGTERM through `services/shutdown.py`.
+in `services/cli_training.py`, `registry` in `services/registry_cli.py`, `experiment` in
+`services/experiment_cli.py`, what they share in `services/cli_common.py`; long-running commands stop on SIGINT / SIGTERM through `services/shutdown.py`.
 """
 
 from __future__ import annotations
@@ -66,6 +68,15 @@ def _mount_registry() -> None:
 
 
 _mount_registry()
+
+
+def _mount_experiment() -> None:
+    from services.experiment_cli import experiment_app
+
+    app.add_typer(experiment_app, name="experiment")
+
+
+_mount_experiment()
 
 
 # --- stack ---------------------------------------------------------------------------------
@@ -246,7 +257,8 @@ def _ingest(settings, metrics, stop, until_idle, max_records, progress, fresh):
     ingestor = Ingestor(settings, redis_client=client, on_commit=features.maybe_run, stop_event=stop,
                         metrics=metrics)
     typer.echo(
-        f"ingesting {settings.events_topic!r} + {settings.items_topic!r} from {settings.kafka_bootstrap_servers} "
+        f"ingesting {settings.events_topic!r} + {settings.items_topic!r} + {settings.impressions_topic!r} from "
+        f"{settings.kafka_bootstrap_servers} "
         f"(group {settings.consumer_group!r}) into {shown_url(settings)} and {settings.log_dir}; Ctrl-C stops",
         err=True,
     )
@@ -395,6 +407,16 @@ def _mount_rebuild_online() -> None:
 _mount_rebuild_online()
 
 
+# --- simulate (services/simulate_cli.py) ------------------------------------------------------
+def _mount_simulate() -> None:
+    from services.simulate_cli import simulate
+
+    app.command("simulate")(simulate)
+
+
+_mount_simulate()
+
+
 # --- dlq -----------------------------------------------------------------------------------
 @app.command()
 def serve(
@@ -427,6 +449,14 @@ def serve(
 
         if not Registry(settings.registry_uri).scenes():
             raise fail(f"no adapter in the registry {settings.registry_uri}: run `streamrec train` first")
+        if settings.impressions_enabled and settings.kafka_bootstrap_servers:
+            from streaming.kafka_io import KafkaUnavailable, ensure_topics
+
+            try:  # the replicas write impressions there; Kafka down only costs the impressions (counted)
+                ensure_topics(settings, [settings.impressions_topic])
+            except KafkaUnavailable as exc:
+                typer.secho(f"warning: impressions will be dropped until Kafka answers: {exc}", err=True,
+                            fg=typer.colors.YELLOW)
         ensure_ray(settings.ray_address)
         ray_serve.start(http_options={"host": host, "port": settings.serve_port})
         ray_serve.run(build_app(settings_env(settings), replicas=replicas), name="streamrec",

@@ -53,6 +53,9 @@ def train(
                                      "the events since its data window plus a replay sample of older ones."),
     epochs: Optional[int] = typer.Option(None, min=1, help="Training epochs (default: the preset's; fewer with --incremental)."),
     batch_size: Optional[int] = typer.Option(None, min=1, help="Windows per step and worker."),
+    hard_negatives: Optional[bool] = typer.Option(
+        None, "--hard-negatives/--no-hard-negatives", help="Also push down each user's shown-but-not-clicked items "
+        "(impressions log; training/hard_negatives.py). Default: the preset's (off; `--preset NAME+hard-negatives`)."),
     force: bool = typer.Option(False, "--force", help="Publish even if the gate refuses."),
     publish: bool = typer.Option(True, "--publish/--no-publish", help="Publish to the registry through the gate."),
     dataset: Optional[str] = typer.Option(None, help="Train on a dataset spec (ml-100k, synthetic:...) instead "
@@ -61,7 +64,7 @@ def train(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     outcome_json: Optional[Path] = typer.Option(None, "--outcome-json", help="Also write how the run ended to this "
                                                 "JSON file (outcome: published, gate_refused, not_published, "
-                                                "nothing_new or failed), for monitoring; 'running' while it runs."),
+                                                "nothing_new, canary or failed), for monitoring; 'running' while it runs."),
 ) -> None:
     """Fine-tune LoRA adapters + heads with Ray Train, evaluate, and publish through the gate.
 
@@ -77,7 +80,8 @@ def train(
         raise fail(f"--outcome-json {outcome_json}: {exc}") from None
     started = time.time()
     try:
-        record = _train(scene, workers, gpu, incremental, epochs, batch_size, force, publish, dataset, preset, progress)
+        record = _train(scene, workers, gpu, incremental, epochs, batch_size, force, publish, dataset, preset, progress,
+                        hard_negatives=hard_negatives)
     except BaseException as exc:
         if isinstance(exc, typer.Exit) and exc.exit_code == 0:
             raise
@@ -120,7 +124,8 @@ def _write_outcome(path: Path | None, record: dict) -> None:
 
 
 def _train(scene: str, workers: int, gpu: bool, incremental: bool, epochs: int | None, batch_size: int | None,
-           force: bool, publish: bool, dataset: str | None, preset: str, progress: bool) -> dict:
+           force: bool, publish: bool, dataset: str | None, preset: str, progress: bool, *,
+           hard_negatives: bool | None = None) -> dict:
     """`streamrec train` up to its outcome record (failures raise)."""
     import dataclasses as dc
 
@@ -132,7 +137,8 @@ def _train(scene: str, workers: int, gpu: bool, incremental: bool, epochs: int |
     training_guard(lambda: validate_name(scene, "scene"))
     chosen = preset_or_exit(preset)
     tcfg = chosen.train_config(incremental)
-    tcfg = dc.replace(tcfg, **{k: v for k, v in {"epochs": epochs, "batch_size": batch_size}.items() if v is not None})
+    tcfg = dc.replace(tcfg, **{k: v for k, v in {"epochs": epochs, "batch_size": batch_size,
+                                                  "hard_negatives": hard_negatives}.items() if v is not None})
     req = TrainRequest(scene=scene, workers=workers, use_gpu=gpu, incremental=incremental, force=force,
                        model_config=chosen.model, train_config=tcfg, progress=progress, publish=publish)
 

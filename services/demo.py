@@ -19,6 +19,8 @@ continuous trainer is replaced by two explicit training runs, so that each chang
    seconds, and a user who clicks a new item gets the new item that matches their taste
 7. a natural-language query blended with a user's history
 8. the evaluation table of the last run and where its plots are
+9. (`--quick`: the simulator needs the synthetic data's true tastes) an experiment between the two adapters
+   under simulated users (services/demo_experiment.py), ending with `streamrec experiment status`
 
 Everything it shows comes from the HTTP API (`/v1/recommendations`, `/v1/items/{id}/similar`), through
 `services.api_client`. The tour's own process never connects to Ray: each training step runs in a
@@ -44,6 +46,7 @@ from rich.markup import escape
 
 from services import demo_training
 from services.api_client import ApiClient, ApiError
+from services.demo_experiment import run_experiment_step
 from services.demo_training import TrainStep
 from services.stack import stop_stack
 from services.up import POLL_INTERVAL_S, Up, UpError, UpOptions
@@ -343,6 +346,11 @@ class Tour:
         self.say(escape(md.strip()))
         for out in self.outcomes:
             self.say(f"  plots: {Path(out.run_dir) / 'loss.png'}, {Path(out.run_dir) / 'evaluation.png'}")
+
+        published = [o.published for o in self.outcomes if o.published]
+        if len(published) >= 2 and self.plan.dataset.startswith("synthetic"):  # the simulator needs the truth
+            self.step(f"An experiment: {published[0]} against the live {published[-1]}, under simulated users")
+            run_experiment_step(self.up, self.base, self.plan.dataset, published[0], say=self.say, wait=self._wait)
 
     # --- pieces ---------------------------------------------------------------------------------
     def _await_ingest(self, n: int) -> None:

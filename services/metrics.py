@@ -32,7 +32,7 @@ ERROR_LOG_INTERVAL_S = 30.0  # per label: the first error is logged at once, the
 LATENCY_BUCKETS_S = (.002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5)
 
 # the follower loops of a replica (label `loop` of streamrec_background_errors_total)
-BACKGROUND_LOOPS = ("registry", "catalog", "popularity", "heartbeat")
+BACKGROUND_LOOPS = ("registry", "catalog", "popularity", "heartbeat", "experiments")
 # what a request does without (label `what` of streamrec_request_errors_total)
 # ("rate_limit": Redis down, so the per-key limit was not enforced -- it fails open)
 REQUEST_DEGRADATIONS = ("recent_items", "model", "genres", "trending", "replicas", "rate_limit")
@@ -41,6 +41,8 @@ REFUSAL_REASONS = ("rate_limit", "body_too_large", "query_too_long", "headers_to
 # where an answer to /v1/recommend came from (label `source` of streamrec_recommendations_total)
 SOURCE_MODEL, SOURCE_FALLBACK = "model", "fallback"
 ANSWER_SOURCES = (SOURCE_MODEL, SOURCE_FALLBACK)
+# why an impression record was dropped (label `reason` of streamrec_impressions_dropped_total)
+IMPRESSION_DROP_REASONS = ("buffer_full", "kafka_error", "serialize")
 
 
 class ServeMetrics:
@@ -83,6 +85,15 @@ class ServeMetrics:
             "streamrec_requests_refused_total",
             "requests refused before they ran: 429 over the API key's rate limit (rate_limit), 413/414/431 too large "
             "(body_too_large, query_too_long, headers_too_large)", ["reason"], registry=r)
+        self.impressions_written = Counter(
+            "streamrec_impressions_written_total",
+            "impression records (one per recommendation answer) the broker acknowledged (services/impressions.py)",
+            registry=r)
+        self.impressions_dropped = Counter(
+            "streamrec_impressions_dropped_total",
+            "impression records dropped, never retried and never failing the request: buffer_full (the replica's "
+            "STREAMREC_IMPRESSION_BUFFER_MAX records were waiting), kafka_error (Kafka unreachable or no "
+            "acknowledgement in time), serialize (not JSON)", ["reason"], registry=r)
         # (scene, source) -> its counter child: `answered` runs on every request, `labels()` takes a lock
         self._answers: dict[tuple[str, str], Any] = {}
         self.replica.labels(replica).set(1)
@@ -93,6 +104,8 @@ class ServeMetrics:
             self.request_errors.labels(what)
         for reason in REFUSAL_REASONS:
             self.refusals.labels(reason)
+        for reason in IMPRESSION_DROP_REASONS:
+            self.impressions_dropped.labels(reason)
         self._clock = clock
         self._log_lock = threading.Lock()  # catalog work runs in threads
         self._last_logged: dict[str, float] = {}
@@ -167,5 +180,5 @@ class _ReplicaLabelled:
             yield labelled
 
 
-__all__ = ["ANSWER_SOURCES", "BACKGROUND_LOOPS", "ERROR_LOG_INTERVAL_S", "REFUSAL_REASONS", "REQUEST_DEGRADATIONS",
-           "SOURCE_FALLBACK", "SOURCE_MODEL", "ServeMetrics"]
+__all__ = ["ANSWER_SOURCES", "BACKGROUND_LOOPS", "ERROR_LOG_INTERVAL_S", "IMPRESSION_DROP_REASONS", "REFUSAL_REASONS",
+           "REQUEST_DEGRADATIONS", "SOURCE_FALLBACK", "SOURCE_MODEL", "ServeMetrics"]

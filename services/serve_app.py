@@ -21,10 +21,14 @@ Every answer is a model of `services/api_schema.py`, built once and serialized o
 (the routes' `response_model` documents it at /docs; FastAPI does not validate it a second time,
 because a route returns the serialized `Response`). Every error is its `ErrorBody`.
 
-Each replica runs four followers: the registry (`services/registry_follower.py`: which version
-each scene serves), the catalog (`services/catalog_follower.py`: new and deleted items into the
-active indexes), the popularity snapshot (`POPULAR_REFRESH_S`, served with `fallback: "popular"`
-when Redis is down) and a heartbeat (`HEARTBEAT_S`, this replica's versions for `GET /v1/models`).
+Each replica runs five followers: the registry (`services/registry_follower.py`: which version
+each scene serves), the experiments (`services/experiment_follower.py`: which variant answers whom),
+the catalog (`services/catalog_follower.py`: new and deleted items into the active indexes), the
+popularity snapshot (`POPULAR_REFRESH_S`, served with `fallback: "popular"` when Redis is down) and
+a heartbeat (`services/replica_heartbeat.py`: this replica's view for `GET /v1/models`). Every
+recommendation answer carries a `request_id` and its `variant`, and is written as an impression
+(`services/impressions.py`: asynchronous, bounded, dropped and counted rather than ever delaying
+a request).
 An error a follower or a request survives is logged (rate-limited) and counted
 (`services/metrics.py`).
 
@@ -40,8 +44,8 @@ here gets 503 with `Retry-After: RETRY_AFTER_S`; a scene the registry does not h
 """
 
 import asyncio
-import json
 import logging
+import secrets
 import time
 from typing import Any
 
@@ -51,7 +55,6 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ValidationError
 from ray import serve
 from ray.serve.exceptions import RayServeException
-from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.api_guard import KEYED_ROUTE, ApiGuard, add_security_scheme
@@ -61,15 +64,16 @@ from services.api_schema import (
     SimilarResponse, error_responses, http_error, validation_error,
 )
 from services.metrics import SOURCE_FALLBACK, SOURCE_MODEL, ServeMetrics
+from services.impression_record import Shown
+from services.replica_heartbeat import STORE_ERRORS, ReplicaHeartbeat
 from services.request_limits import ApiEdge
 from services.require_keys import check_api_keys_required
 from streaming.online_store import popular_key, trending_key
+from training.experiments import CONTROL
 
 logger = logging.getLogger(__name__)
 
 POPULAR_REFRESH_S = 5.0  # how often a replica refreshes its popularity snapshot (the Redis-down fallback)
-HEARTBEAT_S = 1.0  # how often a replica writes its active versions for /v1/models
-REPLICA_STALE_S = 10.0  # a replica silent this long is left out of /v1/models
 REDIS_TIMEOUT_S = 0.25  # a slower Redis counts as down for this request
 BATCH_MAX = 32
 BATCH_WAIT_S = 0.002  # the user tower costs ~0.7 ms alone and ~0.15 ms/request in a batch of 16
@@ -82,19 +86,16 @@ WARMUP_WAIT_S = 300.0
 WARMUP_CHECK_S = 0.1  # how often that wait looks whether the warm-up is done
 RETRY_AFTER_S = 5  # the Retry-After (seconds) of a 503 for a scene still loading (/readyz too)
 TORCH_THREADS = 1
+REQUEST_ID_BYTES = 12  # a request id is 24 hex characters: unique across replicas without coordination
+IMPRESSIONS_CLOSE_S = 2.0  # a replica stopping waits this long at most for its buffered impressions
 # Serve runs user code on an event loop of its own thread by default; on the replica's main loop a
 # request skips two cross-thread hand-offs (bench/serve.py). Our request path never blocks that
 # loop for long: Redis is async, a batch of the user tower costs ~1-2 ms, follower work is in threads.
 REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
-# What the Redis clients raise when Redis is down or slower than REDIS_TIMEOUT_S (their
-# ConnectionError and TimeoutError are RedisErrors; a socket error may surface as OSError).
-STORE_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError)
 # What a scoring batch raises when the model or FAISS fails (torch and FAISS raise RuntimeError,
 # shape mismatches ValueError/IndexError): the request gets the popularity fallback, not a 5xx.
 MODEL_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, ValueError, IndexError, KeyError)
-# A heartbeat entry another replica (or an older release) wrote that does not parse.
-HEARTBEAT_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, TypeError)
 # what the /v1 routes with parameters answer besides 200 (and the probes: the edge's refusals)
 ROUTES_ERRORS = (*KEYED_ERRORS, 404, 422, 503, *EDGE_ERRORS)
 # A recommendation's items lead to their similar items: an OpenAPI link (clients, and the fuzzer's
@@ -188,6 +189,8 @@ class Api:
         import torch
 
         from services.catalog_follower import CatalogFollower
+        from services.experiment_follower import ExperimentFollower
+        from services.impressions import ImpressionWriter
         from services.registry_follower import RegistryFollower
         from streaming.online_store import OnlineStore
         from streaming.pseudonym import Pseudonymizer
@@ -219,11 +222,22 @@ class Api:
                                        active=lambda: [f"{s}@{v}" for s, v in self.versions.active.items()])
         self.popular: list[tuple[str, float]] = []
         self.guard = ApiGuard(self.settings, self.aredis, self.metrics, STORE_ERRORS)  # API keys, rate limit
+        # which variant of a scene's experiment answers whom (candidates load in the background)
+        self.experiments = ExperimentFollower(self.registry, self._load_candidate, self.metrics,
+                                              lambda: list(self.versions.wanted))
+        self.heartbeat = ReplicaHeartbeat(self.aredis, self.settings.redis_prefix, self.replica, self.metrics,
+                                          self._replica_view)
+        self.impressions = None  # STREAMREC_IMPRESSIONS_ENABLED=false, or no broker to write them to
+        if self.settings.impressions_enabled and self.settings.kafka_bootstrap_servers:
+            self.impressions = ImpressionWriter(self.settings, self.metrics)
+        elif self.settings.impressions_enabled:
+            logger.warning("replica %s writes no impressions: KAFKA_BOOTSTRAP_SERVERS is not set in its environment",
+                           self.replica)
         # the registry follower starts in the first reconfigure, once the pins are known
         loop = asyncio.get_event_loop()
         self._followers = {name: loop.create_task(coro, name=f"follower-{name}") for name, coro in (
             ("catalog", self.catalog.run()), ("popularity", self._follow_popularity()),
-            ("heartbeat", self._heartbeat()))}
+            ("heartbeat", self.heartbeat.run()), ("experiments", self.experiments.run()))}
 
     async def _warm_up(self) -> None:
         """Wait until the registry follower is ready, a follower stopped, or WARMUP_WAIT_S passed."""
@@ -267,6 +281,8 @@ class Api:
         built in-process, as tests do)."""
         for t in self._followers.values():
             t.cancel()
+        if self.impressions is not None:
+            self.impressions.close(IMPRESSIONS_CLOSE_S)
 
     # adapters -----------------------------------------------------------------------------------
     @serve.multiplexed(max_num_models_per_replica=MAX_MODELS_PER_REPLICA)
@@ -291,6 +307,10 @@ class Api:
         ndcg = await asyncio.to_thread(self._validation_ndcg, scene, version)
         self.metrics.serving(scene, version, self.versions.active.get(scene), ndcg)
         return adapter
+
+    async def _load_candidate(self, scene: str, version: str):
+        """The experiment follower's loader: a candidate is loaded like any version, without the live gauges."""
+        return await self.get_model(f"{scene}@{version}")
 
     def _validation_ndcg(self, scene: str, version: str) -> float | None:
         """The version's validation NDCG@10 from its manifest (None: none recorded, or unreadable now)."""
@@ -336,45 +356,10 @@ class Api:
                 self.metrics.survived("popularity", exc, "Redis unavailable: keeping the last popularity snapshot")
             await asyncio.sleep(POPULAR_REFRESH_S)
 
-    @property
-    def _replicas_key(self) -> str:
-        return f"{self.settings.redis_prefix}serve:replicas"
-
-    def _replica_state(self) -> dict:
+    def _replica_view(self) -> ReplicaView:
         versions = self.versions
-        return {"scenes": dict(versions.active), "pins": dict(versions.pins), "ts": time.time()}
-
-    async def _heartbeat(self) -> None:
-        while True:
-            try:
-                await self.aredis.hset(self._replicas_key, self.replica, json.dumps(self._replica_state()))
-            except STORE_ERRORS as exc:
-                self.metrics.survived("heartbeat", exc, "Redis unavailable: /v1/models of other replicas will "
-                                                        "not list this one")
-            await asyncio.sleep(HEARTBEAT_S)
-
-    async def _other_replicas(self, now: float) -> dict[str, ReplicaView]:
-        """Every other replica's heartbeat younger than REPLICA_STALE_S (older ones are deleted)."""
-        views: dict[str, ReplicaView] = {}
-        try:
-            raw = await self.aredis.hgetall(self._replicas_key)
-            stale = []
-            for rid, state in raw.items():
-                try:
-                    st = json.loads(state)
-                    if now - st["ts"] > REPLICA_STALE_S:
-                        stale.append(rid)
-                        continue
-                    view = ReplicaView(scenes=st["scenes"], pins=st.get("pins", {}), age_s=round(now - st["ts"], 3))
-                except HEARTBEAT_ERRORS as exc:
-                    self.metrics.survived("replicas", exc, f"heartbeat of replica {rid!r} does not parse; left out")
-                    continue
-                views[rid.decode()] = view
-            if stale:
-                await self.aredis.hdel(self._replicas_key, *stale)
-        except STORE_ERRORS as exc:
-            self.metrics.survived("replicas", exc, "Redis unavailable: /v1/models shows the answering replica only")
-        return views
+        return ReplicaView(scenes=dict(versions.active), pins=dict(versions.pins),
+                           experiments=self.experiments.views(), age_s=0.0)
 
     # routes -------------------------------------------------------------------------------------
     @api.get("/healthz", response_model=HealthResponse, responses={**error_responses(*EDGE_ERRORS), 503: {
@@ -411,14 +396,13 @@ class Api:
     async def models(self, request: Request) -> Response:
         """The active version of each scene (on the replica that answers) and on every live replica."""
         await self.guard.admit(self.guard.auth(request))
-        now = time.time()
         versions = self.versions
-        mine = ReplicaView(scenes=dict(versions.active), pins=dict(versions.pins), age_s=0.0)
-        replicas = {**await self._other_replicas(now), self.replica: mine}
+        mine = self._replica_view()
+        replicas = {**await self.heartbeat.others(time.time()), self.replica: mine}
         return _json(ModelsResponse(
             scenes={s: SceneVersion(version=v, pinned=s in versions.pins) for s, v in versions.active.items()},
             refused={s: sorted(v) for s, v in versions.refused.items() if v},
-            replica=self.replica, replicas=dict(sorted(replicas.items()))))
+            replica=self.replica, replicas=dict(sorted(replicas.items())), experiments=mine.experiments))
 
     @api.get("/v1/recommendations", response_model=RecommendResponse, operation_id="recommend_get",
              responses={**error_responses(*ROUTES_ERRORS), **SIMILAR_LINK}, openapi_extra=KEYED_ROUTE)
@@ -469,11 +453,16 @@ class Api:
         t0 = time.perf_counter()
         if errors := body.input_errors():
             raise RequestValidationError(errors)
+        # Every answer is an impression: its id goes back to the client, and the user's variant is sticky
+        # by pseudonym (services/experiment_follower.py).
+        shown = Shown(secrets.token_hex(REQUEST_ID_BYTES), None, body.scene, CONTROL, None)
+        if body.user_id is not None:
+            shown.user = self.pseudonymize(body.user_id)
         history: list[str] = list(body.recent_items or [])
         history_ts: list[int] = [0] * len(history)
         recent_key = None
-        if body.user_id is not None and body.recent_items is None:
-            recent_key = self.store.recent_key(self.pseudonymize(body.user_id))
+        if shown.user is not None and body.recent_items is None:
+            recent_key = self.store.recent_key(shown.user)
         store_down = None
         if bucket is not None or recent_key is not None:
             try:
@@ -481,19 +470,22 @@ class Api:
             except STORE_ERRORS as exc:
                 store_down = exc
         adapter = await self._adapter(body.scene)  # (before the Redis-down fallback: an unknown scene is a 404)
+        shown.variant, candidate, shown.experiment = self.experiments.choose(body.scene, shown.user)
+        if candidate is not None and adapter is not None:
+            adapter = await self.get_model(f"{body.scene}@{candidate}")  # loaded: the follower made it ready
         if store_down is not None:
             self.metrics.survived("recent_items", store_down, "Redis unavailable: popularity fallback")
-            return self._fallback(route, t0, "popular", self._popular_answer(body, set(), "popular"))
+            return self._fallback(route, t0, shown, self._popular_answer(body, set(), "popular"))
         if recent_key is not None:
             history = [m.decode() for m, _ in raw]
             history_ts = [int(s) for _, s in raw]
         if not history and not body.query:
-            return self._fallback(route, t0, "trending", await self._trending_answer(body))
+            return self._fallback(route, t0, shown, await self._trending_answer(body))
         exclude = set(body.filters.exclude_items) if body.filters else set()
         if body.exclude_seen:
             exclude |= set(history)
         if adapter is None:  # the scene is on fallback (its state on /readyz says why)
-            return self._fallback(route, t0, "popular", self._popular_answer(body, exclude, "popular"))
+            return self._fallback(route, t0, shown, self._popular_answer(body, exclude, "popular"))
         genres = body.filters.genres if body.filters else []
         fetch = body.k * (GENRE_FETCH_FACTOR if genres else 1)
         try:
@@ -501,13 +493,20 @@ class Api:
                                              body.query_weight))
         except MODEL_ERRORS as exc:
             self.metrics.survived("model", exc, "model call failed: popularity fallback", level=logging.ERROR)
-            return self._fallback(route, t0, "popular", self._popular_answer(body, exclude, "popular"))
+            return self._fallback(route, t0, shown, self._popular_answer(body, exclude, "popular"))
         items = self._scored(adapter, ids, scores)
         if genres:
             items = await self._with_genres(items, genres)
         self._observe(route, 200, t0)
         self.metrics.answered(body.scene, SOURCE_MODEL)
-        return _json(RecommendResponse(items=items[:body.k], scene=body.scene, version=adapter.version, fallback=None))
+        return self._shown(shown, RecommendResponse(items=items[:body.k], scene=body.scene, version=adapter.version,
+                                                    fallback=None, request_id=shown.request_id, variant=shown.variant))
+
+    def _shown(self, shown: Shown, answer: RecommendResponse) -> Response:
+        """Write the answer's impression (asynchronously, services/impressions.py), then serialize it."""
+        if self.impressions is not None:
+            self.impressions.write(shown.user, shown.record(answer))
+        return _json(answer)
 
     @serve.batch(max_batch_size=BATCH_MAX, batch_wait_timeout_s=BATCH_WAIT_S)
     async def _score(self, requests: list[tuple]) -> list[tuple[list[str], list[float]]]:
@@ -529,11 +528,12 @@ class Api:
                 out[j] = (i[:r[4]], s[:r[4]])
         return out
 
-    def _fallback(self, route: str, t0: float, kind: str, answer: RecommendResponse) -> Response:
-        self.metrics.fallbacks.labels(kind).inc()
+    def _fallback(self, route: str, t0: float, shown: Shown, answer: RecommendResponse) -> Response:
+        self.metrics.fallbacks.labels(answer.fallback).inc()
         self.metrics.answered(answer.scene, SOURCE_FALLBACK)
         self._observe(route, 200, t0)
-        return _json(answer)
+        answer.request_id, answer.variant = shown.request_id, shown.variant
+        return self._shown(shown, answer)
 
     async def _with_genres(self, items: list[dict], genres: list[str]) -> list[dict]:
         """Keep items whose text mentions one of `genres` (Redis down: the filter is not applied)."""
@@ -555,7 +555,7 @@ class Api:
 
     def _popular_answer(self, body: RecommendRequest, exclude: set[str], kind: str) -> RecommendResponse:
         items = [ScoredItem(item_id=i, score=s) for i, s in self.popular if i not in exclude][:body.k]
-        return RecommendResponse(items=items, scene=body.scene, version=None, fallback=kind)
+        return RecommendResponse(items=items, scene=body.scene, version=None, fallback=kind, request_id="")
 
     async def _trending_answer(self, body: RecommendRequest) -> RecommendResponse:
         key = trending_key(self.settings.redis_prefix)
@@ -567,7 +567,7 @@ class Api:
         items = [ScoredItem(item_id=m.decode(), score=float(s)) for m, s in raw]
         if not items:
             return self._popular_answer(body, set(), "trending")
-        return RecommendResponse(items=items, scene=body.scene, version=None, fallback="trending")
+        return RecommendResponse(items=items, scene=body.scene, version=None, fallback="trending", request_id="")
 
 
 def build_app(env: dict[str, str] | None = None, pins: dict[str, str] | None = None, replicas: int = 1):

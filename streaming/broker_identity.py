@@ -180,10 +180,11 @@ def check_broker_identity(client: Any, prefix: str, current: BrokerIdentity, par
 
 def guard_broker_identity(settings: Any, client: Any = None, fix: str = INGEST_FIX) -> str:
     """`check_broker_identity` for the configured broker, Redis (`client`, or one of its own) and
-    topics (events, items)."""
+    topics (events, items, impressions: the log writer skips offsets it holds on each of them)."""
     from streaming.redis_io import make_redis, shown_url
 
-    current, found = fetch_broker_identity(settings, [settings.events_topic, settings.items_topic])
+    current, found = fetch_broker_identity(settings, [settings.events_topic, settings.items_topic,
+                                                      settings.impressions_topic])
     # watermarks of partitions the topic no longer has count too (a topic recreated smaller)
     partitions = {t: max(n, settings.topic_partitions) for t, n in found.items()}
     own = client is None

@@ -5,6 +5,10 @@
     {"event_id": "e-1", "user_id": "u7", "item_id": "i42", "type": "click",
      "ts": 1732350000000, "scene": "home", "context": {"device": "ios"}}
 
+A click on a recommendation may carry the answer's `request_id` and the item's 1-based
+`position` in it (`"request_id": "r-5f0c...", "position": 3`): it is then attributed to that
+answer's impression (streaming/features/attribution.py).
+
 `items` (key = item_id)::
 
     {"item_id": "i42", "title": "Alien", "text": "A space horror classic",
@@ -64,6 +68,8 @@ ID_MAX_LEN = 256
 TITLE_MAX_LEN = 1024
 TEXT_MAX_LEN = 16_384
 DETAIL_VALUE_CHARS = 80  # how much of a bad value a DLQ detail quotes
+MAX_POSITION = 1000  # a click's `position` in the answer it came from (1-based; answers hold at most this)
+SCENE_MAX_LEN = 64
 # Nesting limit of a record, its own object being level 1 (a `too_deep` record). pydantic-core's
 # parser (the fast path) stops here too, and Python's json (the slow path) would raise
 # RecursionError a few hundred levels further: the limit makes both paths refuse the same
@@ -194,8 +200,12 @@ class Event(_Record):
     item_id: Id
     type: StrictStr = Field(description="Interaction type, one of the configured event types.")
     ts: StrictInt = Field(ge=TS_MIN_MS, le=TS_MAX_MS, description="Event time, epoch milliseconds.")
-    scene: StrictStr | None = Field(default=None, max_length=64, description="Scenario (page, app surface).")
+    scene: StrictStr | None = Field(default=None, max_length=SCENE_MAX_LEN, description="Scenario (page, app surface).")
     context: JsonObject | None = None
+    request_id: Id | None = Field(
+        default=None, description="The `request_id` of the recommendation answer that showed the item (attribution).")
+    position: StrictInt | None = Field(
+        default=None, ge=1, le=MAX_POSITION, description="The item's 1-based position in that answer.")
 
 
 class Item(_Record):
@@ -223,11 +233,29 @@ class Tombstone(_Record):
     ts: StrictInt = Field(ge=TS_MIN_MS, le=TS_MAX_MS, description="When it was requested, epoch ms.")
 
 
+class Impression(_Record):
+    """What one recommendation answer showed, on the `impressions` topic (key = user pseudonym), written by
+    the API replica that answered (services/impressions.py). Positions are 1-based: `item_ids[0]` is
+    position 1."""
+
+    request_id: Id = Field(description="The answer's request id (clicks carry it back).")
+    user_id: Id | None = Field(default=None, description="The user's pseudonym; None for a request by recent_items only.")
+    scene: StrictStr = Field(max_length=SCENE_MAX_LEN)
+    version: StrictStr | None = Field(default=None, max_length=64, description="The adapter version that answered; None: a fallback.")
+    variant: StrictStr = Field(max_length=64, description="The experiment variant that answered (`control` without an experiment).")
+    experiment: StrictStr | None = Field(default=None, max_length=128, description="The experiment id, if one ran.")
+    item_ids: list[Id] = Field(max_length=MAX_POSITION)
+    scores: list[float] = Field(max_length=MAX_POSITION)
+    fallback: StrictStr | None = Field(default=None, max_length=32, description="popular / trending, or None for the model.")
+    ts: StrictInt = Field(ge=TS_MIN_MS, le=TS_MAX_MS, description="When the answer was sent, epoch ms.")
+
+
 # --- the contract as Arrow columns --------------------------------------------------------
 
 # Arrow type of a field's plain Python type. Dicts travel as JSON text: their keys are free-form,
 # and a Parquet struct column would fix one set of keys for every record.
 ARROW_TYPES: dict[type, pa.DataType] = {str: pa.string(), int: pa.int64(), bool: pa.bool_(), dict: pa.string()}
+LIST_ARROW_TYPES: dict[type, pa.DataType] = {str: pa.string(), float: pa.float64()}
 # `deleted` is a log column, not a dataset column: a dataset's catalog lists the items that
 # exist, and deletions only happen on the `items` topic.
 ITEM_LOG_ONLY_FIELDS = ("deleted",)
@@ -239,8 +267,10 @@ PROVENANCE_COLUMNS = pa.schema(
         ("ingest_ts", pa.int64()),  # epoch ms when the consumer read it
     ]
 )
-# Log columns no feature reads: `context` is free-form, `ingest_ts` is bookkeeping.
-NON_FEATURE_COLUMNS = ("context", "ingest_ts")
+# Log columns no feature table reads: `context` is free-form, `ingest_ts` is bookkeeping, and the
+# attribution fields are read by the attribution job alone (log files written before they existed lack them).
+ATTRIBUTION_COLUMNS = ("request_id", "position")
+NON_FEATURE_COLUMNS = ("context", "ingest_ts", *ATTRIBUTION_COLUMNS)
 
 
 def plain_type(annotation: Any) -> type:
@@ -259,10 +289,21 @@ def plain_type(annotation: Any) -> type:
             return origin or annotation
 
 
+def _list_item_type(annotation: Any) -> type | None:
+    """`str` for `list[Id]`, `float` for `list[float]`; None when the annotation is not a list."""
+    if get_origin(annotation) is not list:
+        return None
+    return plain_type(get_args(annotation)[0])
+
+
 def arrow_fields(model: type[BaseModel]) -> list[pa.Field]:
     """The model's fields as Arrow fields, in declaration order (all nullable, as Parquet reads them)."""
     out = []
     for name, info in model.model_fields.items():
+        inner = _list_item_type(info.annotation)
+        if inner is not None:
+            out.append(pa.field(name, pa.list_(LIST_ARROW_TYPES[inner])))
+            continue
         kind = plain_type(info.annotation)
         if kind not in ARROW_TYPES:
             raise TypeError(f"{model.__name__}.{name}: no Arrow column type for {info.annotation!r}")
@@ -281,13 +322,15 @@ def json_text(value: dict | None) -> str | None:
 
 
 # The contract's tables: what a dataset yields, and how every log row starts.
-EVENT_COLUMNS = pa.schema(arrow_fields(Event))
+# A dataset's events have no recommendation answers behind them: the attribution fields are log columns only.
+EVENT_COLUMNS = pa.schema([f for f in arrow_fields(Event) if f.name not in ATTRIBUTION_COLUMNS])
 ITEM_COLUMNS = pa.schema([f for f in arrow_fields(Item) if f.name not in ITEM_LOG_ONLY_FIELDS])
 EVENT_JSON_COLUMNS = json_columns(Event)
 ITEM_JSON_COLUMNS = json_columns(Item)
 # The offline log's files: the whole record, then its provenance.
 EVENT_LOG_SCHEMA = pa.schema([*arrow_fields(Event), *PROVENANCE_COLUMNS])
 ITEM_LOG_SCHEMA = pa.schema([*arrow_fields(Item), *PROVENANCE_COLUMNS])
+IMPRESSION_LOG_SCHEMA = pa.schema([*arrow_fields(Impression), *PROVENANCE_COLUMNS])
 # The log columns the feature job reads (streaming.features).
 EVENT_FEATURE_COLUMNS = tuple(n for n in EVENT_LOG_SCHEMA.names if n not in NON_FEATURE_COLUMNS)
 # An event's fields the online store applies, in the order its Lua script receives them after
@@ -315,6 +358,7 @@ def log_row_builder(model: type[BaseModel], schema: pa.Schema, name: str) -> Cal
 
 event_log_row = log_row_builder(Event, EVENT_LOG_SCHEMA, "event_log_row")
 item_log_row = log_row_builder(Item, ITEM_LOG_SCHEMA, "item_log_row")
+impression_log_row = log_row_builder(Impression, IMPRESSION_LOG_SCHEMA, "impression_log_row")
 
 
 @dataclass(frozen=True)
@@ -461,6 +505,10 @@ def _item_id_looks_non_finite(i: Item) -> bool:
     return i.item_id in NON_FINITE_ID_TEXTS
 
 
+def _impression_ids_look_non_finite(i: Impression) -> bool:
+    return i.request_id in NON_FINITE_ID_TEXTS or any(x in NON_FINITE_ID_TEXTS for x in i.item_ids)
+
+
 def _decoder_bug(payload: bytes | None, exc: Exception) -> BadRecord:
     # One poison record must not stop the stream (ingest would crash on it again after every
     # restart): it goes to the DLQ, and the bug is logged without the payload (privacy).
@@ -494,7 +542,21 @@ def parse_item(payload: bytes | None, max_bytes: int) -> Item | BadRecord:
         return _decoder_bug(payload, exc)
 
 
-def encode(record: Event | Item | dict[str, Any]) -> bytes:
+def parse_impression(payload: bytes | None, max_bytes: int) -> Impression | BadRecord:
+    """Decode and validate one `impressions` record. Never raises (see the module's guarantees);
+    `item_ids` and `scores` must be as long as each other."""
+    try:
+        record = _parse(Impression, payload, max_bytes, _impression_ids_look_non_finite)
+        if isinstance(record, Impression) and len(record.item_ids) != len(record.scores):
+            return BadRecord(INVALID_FIELD, f"field scores: {len(record.scores)} scores for {len(record.item_ids)} items")
+        if isinstance(record, Impression) and not all(math.isfinite(x) for x in record.scores):
+            return BadRecord(INVALID_FIELD, "field scores: not all finite numbers")
+        return record
+    except Exception as exc:  # noqa: BLE001 (the guarantee: a record is refused, never the stream)
+        return _decoder_bug(payload, exc)
+
+
+def encode(record: Event | Item | Impression | dict[str, Any]) -> bytes:
     """Serialize an event or item for the wire (compact JSON, None fields dropped)."""
     if isinstance(record, BaseModel):
         record = record.model_dump(exclude_none=True)

@@ -12,11 +12,12 @@ End to end:
    a. from now on refuses every event of the user with `ts` at or before the tombstone's (the
       check runs on the event's pseudonym at each key generation, so a replay of old events --
       even after a key rotation -- cannot bring the user back; later events, a returning user's,
-      are taken);
+      are taken); impressions (which carry the pseudonym the API computed) likewise;
    b. waits for its Redis writer, then deletes the user's online state (`OnlineStore.forget_users`);
    c. drops the user's rows from its buffered log rows and rewrites every log file that holds
-      some (`purge_log`: each file atomically, same name, same offset range; chosen over a
-      deletion vector so that no reader can forget to apply it and the rows are really gone);
+      some, of the events and the impressions topics alike (`purge_user_logs`, `purge_log`: each
+      file atomically, same name, same offset range; chosen over a deletion vector so that no
+      reader can forget to apply it and the rows are really gone);
    d. records the tombstone durably as `log/forget/<tombstone_id>.json`: its id, time, key
       generation and a one-way marker of the pseudonym (never the pseudonym or the raw id),
       so the tombstones outlive the topic (the embedded broker keeps topics in memory only).
@@ -46,6 +47,7 @@ import pyarrow.parquet as pq
 from pydantic import ValidationError
 
 from streaming.events import EVENT_LOG_SCHEMA, Tombstone
+from streaming.ingest_topics import user_topics
 from streaming.offline_log import PARQUET_COMPRESSION, OfflineLog
 from streaming.pseudonym import CACHE_MAX_ENTRIES, Pseudonymizer, forget_marker
 from streaming.versioned_store import atomic_write
@@ -120,8 +122,8 @@ class TombstoneSet:
 
     def row_filter(self, users: pa.Array | pa.ChunkedArray, ts: pa.Array | pa.ChunkedArray) -> pa.Array | None:
         """For log rows (pseudonyms of the current generation): a keep-mask, or None when all stay."""
-        unique = pc.unique(users).to_pylist()
-        limits = {u: self.markers[m] for u in unique if (m := forget_marker(u)) in self.markers}
+        unique = pc.unique(users).to_pylist()  # impressions of anonymous requests have no user (null)
+        limits = {u: self.markers[m] for u in unique if u is not None and (m := forget_marker(u)) in self.markers}
         if not limits:
             return None
         hit = pc.is_in(users, value_set=pa.array(list(limits), pa.string()))
@@ -189,6 +191,15 @@ def purge_log(log: OfflineLog, topic: str, tombstones: TombstoneSet) -> PurgeRes
         rows += table.num_rows - kept.num_rows
     if files:
         logger.info("forget: rewrote %d log files of %r without %d rows of forgotten users", files, topic, rows)
+    return PurgeResult(files, rows)
+
+
+def purge_user_logs(log: OfflineLog, settings: Any, tombstones: TombstoneSet) -> PurgeResult:
+    """`purge_log` on every logged topic whose rows name a user: events and impressions (both `user_id`)."""
+    files = rows = 0
+    for topic in user_topics(settings):
+        result = purge_log(log, topic, tombstones)
+        files, rows = files + result.files_rewritten, rows + result.rows_removed
     return PurgeResult(files, rows)
 
 
@@ -265,25 +276,35 @@ class ForgetFollower:
     def refuses(self, raw_user_id: str, ts: int) -> bool:
         return bool(self.known) and self.known.refuses(raw_user_id, ts, self.pseudonymize)
 
-    def drop_buffered(self, row_lists: Iterable[list[tuple]]) -> int:
-        """Remove forgotten users' rows from buffered (not yet logged) event rows, in place."""
+    def refuses_pseudonym(self, pseudonym: str | None, ts: int) -> bool:
+        """Is this impression (the API's pseudonym of the user, ts) forgotten? As the log purge judges rows."""
+        if pseudonym is None or not self.known:
+            return False
+        limit = self.known.limit_of([pseudonym])
+        return limit is not None and ts <= limit
+
+    def drop_buffered(self, row_lists: Iterable[list[tuple]], schema: pa.Schema = EVENT_LOG_SCHEMA) -> int:
+        """Remove forgotten users' rows from buffered (not yet logged) log rows of `schema`, in place."""
+        user, ts = schema.get_field_index("user_id"), schema.get_field_index("ts")
         dropped = 0
         for rows in row_lists:
             if not rows:
                 continue
-            keep = [r for r in rows if not self._row_forgotten(r)]
+            keep = [r for r in rows if not self._row_forgotten(r, user, ts)]
             dropped += len(rows) - len(keep)
             rows[:] = keep
         return dropped
 
-    def _row_forgotten(self, row: tuple) -> bool:
-        limit = self.known.limit_of([row[USER_COLUMN]])
-        return limit is not None and row[TS_COLUMN] <= limit
+    def _row_forgotten(self, row: tuple, user: int = USER_COLUMN, ts: int = TS_COLUMN) -> bool:
+        if row[user] is None:
+            return False
+        limit = self.known.limit_of([row[user]])
+        return limit is not None and row[ts] <= limit
 
     def close(self) -> None:
         self.consumer.close(autocommit=False)
 
 
 __all__ = ["FORGET_DIR", "ForgetFollower", "PurgeResult", "TombstoneSet", "forget_dir",
-           "new_tombstone", "publish_tombstone", "purge_log", "read_durable", "record_durable"]
+           "new_tombstone", "publish_tombstone", "purge_log", "purge_user_logs", "read_durable", "record_durable"]
 

@@ -1,4 +1,4 @@
-"""`streamrec ingest`: Kafka `events` + `items` -> Redis (online) + Parquet log (offline).
+"""`streamrec ingest`: Kafka `events` + `items` -> Redis (online) + Parquet log (offline); `impressions` -> log.
 
     streamrec ingest                    # runs until Ctrl-C / SIGTERM (commits what it ingested)
     streamrec ingest --until-idle 5     # drains what is there, then exits
@@ -22,6 +22,9 @@ rebalances, because
   again, every partition is re-read from the first offset Redis or the log may lack
   (`Ingestor.resync_after_outage`), so the outage loses and double counts nothing.
 
+The `impressions` topic (what the API showed, `streaming.events.Impression`) is validated and logged
+only: it has no online state (`streaming.ingest_topics`: each topic's decoder, schema and row builder).
+
 `streamrec ingest` also serves its metrics and health (`streaming.ingest_metrics`) and refuses a
 broker other than the one its watermarks came from (`streaming.broker_identity`).
 
@@ -42,7 +45,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-import pyarrow as pa
 import redis
 from kafka import TopicPartition
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
@@ -50,20 +52,10 @@ from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from streaming import kafka_io
-from streaming.events import (
-    EVENT_LOG_SCHEMA,
-    ITEM_LOG_SCHEMA,
-    BadRecord,
-    Event,
-    Item,
-    Tombstone,
-    event_log_row,
-    item_log_row,
-    parse_event,
-    parse_item,
-)
-from streaming.forget import ForgetFollower, purge_log, record_durable
+from streaming.events import BadRecord, Event, Impression, Item, Tombstone, parse_event, parse_impression, parse_item
+from streaming.forget import ForgetFollower, purge_user_logs, record_durable
 from streaming.ingest_metrics import LAG_REFRESH_S, IngestMetrics
+from streaming.ingest_topics import EVENTS, IMPRESSIONS, ITEMS, rows_to_table, topic_routes, user_topics
 from streaming.offline_log import OfflineLog
 from streaming.online_store import OnlineStore
 from streaming.pseudonym import Pseudonymizer, forget_marker
@@ -99,9 +91,10 @@ class IngestStats:
     consumed: int = 0
     events: int = 0
     items: int = 0
+    impressions: int = 0
     bad: int = 0
     skipped_replays: int = 0
-    forgotten: int = 0  # events refused: their user asked to be forgotten
+    forgotten: int = 0  # events and impressions refused: their user asked to be forgotten
     log_files: int = 0
     commits: int = 0
     bad_by_reason: Counter = field(default_factory=Counter)
@@ -160,14 +153,6 @@ class ErrorHandler:
         log.debug("DLQ %s[%d]@%d: %s %s", record.topic, record.partition, record.offset, bad.reason, bad.detail)
 
 
-# Log rows are tuples in the column order of EVENT_LOG_SCHEMA / ITEM_LOG_SCHEMA, built by
-# `streaming.events.event_log_row` / `item_log_row` (the hot loop builds hundreds of thousands
-# per second; a dict per row cost more than the Parquet write).
-def _rows_to_table(rows: list[tuple], schema: pa.Schema) -> pa.Table:
-    columns = zip(*rows)
-    return pa.Table.from_arrays([pa.array(col, type=f.type) for col, f in zip(columns, schema)], schema=schema)
-
-
 class _Rebalance(AsyncConsumerRebalanceListener):
     """kafka-python 3 calls rebalance hooks on its IO thread, where a blocking consumer call
     (commit) would deadlock; so the hooks only do local work and never commit."""
@@ -208,7 +193,8 @@ class Ingestor:
         self.pseudonymize = Pseudonymizer.from_settings(settings)
         self.forget = ForgetFollower(settings, self.pseudonymize, self.log)
         self.consumer = kafka_io.make_consumer(settings)
-        self.consumer.subscribe([settings.events_topic, settings.items_topic], listener=_Rebalance(self))
+        self.routes = topic_routes(settings)  # topic -> decoder, log schema, row builder (streaming.ingest_topics)
+        self.consumer.subscribe(list(self.routes), listener=_Rebalance(self))
         self.partitions: dict[TopicPartition, PartitionState] = {}
         self.unchecked: set[TopicPartition] = set()  # assigned, not yet compared with Redis (rewind_lost)
         self.failed: Exception | None = None  # why `run` stopped early (then nothing more is written)
@@ -283,21 +269,29 @@ class Ingestor:
             state = self.partitions.get(tp)
             if state is None:  # revoked while we were polling; the new owner will read these
                 continue
-            is_items = tp.topic == self.settings.items_topic
+            route = self.routes[tp.topic]
+            kind = route.kind
             max_bytes = self.settings.max_payload_bytes
-            good: list[tuple[int, Event | Item]] = []
+            good: list[tuple[int, Event | Item | Impression]] = []
             self.stats.consumed += len(records)
             self.metrics.consumed(tp, len(records))
             pseudonymize, refuses, forgotten = self.pseudonymize, self.forget.refuses if self.forget.known else None, 0
             for rec in records:
-                if is_items:
+                if kind is EVENTS:
+                    parsed = parse_event(rec.value, self._event_types, max_bytes)
+                elif kind is ITEMS:
                     parsed = parse_item(rec.value, max_bytes)
                 else:
-                    parsed = parse_event(rec.value, self._event_types, max_bytes)
+                    parsed = parse_impression(rec.value, max_bytes)
                 if parsed.__class__ is BadRecord:
                     self.handle_error(rec, parsed)
-                elif is_items:
+                elif kind is ITEMS:
                     good.append((rec.offset, parsed))
+                elif kind is IMPRESSIONS:  # the API wrote the pseudonym already
+                    if refuses is not None and self.forget.refuses_pseudonym(parsed.user_id, parsed.ts):
+                        forgotten += 1
+                    else:
+                        good.append((rec.offset, parsed))
                 elif refuses is not None and refuses(parsed.user_id, parsed.ts):
                     forgotten += 1  # not applied, not logged; its offset still counts as done
                 else:
@@ -309,14 +303,18 @@ class Ingestor:
             if forgotten:
                 self.stats.forgotten += forgotten
                 self.metrics.forgotten.inc(forgotten)
-            apply = self.store.apply_items if is_items else self.store.apply_events
-            # upto: trailing bad records advance the watermark too (see streaming.online_store)
-            self._submit_redis(apply, tp.topic, tp.partition, good, records[-1].offset if records else None)
-            if is_items:
+            apply = self.store.apply_items if kind is ITEMS else self.store.apply_events
+            # upto: trailing bad records advance the watermark too (see streaming.online_store); impressions
+            # have no online state, only the watermark (streaming.ingest_topics says why)
+            self._submit_redis(apply, tp.topic, tp.partition, [] if kind is IMPRESSIONS else good,
+                               records[-1].offset if records else None)
+            if kind is ITEMS:
                 self.stats.items += len(good)
-            else:
+            elif kind is EVENTS:
                 self.stats.events += len(good)
-            to_row = item_log_row if is_items else event_log_row
+            else:
+                self.stats.impressions += len(good)
+            to_row = route.to_row
             upto, partition, rows = state.logged_upto, tp.partition, state.rows
             for offset, rec in good:
                 if offset > upto:
@@ -334,7 +332,7 @@ class Ingestor:
 
         a. the users' events are refused from now on (`process` checks the known tombstones);
         b. the Redis writer drains, then the users' online state is deleted;
-        c. their rows leave the buffered log rows and every log file (rewritten atomically);
+        c. their rows (events and impressions) leave the buffered log rows and every log file (rewritten atomically);
         d. each tombstone is recorded durably (log/forget/<id>.json).
         Idempotent: a failure midway (Redis down) leaves them pending and the next call redoes them."""
         pending = self.forget.pending
@@ -345,9 +343,9 @@ class Ingestor:
             self.forget.known.add(t.tombstone_id, forget_marker(t.pseudonym), t.ts)
         self._wait_redis()
         self.store.forget_users([t.pseudonym for t in pending])
-        buffered = self.forget.drop_buffered(
-            st.rows for tp, st in self.partitions.items() if tp.topic == self.settings.events_topic)
-        purged = purge_log(self.log, self.settings.events_topic, self.forget.known)
+        buffered = sum(self.forget.drop_buffered([st.rows for tp, st in self.partitions.items() if tp.topic == topic],
+                                                 self.routes[topic].schema) for topic in user_topics(self.settings))
+        purged = purge_user_logs(self.log, self.settings, self.forget.known)
         for t in pending:
             record_durable(self.log, t)
         self.metrics.tombstones.inc(len(pending))
@@ -430,9 +428,9 @@ class Ingestor:
         for tp in partitions:
             state = self.partitions[tp]
             if state.rows:
-                schema = ITEM_LOG_SCHEMA if tp.topic == self.settings.items_topic else EVENT_LOG_SCHEMA
                 started = time.perf_counter()
-                written = self.log.write(tp.topic, tp.partition, _rows_to_table(state.rows, schema))
+                written = self.log.write(tp.topic, tp.partition,
+                                         rows_to_table(state.rows, self.routes[tp.topic].schema))
                 self.metrics.log_write.observe(time.perf_counter() - started)
                 state.logged_upto = written.end
                 state.rows = []
@@ -499,8 +497,9 @@ class Ingestor:
             self.metrics.refresh_partitions(self.consumer, {tp: st.next_offset for tp, st in self.partitions.items()})
         if now - clock.last_status >= STATUS_EVERY_S:
             clock.last_status = now
-            log.info("consumed=%d events=%d items=%d bad=%d files=%d commits=%d", self.stats.consumed,
-                     self.stats.events, self.stats.items, self.stats.bad, self.stats.log_files, self.stats.commits)
+            log.info("consumed=%d events=%d items=%d impressions=%d bad=%d files=%d commits=%d", self.stats.consumed,
+                     self.stats.events, self.stats.items, self.stats.impressions, self.stats.bad, self.stats.log_files,
+                     self.stats.commits)
         if max_records is not None and self.stats.consumed >= max_records:
             return True
         return until_idle_s is not None and clock.assigned_once and now - clock.last_record >= until_idle_s

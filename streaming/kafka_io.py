@@ -1,17 +1,23 @@
 """Kafka plumbing shared by the producer, the ingestion consumer and the tools.
 
-All clients are kafka-python and every one is made here (`make_admin`, `make_producer`,
-`make_consumer`), so the transport settings -- `security_config`: TLS and SASL (PLAIN,
-SCRAM-SHA-256/512) from `STREAMREC_KAFKA_*` -- reach each of them: ingest, `streamrec produce`, the
-DLQ writer and reader, topic creation, the broker identity guard, `streamrec status` and
-`rebuild-online`. The consumer never auto-commits: `streaming.ingest` commits offsets itself,
-after its outputs are durable.
+Every client is made here (`make_admin`, `make_producer`, `make_consumer`: kafka-python;
+`make_confluent_producer`: confluent-kafka), so the transport settings -- TLS and SASL (PLAIN,
+SCRAM-SHA-256/512) from `STREAMREC_KAFKA_*`, as `security_config` (kafka-python's names) and
+`librdkafka_security_config` (librdkafka's) -- reach each of them: ingest, `streamrec produce`, the
+DLQ writer and reader, topic creation, the broker identity guard, `streamrec status`,
+`rebuild-online` and the API replicas' impression writer. The consumer never auto-commits:
+`streaming.ingest` commits offsets itself, after its outputs are durable.
+
+kafka-python is the project's client; the one confluent-kafka producer writes impressions on the
+request path (`services/impressions.py` says why).
 """
 
 from __future__ import annotations
 
 import logging
 
+from confluent_kafka import KafkaException
+from confluent_kafka import Producer as ConfluentProducer
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError, TopicAuthorizationFailedError
@@ -59,6 +65,27 @@ def security_config(settings: Settings) -> dict:
     return config
 
 
+def librdkafka_security_config(settings: Settings) -> dict:
+    """The same transport in librdkafka's configuration names (confluent-kafka): `security.protocol`,
+    `sasl.mechanisms`, `sasl.username`, `sasl.password`, `ssl.ca.location`, `ssl.certificate.location`,
+    `ssl.key.location`. Without a CA file a TLS client trusts the system's CAs (`probe`), as kafka-python does."""
+    config: dict = {"security.protocol": settings.kafka_security_protocol}
+    if settings.kafka_security_protocol.startswith("SASL_"):
+        config.update({
+            "sasl.mechanisms": settings.kafka_sasl_mechanism,
+            "sasl.username": settings.kafka_sasl_username,
+            "sasl.password": settings.kafka_sasl_password.get_secret_value(),
+        })
+    for key, path in (("ssl.ca.location", settings.kafka_ssl_cafile),
+                      ("ssl.certificate.location", settings.kafka_ssl_certfile),
+                      ("ssl.key.location", settings.kafka_ssl_keyfile)):
+        if path is not None:
+            config[key] = str(path)
+    if settings.kafka_security_protocol.endswith("SSL") and settings.kafka_ssl_cafile is None:
+        config["ssl.ca.location"] = "probe"
+    return config
+
+
 def describe_transport(settings: Settings) -> str:
     """How the clients talk to the brokers, for messages (never the password)."""
     proto = settings.kafka_security_protocol
@@ -89,13 +116,14 @@ def make_admin(settings: Settings, **overrides) -> KafkaAdminClient:
 
 
 def ensure_topics(settings: Settings, topics: list[str] | None = None) -> None:
-    """Create these topics (default: events, items, DLQ and forget) if they do not exist (idempotent).
+    """Create these topics (default: events, items, DLQ, forget and impressions) if they do not exist (idempotent).
     A client whose ACLs may not create (or even see) a topic leaves it to whoever manages the topics
     (Strimzi `KafkaTopic`s on Kubernetes): a topic it may not see looks missing to it."""
     admin = make_admin(settings)
     try:
         existing = set(admin.list_topics())
-        wanted = topics or [settings.events_topic, settings.items_topic, settings.dlq_topic, settings.forget_topic]
+        wanted = topics or [settings.events_topic, settings.items_topic, settings.dlq_topic, settings.forget_topic,
+                             settings.impressions_topic]
         missing = [
             NewTopic(name, settings.topic_partitions, settings.topic_replication)
             for name in wanted
@@ -130,6 +158,20 @@ def make_producer(settings: Settings, **overrides) -> KafkaProducer:
         return KafkaProducer(**config)
     except (KafkaError, OSError) as exc:
         raise _unreachable(settings, exc) from exc
+
+
+def make_confluent_producer(settings: Settings, **config) -> ConfluentProducer:
+    """A confluent-kafka producer (librdkafka names in `config`, e.g. `{"linger.ms": 20}`; pass them with
+    `**{...}`). Nothing connects here: librdkafka reaches the brokers from its own threads and keeps
+    retrying; a configuration it refuses raises KafkaUnavailable naming the transport."""
+    full = {"bootstrap.servers": _bootstrap(settings), **librdkafka_security_config(settings)}
+    full.update(config)
+    try:
+        return ConfluentProducer(full)
+    except (KafkaException, ValueError, TypeError) as exc:
+        raise KafkaUnavailable(
+            f"cannot make a Kafka producer for KAFKA_BOOTSTRAP_SERVERS={settings.kafka_bootstrap_servers!r} over "
+            f"{describe_transport(settings)}: {exc}") from exc
 
 
 def make_consumer(settings: Settings, *topics: str, **overrides) -> KafkaConsumer:

@@ -7,7 +7,7 @@ without the raw ids:
 
 1. a new key is drawn and kept in `<key file dir>/rotation.json` (mode 0600) with the files already
    migrated, so a rotation that dies at any step is finished by running the command again (same key);
-2. every file of the offline event log is rewritten with its `user_id` column mapped (each file
+2. every file of the offline event and impression logs is rewritten with its `user_id` column mapped (each file
    atomically, under its own name);
 3. the new chain is written: to the key file, or -- when the keys come from STREAMREC_PSEUDONYM_KEYS
    (a Secret) -- to `--keys-out`, for the operator to put into the Secret before restarting;
@@ -77,11 +77,12 @@ def _write_state(path: Path, state: dict) -> None:
 
 
 def migrate_file(log_: OfflineLog, path: str, new_key: bytes) -> int:
-    """Rewrite one event log file with every `user_id` p replaced by H(new_key, p); returns the users."""
+    """Rewrite one event (or impression) log file with every `user_id` p replaced by H(new_key, p) (an
+    anonymous impression's null stays null); returns the users."""
     table = pq.read_table(path, filesystem=log_.fs)
     users = table.column("user_id")
     unique = pc.unique(users)
-    mapped = pa.array([pseudonym_step(new_key, u) for u in unique.to_pylist()], pa.string())
+    mapped = pa.array([None if u is None else pseudonym_step(new_key, u) for u in unique.to_pylist()], pa.string())
     table = table.set_column(table.schema.get_field_index("user_id"), "user_id",
                              mapped.take(pc.index_in(users, value_set=unique)))
     if isinstance(log_.fs, pafs.LocalFileSystem):
@@ -115,7 +116,8 @@ def rotate_key(settings: Any, *, keys_out: Path | None, rebuild_online: Callable
     _write_state(spath, state)
     new_key = bytes.fromhex(state["new_key"])
     log_ = OfflineLog(settings.log_dir)
-    files = log_.list_files(settings.events_topic)
+    # impressions hold pseudonyms too: attribution and hard negatives join them with the events by user
+    files = [*log_.list_files(settings.events_topic), *log_.list_files(settings.impressions_topic)]
     done, users, rewritten = set(state["done"]), 0, 0
     for n, f in enumerate(files):
         if f.path not in done:

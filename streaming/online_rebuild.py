@@ -153,12 +153,12 @@ def merge_committed(marks: dict[str, dict[int, int]], committed: dict[tuple[str,
 
 
 def committed_offsets(settings: Settings) -> dict[tuple[str, int], int]:
-    """{(topic, partition): offset} the ingest consumer group committed on the events and items
-    topics, read without joining the group. Raises `kafka_io.KafkaUnavailable`."""
+    """{(topic, partition): offset} the ingest consumer group committed on the events, items and
+    impressions topics, read without joining the group. Raises `kafka_io.KafkaUnavailable`."""
     consumer = kafka_io.make_consumer(settings)
     try:
         out = {}
-        for topic in (settings.events_topic, settings.items_topic):
+        for topic in (settings.events_topic, settings.items_topic, settings.impressions_topic):
             for partition in sorted(consumer.partitions_for_topic(topic) or ()):
                 offset = consumer.committed(TopicPartition(topic, partition), timeout_ms=COMMITTED_TIMEOUT_MS)
                 if offset is not None:
@@ -303,7 +303,8 @@ def rebuild_online(settings: Settings, client: redis.Redis, *, force: bool = Fal
     started = time.monotonic()
     log, ev_files, it_files = check_log(settings)
     result = RebuildResult(event_files=len(ev_files), item_files=len(it_files))
-    log_marks = watermarks_from_files([*ev_files, *it_files])
+    # impressions have no online state, only their watermarks (streaming.ingest_topics): from their log files too
+    log_marks = watermarks_from_files([*ev_files, *it_files, *log.list_files(settings.impressions_topic)])
     result.deleted_keys = check_target(client, settings, force)
     report = progress or (lambda stage, n: None)
     passes = 2 if settings.user_ttl_s > 0 else 1  # the TTL policy reads the event files twice

@@ -124,6 +124,11 @@ class Settings(BaseSettings):
         description="Right-to-be-forgotten tombstones (`streamrec forget`), keyed by pseudonym; every ingest "
         "process reads all of it. Keep its retention unlimited.",
     )
+    impressions_topic: TopicName = Field(
+        default="impressions",
+        description="What the API showed: one record per recommendation answer (keyed by user), written by every "
+        "API replica, logged by ingest, joined with clicks by `request_id` (streaming/features/attribution.py).",
+    )
     topic_partitions: int = Field(default=4, ge=1, le=1024, description="Partitions when streamrec creates a topic.")
     topic_replication: int = Field(default=1, ge=1, le=16, description="Replication factor when streamrec creates a topic.")
 
@@ -208,6 +213,44 @@ class Settings(BaseSettings):
     covisit_topk: int = Field(default=50, ge=1, le=1000, description="Neighbours kept per item in the co-visitation table.")
     retrieval_n: int = Field(default=200, ge=10, le=5000, description="Candidates the LM towers, the co-visitation neighbours and a query each retrieve for the ranker (trending and new items: a quarter of it each); fixed into an adapter when it is trained.")
     popular_push_n: int = Field(default=1000, ge=1, le=1_000_000, description="Top items pushed to Redis for the serving fallback.")
+
+    attribution_window_s: float = Field(
+        default=1800.0, gt=0, le=30 * 86_400,
+        description="A click carrying a `request_id` is attributed to that answer's impression when it comes at most "
+        "this many seconds after it; later clicks are counted as late, not attributed.",
+    )
+
+    # --- impressions and experiments -----------------------------------------------------------
+    impressions_enabled: bool = Field(
+        default=True,
+        description="API replicas write one impression per recommendation answer to the impressions topic "
+        "(asynchronously: a full buffer or a Kafka outage drops records and counts them, never fails a request).",
+    )
+    impression_buffer_max: int = Field(
+        default=20_000, ge=100, le=10_000_000,
+        description="Impressions a replica buffers for Kafka; past it new ones are dropped and counted "
+        "(streamrec_impressions_dropped_total).",
+    )
+    canary_percent: float = Field(
+        default=0.0, ge=0, le=50,
+        description="Canary publishing: a new adapter that passed the offline gate starts as a canary with this "
+        "share (%) of the scene's users instead of going live; the continuous trainer promotes or rolls it back "
+        "(training/canary.py). 0: a passing adapter goes live at once.",
+    )
+    canary_min_impressions: int = Field(
+        default=2000, ge=50, le=100_000_000,
+        description="Impressions the canary must have before it can be promoted (M); it can be rolled back sooner.",
+    )
+    canary_margin: float = Field(
+        default=0.05, ge=0, le=1,
+        description="The canary is promoted when its CTR is not worse than control by more than this share of "
+        "control's CTR (0.05: at least 95% of it), and the sequential test does not call it worse.",
+    )
+    canary_alpha: float = Field(
+        default=0.05, gt=0, lt=0.5,
+        description="False-alarm rate of the canary's sequential test (an always-valid confidence sequence: "
+        "valid at every look).",
+    )
 
     # --- training, registry ---------------------------------------------------------------
     registry_root: str | None = Field(
@@ -361,9 +404,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _distinct_topics(self) -> "Settings":
-        names = [self.events_topic, self.items_topic, self.dlq_topic, self.forget_topic]
+        names = [self.events_topic, self.items_topic, self.dlq_topic, self.forget_topic, self.impressions_topic]
         if len(set(names)) != len(names):
-            raise ValueError(f"events, items, DLQ and forget topics must differ, got {names}")
+            raise ValueError(f"events, items, DLQ, forget and impressions topics must differ, got {names}")
         return self
 
     # --- derived paths --------------------------------------------------------------------

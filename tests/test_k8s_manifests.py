@@ -52,6 +52,7 @@ STREAMREC_IMAGE = "ghcr.io/streamrec/streamrec"
 DATA_CLAIM = "streamrec-data"
 API_KEYS_VAR = "STREAMREC_API_KEYS"
 GPU = "nvidia.com/gpu"
+DAY_MS = 86_400_000
 
 
 # --------------------------------------------------------------------------------------------
@@ -598,10 +599,10 @@ def _topics() -> dict[str, dict]:
 def test_topics_match_the_settings(k8s_settings):
     topics = _topics()
     s = k8s_settings
-    assert set(topics) == {s.events_topic, s.items_topic, s.dlq_topic, s.forget_topic}
+    assert set(topics) == {s.events_topic, s.items_topic, s.dlq_topic, s.forget_topic, s.impressions_topic}
     # the ConfigMap names the topics explicitly, and as the code's defaults
     defaults = Settings.model_fields
-    names = ("events_topic", "items_topic", "dlq_topic", "forget_topic")
+    names = ("events_topic", "items_topic", "dlq_topic", "forget_topic", "impressions_topic")
     assert tuple(getattr(s, n) for n in names) == tuple(defaults[n].default for n in names)
     for name, t in topics.items():
         spec = t["spec"]
@@ -617,6 +618,10 @@ def test_topics_match_the_settings(k8s_settings):
     assert "compact" not in policy(s.forget_topic), "compaction drops tombstones (kafka/topics.yaml)"
     retention = lambda n: int(topics[n]["spec"]["config"]["retention.ms"])  # noqa: E731
     assert retention(s.dlq_topic) > retention(s.events_topic)
+    # impressions: the largest stream, logged by ingest: kept days (an ingest outage), never forever
+    assert "compact" not in policy(s.impressions_topic), "one record per answer: nothing to compact"
+    assert DAY_MS <= retention(s.impressions_topic) <= retention(s.events_topic), "days, not forever"
+    assert int(topics[s.impressions_topic]["spec"]["config"]["retention.bytes"]) > 0, "bounded by size too"
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,6 +13,11 @@ Each check (every `CHECK_INTERVAL_S`):
 4. whatever the schedule: when the live adapter was trained on a user who asked to be forgotten,
    retrain from scratch within STREAMREC_FORGET_RETRAIN_S (training/forget_retrain.py).
 
+Canaries (training/canary.py, `STREAMREC_CANARY_PERCENT` > 0): before anything else a check reviews
+the scene's running canary (at most every `CANARY_REVIEW_S`) -- promote, roll back, or wait -- and
+while a canary is undecided (or, with canary publishing on, any experiment runs on the scene) no new
+run starts: the state is "canary" (or "waiting"). A forget retrain still runs, and stops the canary.
+
 The schedule (`parse_every`): `10m` (also `90s`, `1h`; a bare number is minutes) trains at most
 that often and only when there are new events; `5000events` trains once that many events arrived
 since the last attempt. A run ends as `streamrec train`'s do (training/train_run.py): too little
@@ -45,6 +50,9 @@ from training.presets import Preset, get_preset
 logger = logging.getLogger(__name__)
 
 CHECK_INTERVAL_S = 5.0  # how often the loop looks for new data
+# How often a running canary is reviewed: its counts are recomputed from the whole log (read_attribution),
+# too much work for every check; the always-valid test allows any schedule of looks.
+CANARY_REVIEW_S = 30.0
 MAX_CONSECUTIVE_FAILURES = 3  # failed runs in a row before the loop gives up (and its command exits 1)
 DEFAULT_MIN_EVENTS = 1000  # events in the feature tables before the first adapter is trained
 
@@ -81,7 +89,7 @@ def parse_every(text: str) -> Schedule:
 
 @dataclass
 class LoopStatus:
-    state: str = "starting"  # starting | waiting | training | published | refused | failed
+    state: str = "starting"  # starting | waiting | training | published | canary | refused | failed
     detail: str = ""
     live_version: str | None = None
     feature_events: int = 0
@@ -112,12 +120,16 @@ class ContinuousTrainer:
     def __init__(self, settings: Any, *, schedule: Schedule, preset: Preset | str = "default", scene: str = "default",
                  workers: int = 1, use_gpu: bool = False, min_events: int = DEFAULT_MIN_EVENTS,
                  status_path: Path | None = None, redis_client: Any = None,
-                 train: Callable[..., Any] | None = None) -> None:
+                 train: Callable[..., Any] | None = None, review: Callable[..., Any] | None = None,
+                 canary_review_s: float = CANARY_REVIEW_S) -> None:
         self.settings, self.schedule, self.scene = settings, schedule, scene
         self.preset = get_preset(preset) if isinstance(preset, str) else preset
         self.workers, self.use_gpu, self.min_events = workers, use_gpu, min_events
         self.status_path, self.redis = status_path, redis_client
         self._train = train  # None: training.train_run.run_training (injectable for unit tests)
+        self._review = review  # None: training.canary.review_canary (injectable for unit tests)
+        self.canary_review_s = canary_review_s
+        self._canary_wait: tuple[float, tuple[str, str]] | None = None  # (when, state) of the last undecided review
         self.status = LoopStatus()
         self.failures = 0
         self.last_attempt_t = -float("inf")
@@ -135,7 +147,8 @@ class ContinuousTrainer:
         except Exception as exc:  # the last published tables are still consistent; train on those
             logger.warning("feature job failed (%s: %s); checking the last published tables", type(exc).__name__, exc)
         manifest = read_manifest(self.settings)
-        current = Registry(self.settings.registry_uri).current(self.scene)
+        registry = Registry(self.settings.registry_uri)
+        current = registry.current(self.scene)
         st = self.status
         st.live_version = current.version if current else None
         st.feature_events = int(manifest["counts"]["events"]) if manifest else 0
@@ -144,12 +157,15 @@ class ContinuousTrainer:
             if st.feature_events < self.min_events:
                 return self._set("waiting", f"{st.feature_events:,} of {self.min_events:,} events for the first adapter")
             return self._maybe_train(incremental=False)
+        current, blocked = self._review_canary(registry, current)
         pending = pending_tombstones(manifest, current.manifest)
         if pending:  # the live adapter remembers a forgotten user (training/forget_retrain.py)
             due, age_s = retrain_due(self.settings, pending)
             if due:
                 return self._maybe_train(incremental=False, forget=pending)
             logger.debug("%d forget tombstones pending for %.0f s", len(pending), age_s)
+        if blocked is not None:
+            return self._set(*blocked)
         seen = int((current.manifest.get("data_window") or {}).get("events") or 0)
         st.new_events = max(0, st.feature_events - seen)
         if st.new_events == 0:
@@ -165,9 +181,39 @@ class ContinuousTrainer:
                                  if since > 0 else f"no new events since the last run ({current.version} live)")
         return self._maybe_train(incremental=True)
 
+    def _review_canary(self, registry: Any, current: Any) -> tuple[Any, tuple[str, str] | None]:
+        """Decide the scene's canary (training/canary.py). Returns the live version after it, and the
+        (state, detail) to wait in while an experiment holds the next run back (None: train as due)."""
+        from training.canary import blocking_experiment, review_canary
+
+        if self._canary_wait is not None and time.monotonic() - self._canary_wait[0] < self.canary_review_s:
+            return current, self._canary_wait[1]
+        self._canary_wait = None
+        try:
+            decision = (self._review or review_canary)(self.settings, registry, self.scene)
+            if decision is not None and decision.action == "promote":
+                current = registry.current(self.scene)
+                self.status.live_version = current.version
+            exp = blocking_experiment(self.settings, registry, self.scene)
+        except Exception as exc:  # attribution or experiment file unreadable now: undecided, retried later
+            logger.warning("could not review scene %r's canary (%s: %s); no new run until it can be",
+                           self.scene, type(exc).__name__, exc)
+            blocked = ("canary", f"canary review failed: {type(exc).__name__}: {exc}")
+            self._canary_wait = (time.monotonic(), blocked)
+            return current, blocked
+        if exp is None:
+            return current, None
+        if exp.kind == "canary":
+            why = decision.reason if decision is not None else "undecided"
+            blocked = ("canary", f"canary {', '.join(exp.candidates)} ({exp.id}): {why}")
+            self._canary_wait = (time.monotonic(), blocked)
+            return current, blocked
+        return current, ("waiting", f"experiment {exp.id} runs on scene {self.scene!r}: the next candidate would "
+                                    f"be a canary, which waits for it to end (`streamrec experiment stop {self.scene}`)")
+
     def _maybe_train(self, incremental: bool, forget: set[str] | None = None) -> str:
         from training.train_metrics import record_train_run
-        from training.train_run import FAILED, GATE_REFUSED, NOTHING_NEW, PUBLISHED, TrainRequest, run_training
+        from training.train_run import CANARY, FAILED, GATE_REFUSED, NOTHING_NEW, PUBLISHED, TrainRequest, run_training
 
         if self.stop.is_set():  # stopping: a run started now would only be abandoned
             return self.status.state
@@ -202,10 +248,14 @@ class ContinuousTrainer:
             return "failed"
         self.failures = 0
         published = outcome.published.version if outcome.published is not None else None
-        record_train_run(self.settings, self.scene, PUBLISHED if published else GATE_REFUSED, started=started)
-        st.last_outcome = {"outcome": PUBLISHED if published else GATE_REFUSED, "published": published,
+        kind = getattr(outcome, "kind", None) or (PUBLISHED if published else GATE_REFUSED)
+        record_train_run(self.settings, self.scene, kind, started=started)
+        st.last_outcome = {"outcome": kind, "published": published,
                            "gate": outcome.gate_message, "metrics": outcome.metrics,
                            "run_dir": str(outcome.run_dir), "seconds": round(time.monotonic() - t0, 1)}
+        if kind == CANARY:  # published, not live (training/canary.py): the next checks decide it
+            logger.info("canary %s/%s: %s", self.scene, published, outcome.gate_message)
+            return self._set("canary", outcome.gate_message)
         if published:
             st.published += 1
             st.live_version = published
@@ -235,4 +285,4 @@ class ContinuousTrainer:
             stop.wait(check_interval_s)
 
 
-__all__ = ["CHECK_INTERVAL_S", "ContinuousTrainer", "LoopStatus", "Schedule", "parse_every", "read_status"]
+__all__ = ["CANARY_REVIEW_S", "CHECK_INTERVAL_S", "ContinuousTrainer", "LoopStatus", "Schedule", "parse_every", "read_status"]

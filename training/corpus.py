@@ -112,6 +112,9 @@ class Corpus:
     watermarks: dict[str, dict[str, int]] = field(default_factory=dict)  # features manifest watermarks
     forgotten: tuple[str, ...] = ()  # forget tombstone ids the feature tables honour (streaming.forget)
     source: str = ""
+    # Per user, int32 item indices shown to them and never clicked, most recent first (training/hard_negatives.py);
+    # None: not read (TrainConfig.hard_negatives off).
+    hard_negatives: list[np.ndarray] | None = None
 
     @property
     def n_events(self) -> int:
@@ -319,7 +322,9 @@ def history_features(histories: Sequence[np.ndarray], history_ts: Sequence[np.nd
 
 
 def training_windows(train_items: Sequence[np.ndarray], train_ts: Sequence[np.ndarray], max_len: int,
-                     target_masks: Sequence[np.ndarray] | None = None, horizon: int = 1) -> dict[str, np.ndarray]:
+                     target_masks: Sequence[np.ndarray] | None = None, horizon: int = 1,
+                     hard_negatives: Sequence[np.ndarray] | None = None,
+                     hard_negative_max: int = 0) -> dict[str, np.ndarray]:
     """Next-item training examples: each sequence cut into windows of `max_len` inputs.
 
     Returns arrays (N, max_len): `inputs` (item index + 1, 0 = pad, left-padded), `gaps`
@@ -328,8 +333,17 @@ def training_windows(train_items: Sequence[np.ndarray], train_ts: Sequence[np.nd
     next h items after input j (0 where the sequence ends) -- see `Recommender.next_item_loss`.
     `target_masks[u][k]` False drops item k of user u as a target (it still serves as input),
     used by incremental training and scenes.
+    `hard_negatives[u]` (item indices; `Corpus.hard_negatives`) adds `hard_negatives` (N,
+    hard_negative_max): each window's user's first ones, index + 1, 0 = pad -- only when some user has one,
+    so that without them the windows are exactly what they were.
     """
-    rows_in, rows_gap, rows_tg = [], [], []
+    hard_rows = None
+    if hard_negatives is not None and hard_negative_max > 0 and any(len(h) for h in hard_negatives):
+        hard_rows = np.zeros((len(hard_negatives), hard_negative_max), dtype=np.int64)
+        for u, h in enumerate(hard_negatives):
+            h = h[:hard_negative_max]
+            hard_rows[u, :len(h)] = h.astype(np.int64) + 1
+    rows_in, rows_gap, rows_tg, rows_user = [], [], [], []
     for u, (items, ts) in enumerate(zip(train_items, train_ts)):
         n = len(items)
         if n < 2:
@@ -354,10 +368,14 @@ def training_windows(train_items: Sequence[np.ndarray], train_ts: Sequence[np.nd
                 rows_in.append(row_i)
                 rows_gap.append(row_g)
                 rows_tg.append(row_t if horizon > 1 else row_t[:, 0])
+                rows_user.append(u)
             end = start
     if not rows_in:
         raise NotEnoughData("no training examples: every user has fewer than 2 training interactions")
-    return {"inputs": np.stack(rows_in), "gaps": np.stack(rows_gap), "targets": np.stack(rows_tg)}
+    windows = {"inputs": np.stack(rows_in), "gaps": np.stack(rows_gap), "targets": np.stack(rows_tg)}
+    if hard_rows is not None:
+        windows["hard_negatives"] = hard_rows[np.asarray(rows_user, dtype=np.int64)]
+    return windows
 
 
 def popularity_log_q(counts: np.ndarray) -> np.ndarray:

@@ -99,13 +99,14 @@ def decide(candidate: float, current: float | None, tolerance: float, *, force: 
 
 
 def publish_gated(registry: Registry, scene: str, staged_dir: Path, manifest: dict, decision: GateDecision, *,
-                  expected_parent: str | None | Unset = UNSET) -> VersionInfo:
+                  expected_parent: str | None | Unset = UNSET, make_live: bool = True) -> VersionInfo:
     """Publish a candidate the gate let through, with the decision in its manifest; `GateRefused`
-    (nothing written) when it did not."""
+    (nothing written) when it did not. `make_live=False`: published, not live (a canary:
+    training/canary.py decides that, and starts its experiment)."""
     if not decision.allows_publish:
         raise decision.refusal(scene)
     return registry.publish(scene, staged_dir, {**manifest, "gate": decision.manifest_record()},
-                            expected_parent=expected_parent)
+                            expected_parent=expected_parent, make_live=make_live)
 
 
 __all__ = ["GATE_METRIC", "GateDecision", "GateRefused", "decide", "gate_decision", "publish_gated"]

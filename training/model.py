@@ -16,7 +16,8 @@ Read it top to bottom:
 * `next_item_loss` -- next-item prediction at every position. `full`: softmax over the whole
   catalog (exact, affordable below `FULL_SOFTMAX_MAX_ITEMS`); `sampled`: softmax over the
   batch's targets plus uniform negatives with the logQ correction (Yi et al. 2019) for large
-  catalogs. `auto` picks by catalog size.
+  catalogs. `auto` picks by catalog size. With hard negatives (`TrainConfig.hard_negatives`, off by
+  default), `declined_penalty` adds the user's shown-but-not-clicked items' unlikelihood.
 
 The language model is expensive on a CPU, so a training step does not push the whole catalog
 through it: the text vectors of all items live in `text_cache` (refreshed by `refresh_text_cache`),
@@ -46,6 +47,7 @@ from training.lm import TextEncoder
 FULL_SOFTMAX_MAX_ITEMS = 50_000
 ENCODE_BATCH = 128  # texts per LM forward when encoding the catalog
 NORM_EPS = 1e-6
+DECLINED_P_MAX = 1.0 - 1e-6  # keeps -log(1 - p) finite when the model is sure of a declined item
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,20 @@ class ModelConfig:
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp(min=NORM_EPS)
+
+
+def declined_penalty(logp: torch.Tensor, cols: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per row of `logp` (log-softmax over candidates), the sum over its declined items (`cols`, where
+    `valid`) of -log(1 - p): the unlikelihood term of Welleck et al. (2019).
+
+    Why this and not "add them as negatives": the full softmax already has every item in its denominator,
+    pushing each one's logit down by its probability p. The gradient of -log(1 - p) on the item's own logit
+    is p too, so weight w makes a declined item count (1 + w) times in that push -- strongest exactly where
+    the model would show the item again, nothing where it already ranks it low. The sampled softmax gets
+    the items as extra candidates (so they are in its denominator) and the same term.
+    """
+    p = logp.gather(1, cols).exp().clamp(max=DECLINED_P_MAX)
+    return -(torch.log1p(-p) * valid.to(p.dtype)).sum(1)
 
 
 class Recommender(nn.Module):
@@ -210,13 +226,16 @@ class Recommender(nn.Module):
 
     def next_item_loss(self, inputs: torch.Tensor, gaps: torch.Tensor, targets: torch.Tensor, *, loss: str,
                        fresh_items: int, log_q: torch.Tensor | None = None, sampled_negatives: int = 1024,
-                       mask_seen: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+                       mask_seen: bool = False, generator: torch.Generator | None = None,
+                       hard_negatives: torch.Tensor | None = None, hard_negative_weight: float = 1.0) -> torch.Tensor:
         """Mean cross-entropy of the next item(s) at every position with a target (targets > 0).
 
         `targets` is (B, L) -- the next item -- or (B, L, H): the next H items, each a softmax
         target of the same user state, weighted 1, 1/2, ..., 1/H (a future-window objective: on
         data where several items are consumed together, such as MovieLens rating sessions whose
         order within a session is arbitrary, predicting only the very next one throws signal away).
+        `hard_negatives` (B, K): item rows the user was shown and did not click (0 = pad), pushed down at
+        every position of the row by `hard_negative_weight` x `declined_penalty`.
         """
         dev = inputs.device
         if targets.dim() == 2:
@@ -241,6 +260,7 @@ class Recommender(nn.Module):
         s = states[sel]
         ys = targets[sel]  # (M, H)
         horizon = ys.shape[1]
+        hard = None if hard_negatives is None else hard_negatives.unsqueeze(1).expand(-1, inputs.shape[1], -1)[sel]
         weights = 1.0 / torch.arange(1, horizon + 1, device=dev, dtype=torch.float32)
         mode = loss if loss != "auto" else ("full" if self.n_items <= FULL_SOFTMAX_MAX_ITEMS else "sampled")
         if mode == "full":
@@ -259,7 +279,8 @@ class Recommender(nn.Module):
         elif mode == "sampled":
             negatives = torch.randint(1, self.n_items + 1, (sampled_negatives,), device=dev)
             flat = ys[ys > 0]
-            cands, inverse = torch.unique(torch.cat([flat, negatives]), return_inverse=True)
+            declined = [hard[hard > 0]] if hard is not None else []
+            cands, inverse = torch.unique(torch.cat([flat, negatives, *declined]), return_inverse=True)
             logits = s @ table[cands].T / self.cfg.temperature
             if log_q is not None:
                 # Candidates come from the batch's targets (popularity-proportional) and a uniform draw.
@@ -275,7 +296,11 @@ class Recommender(nn.Module):
         valid = targets[sel] > 0
         picked = torch.where(valid, logp.gather(1, ys), torch.zeros((), device=dev))  # (M, H)
         w = weights.unsqueeze(0) * valid.float()
-        return -(picked * w).sum() / w.sum()
+        nll = -(picked * w).sum() / w.sum()
+        if hard is None or hard_negative_weight == 0:
+            return nll
+        cols = hard if mode == "full" else lookup[hard]
+        return nll + hard_negative_weight * declined_penalty(logp, cols, hard > 0).mean()
 
     def _seen_mask(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """(B, L, n+1) True where the item was already among the inputs up to that position.

@@ -8,6 +8,11 @@
 trains in about a minute on two CPU cores: the demo's `--quick` mode and the end-to-end test use it.
 An incremental run keeps its parent's model config whatever the preset (the shapes must match);
 only the training knobs of the preset apply to it.
+
+A name may end in `+OPTION` (`PRESET_OPTIONS`) to switch a training option on, so that every command
+taking `--preset` (train, train-loop, up, demo) can ask for it:
+
+    streamrec up --preset quick+hard-negatives   # shown-but-not-clicked items as negatives (training/hard_negatives.py)
 """
 
 from __future__ import annotations
@@ -43,11 +48,26 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+# `<preset>+<option>`: TrainConfig fields an option sets (off by default until the simulator shows they win).
+PRESET_OPTIONS: dict[str, dict[str, object]] = {
+    "hard-negatives": {"hard_negatives": True},
+}
+
+
 def get_preset(name: str) -> Preset:
+    base, *options = name.split("+")
     try:
-        return PRESETS[name]
+        preset = PRESETS[base]
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}") from None
+        raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}, optionally followed by "
+                         f"{' '.join('+' + o for o in PRESET_OPTIONS)}") from None
+    for option in options:
+        if option not in PRESET_OPTIONS:
+            raise ValueError(f"unknown preset option {option!r} in {name!r}: choose from "
+                             f"{', '.join('+' + o for o in PRESET_OPTIONS)}")
+        preset = dataclasses.replace(preset, name=name,
+                                     train=dataclasses.replace(preset.train, **PRESET_OPTIONS[option]))
+    return preset
 
 
-__all__ = ["PRESETS", "Preset", "get_preset"]
+__all__ = ["PRESETS", "PRESET_OPTIONS", "Preset", "get_preset"]

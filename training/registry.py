@@ -323,8 +323,13 @@ class Registry:
         manifest: dict,
         *,
         expected_parent: str | None | Unset = UNSET,
+        make_live: bool = True,
     ) -> VersionInfo:
         """Publish the files under `staged_dir` (a local directory) as the scene's next version.
+
+        `make_live=False` publishes it without making it live (a canary, training/canary.py): the pointer
+        keeps its version and records the new one as published; `promote` makes it live later. The
+        scene's first version is always live.
 
         `manifest` holds the caller's fields (base_model, data_window, metrics, gate decision,
         ...); the registry adds scene, version, parent, created_at and files.
@@ -366,8 +371,47 @@ class Registry:
                         f"scene {scene!r}: the live version changed from {live!r} to "
                         f"{latest['version'] if latest else None!r} during the publish of {version!r}"
                     )
-            self._write_pointer(scene, pointer, version, "publish", latest_published=version)
+            if make_live or pointer is None:
+                self._write_pointer(scene, pointer, version, "publish", latest_published=version)
+            else:
+                self._write_pointer(scene, pointer, live, "publish-candidate", latest_published=version,
+                                    note=f"{version} published, not live")
         return VersionInfo(scene, version, self._store.uri(f"{scene}/{version}"), full)
+
+    def promote(self, scene: str, version: str, reason: str) -> VersionInfo:
+        """Make a published, not-live version live (a canary that won, `streamrec experiment promote`):
+        like a publish, the version it replaces goes onto the rollback stack. `reason` is kept in the
+        pointer's log. The target's files are verified first."""
+        validate_name(scene, "scene")
+        validate_name(version, "version")
+        with self._store.scene_lock(scene):
+            pointer = self.pointer(scene)
+            if pointer is None:
+                raise VersionNotFound(f"scene {scene!r} has no published versions (under {self.root})")
+            if pointer["version"] == version:
+                raise RegistryError(f"scene {scene!r}: {version!r} is already the live version")
+            info = self.verify(scene, version)
+            self._write_pointer(scene, pointer, version, "promote", note=reason)
+        return info
+
+    # --- small scene files (the experiment of a scene: training/experiments.py) ----------------
+    def locked(self, scene: str):
+        """The scene's lock (a context manager) for a read-modify-write of a scene file; not reentrant:
+        publish, promote and rollback take it themselves."""
+        validate_name(scene, "scene")
+        return self._store.scene_lock(scene)
+
+    def read_scene_file(self, scene: str, name: str) -> bytes | None:
+        """The bytes of `<scene>/<name>`, or None when it does not exist."""
+        validate_name(scene, "scene")
+        return self._store.read_bytes(f"{scene}/{name}")
+
+    def write_scene_file(self, scene: str, name: str, data: bytes) -> None:
+        """Replace `<scene>/<name>` atomically (readers see the old or the new bytes, never half)."""
+        validate_name(scene, "scene")
+        if name == POINTER or not NAME_RE.match(name):
+            raise RegistryError(f"scene {scene!r}: {name!r} is not a scene file name")
+        self._store.write_pointer(f"{scene}/{name}", data)
 
     def _next_version(self, scene: str, pointer: dict | None) -> str:
         numbers = [n for name, is_dir, _ in self._store.list_dir(scene) if is_dir and (n := version_number(name)) is not None]
@@ -398,12 +442,13 @@ class Registry:
             store.remove_tree(f"{scene}/{name}")
 
     def _write_pointer(
-        self, scene: str, old: dict | None, version: str, action: str, *, latest_published: str | None = None
+        self, scene: str, old: dict | None, version: str, action: str, *, latest_published: str | None = None,
+        note: str | None = None,
     ) -> None:
         now = _now_iso()
         previous = old["version"] if old else None
         history = list(old.get("history", [])) if old else []
-        if action == "publish":
+        if action in ("publish", "promote"):
             # A publish pushes the version it replaces onto the rollback stack.
             if previous is not None:
                 history.insert(0, previous)
@@ -414,6 +459,8 @@ class Registry:
             history = history[history.index(version) + 1:]
         history = [v for i, v in enumerate(history) if v != version and v not in history[:i]][:HISTORY_MAX]
         log_entry = {"action": action, "from": previous, "to": version, "at": now}
+        if note:
+            log_entry["note"] = note
         log = [log_entry, *(old.get("log", []) if old else [])][:LOG_MAX]
         latest = latest_published or (old.get("latest_published") if old else None) or version
         data = {

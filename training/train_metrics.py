@@ -23,7 +23,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Gauge
 
 from streaming.job_metrics import TRAIN_JOB, JobMetrics, metrics_file, read_previous, write_job_metrics
-from training.train_run import FAILED, GATE_REFUSED, NOTHING_NEW, PUBLISHED
+from training.train_run import CANARY, FAILED, GATE_REFUSED, NOTHING_NEW, PUBLISHED
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 OUTCOME_PUBLISHED, OUTCOME_REFUSED, OUTCOME_NOTHING_NEW, OUTCOME_FAILED = "published", "refused", "nothing_new", "failed"
 TRAIN_OUTCOMES = (OUTCOME_PUBLISHED, OUTCOME_REFUSED, OUTCOME_NOTHING_NEW, OUTCOME_FAILED)
 METRIC_OUTCOME = {PUBLISHED: OUTCOME_PUBLISHED, GATE_REFUSED: OUTCOME_REFUSED, NOTHING_NEW: OUTCOME_NOTHING_NEW,
-                  FAILED: OUTCOME_FAILED}  # train_run's outcome kind -> label; the others are not recorded
+                  FAILED: OUTCOME_FAILED,  # train_run's outcome kind -> label; the others are not recorded
+                  CANARY: OUTCOME_PUBLISHED}  # a canary is published (not live): training/canary.py has its metrics
 LIVE_METRIC = "val_ndcg10"  # the manifest's metrics key of the validation NDCG@10
 
 LAST_SUCCESS = "streamrec_train_last_success_timestamp_seconds"

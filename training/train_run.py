@@ -16,9 +16,9 @@
 Scenes: the adapter of scene S learns to predict the events whose `scene` is S (all events of
 the user still form the history it reads); scene `default` uses every event.
 
-Outcomes: a run that ends normally ends in one of `OUTCOMES` -- published, refused by the gate, or
-not asked to publish -- recorded in `outcome.json` in its run directory. Too little data to train
-on (none past the live adapter's data window, users too short, no event of the scene) is raised as
+Outcomes: a run that ends normally ends in one of `OUTCOMES` -- published, refused by the gate,
+not asked to publish, or published as a canary (training/canary.py) -- recorded in `outcome.json`
+in its run directory. Too little data to train on (none past the live adapter's data window, users too short, no event of the scene) is raised as
 `training.corpus.NotEnoughData` before any training, and the caller records `NOTHING_NEW`. A
 failure is any other exception; `streamrec train` exits non-zero only for those.
 """
@@ -73,16 +73,17 @@ logger = logging.getLogger(__name__)
 DEFAULT_SCENE = "default"
 REPLAY_SEED = 1234
 
-# How a run ended (`TrainOutcome.kind`; the `outcome` field of the outcome record). The first four
+# How a run ended (`TrainOutcome.kind`; the `outcome` field of the outcome record). The first five
 # are normal ends, so `streamrec train` exits 0 for them; FAILED is what the command records for
 # any failure (exit status 1 or 2), RUNNING what it records while it runs.
 PUBLISHED = "published"  # a new version is live
 GATE_REFUSED = "gate_refused"  # the candidate was worse than the live adapter: that one stays
 NOT_PUBLISHED = "not_published"  # --no-publish: trained and evaluated only
 NOTHING_NEW = "nothing_new"  # too little (new) data: nothing was trained
+CANARY = "canary"  # published not live, as a canary experiment (training/canary.py; STREAMREC_CANARY_PERCENT)
 FAILED = "failed"
 RUNNING = "running"
-OUTCOMES = (PUBLISHED, GATE_REFUSED, NOT_PUBLISHED, NOTHING_NEW, FAILED, RUNNING)
+OUTCOMES = (PUBLISHED, GATE_REFUSED, NOT_PUBLISHED, NOTHING_NEW, CANARY, FAILED, RUNNING)
 OUTCOME_FILE = "outcome.json"  # in the run directory
 
 
@@ -109,7 +110,7 @@ class TrainOutcome:
     gate_message: str
     metrics: dict[str, float]
     fit: FitResult
-    kind: str  # PUBLISHED, GATE_REFUSED or NOT_PUBLISHED
+    kind: str  # PUBLISHED, GATE_REFUSED, NOT_PUBLISHED or CANARY
     detail: str  # the gate's reason (or why there was none)
 
     def record(self, scene: str) -> dict[str, Any]:
@@ -173,7 +174,9 @@ def train_on_split(split: Split, model_config: ModelConfig, train_config: TrainC
         warm |= np.array([i in known for i in corpus.catalog.item_ids], dtype=bool)
     windows = training_windows(split.train_items, split.train_ts, model_config.max_len,
                                target_masks=_cut_like(target_masks, split) if target_masks is not None else None,
-                               horizon=train_config.horizon)
+                               horizon=train_config.horizon,
+                               hard_negatives=corpus.hard_negatives if train_config.hard_negatives else None,
+                               hard_negative_max=train_config.hard_negative_max)
     result = fit(windows=windows, item_ids=corpus.catalog.item_ids, item_texts=corpus.catalog.texts, warm=warm,
                  model_config=model_config, train_config=train_config, run_dir=run_dir, workers=workers,
                  use_gpu=use_gpu, parent=parent, log_q=popularity_log_q(counts), max_failures=max_failures,
@@ -298,7 +301,8 @@ def run_training(settings: Any, req: TrainRequest, corpus: Corpus | None = None)
     from streaming.features import load_feature_tables
     from training.baselines import ItemKNNScorer, PopularScorer
     from training.evaluation import evaluate, save_report
-    from training.gate import decide, publish_gated
+    from training.canary import publish_candidate
+    from training.gate import decide
     from training.registry import Registry
 
     if corpus is None:
@@ -306,6 +310,11 @@ def run_training(settings: Any, req: TrainRequest, corpus: Corpus | None = None)
         if tables is None:
             raise CorpusError("no feature tables yet: run `streamrec ingest` and `streamrec features` first")
         corpus = Corpus.from_feature_tables(tables)
+    if req.train_config.hard_negatives and corpus.hard_negatives is None:
+        from training.hard_negatives import with_hard_negatives
+
+        corpus = with_hard_negatives(corpus, settings, req.train_config.hard_negative_max,
+                                     scene=None if req.scene == DEFAULT_SCENE else req.scene)
     split = leave_one_out(corpus)
     registry = Registry(settings.registry_uri)
     current = registry.current(req.scene)
@@ -398,10 +407,13 @@ def run_training(settings: Any, req: TrainRequest, corpus: Corpus | None = None)
                 manifest = manifest_payload(model_config=mcfg, train_config=req.train_config,
                                             window=window, metrics=metrics, run_dir=run_dir,
                                             workers=req.workers, use_gpu=req.use_gpu, incremental=parent is not None)
-                published = publish_gated(registry, req.scene, staged, manifest, decision,
-                                          expected_parent=current.version if current else None)
+                pub = publish_candidate(settings, registry, req.scene, staged, manifest, decision,
+                                        expected_parent=current.version if current else None)
+                published = pub.info
                 message = f"published {req.scene}/{published.version} ({decision.reason})"
                 kind, detail = PUBLISHED, decision.reason + ("" if decision.passed else f"; published anyway ({force_reason})")
+                if pub.canary is not None:  # not live: a canary, or waiting for the scene's running experiment
+                    message, kind, detail = f"canary {req.scene}/{published.version}: {pub.canary}", CANARY, pub.canary
             finally:
                 shutil.rmtree(staged, ignore_errors=True)
             if forgotten_pending:  # nothing that remembers a forgotten user may stay (nor be rolled back to)

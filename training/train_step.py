@@ -35,6 +35,14 @@ class TrainConfig:
     mask_seen: bool = field(default=True, metadata={"help": "full softmax: leave the user's earlier items out of each position's softmax"})
     horizon: int = field(default=1, metadata={"help": "future items each position predicts (1 = next item only)"})
     replay_fraction: float = field(default=0.3, metadata={"help": "--incremental: share of old targets replayed"})
+    hard_negatives: bool = field(default=False, metadata={"help": "also push down each user's shown-but-not-clicked items (impressions log, training/hard_negatives.py) at their training positions: an unlikelihood term -log(1 - p)"})
+    hard_negative_weight: float = field(default=1.0, metadata={"help": "weight of the hard-negative term (1: each declined item pushed down twice as hard as by the softmax alone)"})
+    hard_negative_max: int = field(default=20, metadata={"help": "hard negatives per user: the most recently shown ones"})
+
+    def __post_init__(self) -> None:
+        if self.hard_negative_weight < 0 or self.hard_negative_max < 1:
+            raise ValueError(f"hard_negative_weight={self.hard_negative_weight!r}, hard_negative_max="
+                             f"{self.hard_negative_max!r}: need a weight >= 0 and at least 1 item")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -82,14 +90,18 @@ def train_epoch(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor
         inputs = batch["inputs"].to(device, non_blocking=True).long()
         gaps = batch["gaps"].to(device, non_blocking=True).long()
         targets = batch["targets"].to(device, non_blocking=True).long()
+        extra = {}
+        if "hard_negatives" in batch:  # only present when TrainConfig.hard_negatives found some
+            extra = {"hard_negatives": batch["hard_negatives"].to(device, non_blocking=True).long(),
+                     "hard_negative_weight": cfg.hard_negative_weight}
         with torch.autocast(device_type="cuda", dtype=autocast_dtype, enabled=autocast_dtype is not None):
             if model is inner:
                 loss = inner.next_item_loss(inputs, gaps, targets, loss=cfg.loss, fresh_items=cfg.fresh_items,
                                             log_q=log_q, sampled_negatives=cfg.sampled_negatives,
-                                            mask_seen=cfg.mask_seen)
+                                            mask_seen=cfg.mask_seen, **extra)
             else:  # DDP: go through forward() so gradients are all-reduced
                 loss = model(inputs, gaps, targets, loss=cfg.loss, fresh_items=cfg.fresh_items, log_q=log_q,
-                             sampled_negatives=cfg.sampled_negatives, mask_seen=cfg.mask_seen)
+                             sampled_negatives=cfg.sampled_negatives, mask_seen=cfg.mask_seen, **extra)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -14,7 +14,9 @@ Modules, in the order a reader needs them:
 * `merge` -- the two Ray Data stages (user-bucket merge, co-visitation buckets);
 * `store` -- version directories, the manifest swap, garbage collection, the run locks;
 * `redis_push` -- popular/trending items pushed to Redis for serving's fallback;
-* `run_metrics` -- the outcome metrics every run writes (`<data_dir>/metrics/features.prom`).
+* `run_metrics` -- the outcome metrics every run writes (`<data_dir>/metrics/features.prom`);
+* `attribution` -- clicks joined to the impressions they came from (`attribute`, `read_attribution`),
+  recomputed and published with every version.
 """
 
 from streaming.features.job import FeatureRunResult, run_features

@@ -14,6 +14,10 @@ What is exact, and why:
   equals it within float rounding (old * 2^(-(new_ref - old_ref)/half_life) + new
   contributions; ref_ts only grows).
 * Idempotence: with no new log files a run is a no-op (no table or manifest written) and says so.
+* Attribution (`streaming.features.attribution`): every run that is not a no-op -- new event, item or
+  impression files, or a changed `STREAMREC_ATTRIBUTION_WINDOW_S` -- recomputes it from the whole log
+  (exact: a late click changes an old impression's counts) and publishes its tables with the version;
+  making it incremental is the scale follow-up (issue 18).
 * A corrupt or torn new log file stops the run with `CorruptLogFile` naming it (footers are checked
   before any work; when a Ray Data read fails, the new files are decoded to find the culprit): never
   tables silently missing its events. Chosen over quarantine; README "Chaos suite" says what to do.
@@ -45,8 +49,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from streaming.events import EVENT_LOG_SCHEMA, ITEM_LOG_SCHEMA
+from streaming.events import ITEM_LOG_SCHEMA
 from streaming.features import store
+from streaming.features.attribution import EVENT_SCHEMA_WITHOUT_ATTRIBUTION, attribution_is_stale, publish_attribution
 from streaming.features.merge import (
     COVISIT_OUT_SCHEMA,
     DELTA_SCHEMA,
@@ -62,7 +67,7 @@ from streaming.features.merge import (
 from streaming.features.redis_push import push_popularity_to_redis, pushed_version
 from streaming.features.run_metrics import record_features_run
 from streaming.features.store import KEEP_VERSIONS, MANIFEST_FORMAT, write_parquet
-from streaming.forget import purge_log, read_durable
+from streaming.forget import purge_user_logs, read_durable
 from streaming.features.tables import (
     COVISIT_BUCKETS,
     COVISIT_COUNTS,
@@ -156,6 +161,9 @@ class _Run:
     users_touched: int = 0
     forgotten: list[str] = field(default_factory=list)  # the forget tombstones these tables honour
     forget_rebuild: bool = False  # rebuilt for new tombstones: no older version may stay on disk
+    im_files: list[LogFile] = field(default_factory=list)  # new impression files (attribution reads them all)
+    im_wm: dict[int, int] = field(default_factory=dict)
+    attribution: dict = field(default_factory=dict)  # the manifest's `attribution` entry
 
     @property
     def vdir(self) -> str:
@@ -163,7 +171,7 @@ class _Run:
 
     @property
     def new_files(self) -> int:
-        return len(self.ev_files) + len(self.it_files)
+        return len(self.ev_files) + len(self.it_files) + len(self.im_files)
 
 
 def _run_locked(settings: Settings, features_dir: Path, full: bool, rlock: Any, progress: bool) -> FeatureRunResult:
@@ -188,7 +196,7 @@ def _run_locked(settings: Settings, features_dir: Path, full: bool, rlock: Any, 
     tombstones = read_durable(log)
     unhonoured = tombstones.ids - set((current or {}).get("forgotten", []))
     if unhonoured:
-        purge_log(log, settings.events_topic, tombstones)
+        purge_user_logs(log, settings, tombstones)  # events and impressions
         if base is not None:
             logger.info("%d new forget tombstones: rebuilding every table from the log", len(unhonoured))
             base = None
@@ -196,8 +204,11 @@ def _run_locked(settings: Settings, features_dir: Path, full: bool, rlock: Any, 
     ev_wm = _wm_from_json(base_wm.get(settings.events_topic))
     it_wm = _wm_from_json(base_wm.get(settings.items_topic))
     ev_files, it_files = _new_files(log, settings.events_topic, ev_wm), _new_files(log, settings.items_topic, it_wm)
+    im_wm = _wm_from_json(base_wm.get(settings.impressions_topic))
+    im_files = _new_files(log, settings.impressions_topic, im_wm)
 
-    if not ev_files and not it_files and (base is not None or current is None):
+    if (not ev_files and not it_files and not im_files and (base is not None or current is None)
+            and (current is None or not attribution_is_stale(base, settings))):
         version = int(current["version"]) if current else 0
         msg = (f"no new log files since {version_name(version)}: nothing to do" if current
                else "the offline log is empty and no features were published: nothing to do")
@@ -211,7 +222,7 @@ def _run_locked(settings: Settings, features_dir: Path, full: bool, rlock: Any, 
         ev_files=ev_files, it_files=it_files, ev_wm=ev_wm, it_wm=it_wm,
         tables={name: list(base_tables.get(name, [])) for name in TABLE_NAMES},
         ref_ts=(base or {}).get("ref_ts"), started=started, forgotten=sorted(tombstones.ids),
-        forget_rebuild=bool(unhonoured),
+        forget_rebuild=bool(unhonoured), im_files=im_files, im_wm=im_wm,
     )
     job = MergeJob(
         root=str(features_dir), vdir=run.vdir, user_buckets=settings.user_buckets,
@@ -223,7 +234,7 @@ def _run_locked(settings: Settings, features_dir: Path, full: bool, rlock: Any, 
     # A corrupt log file stops the run, named, before anything is built (never a silent wrong table;
     # README "Chaos suite"): the footers here, the pages when a read below fails.
     _check_files(log, ev_files, it_files, read_pages=False)
-    if run.new_files:
+    if ev_files or it_files:
         ensure_ray(settings.ray_address)
     # One line: files read (counted when their stage is done) and bucket files written.
     bar = tqdm(total=run.new_files, unit="file", desc=f"features {run.vdir}: events", disable=not progress,
@@ -242,6 +253,10 @@ def _run_locked(settings: Settings, features_dir: Path, full: bool, rlock: Any, 
             if it_files:
                 _update_items(run, job)
             bar.update(len(it_files))
+        bar.set_description_str(f"features {run.vdir}: attribution")
+        entries, run.attribution = publish_attribution(settings, features_dir, run.vdir)
+        run.tables.update(entries)
+        bar.update(len(im_files))
         bar.set_description_str(f"features {run.vdir}: publishing")
         path = _finish(run, rlock)
         bar.set_description_str(f"features {run.vdir}: published")
@@ -263,16 +278,19 @@ def _finish(run: _Run, rlock: Any) -> Path:
         return int(sum(e.get(key, 0) for e in run.tables[name]))
 
     s = run.settings
+    im_wm = _wm_to_json(_advance(run.im_wm, run.im_files))
     manifest = {
         "format": MANIFEST_FORMAT,
         "version": run.version,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
         "params": _params(s),
         "watermarks": {s.events_topic: _wm_to_json(_advance(run.ev_wm, run.ev_files)),
-                       s.items_topic: _wm_to_json(_advance(run.it_wm, run.it_files))},
+                       s.items_topic: _wm_to_json(_advance(run.it_wm, run.it_files)),
+                       **({s.impressions_topic: im_wm} if im_wm else {})},
         "ref_ts": run.ref_ts,
         "forgotten": run.forgotten,
         "tables": run.tables,
+        "attribution": run.attribution,
         "counts": {
             "users": total(SEQUENCES), "events": total(SEQUENCES, "events"), "items": total(ITEMS),
             "deleted_items": total(ITEMS, "deleted"), "popular_items": total(POPULARITY),
@@ -445,7 +463,8 @@ def _check_files(log: OfflineLog, ev_files: list[LogFile], it_files: list[LogFil
     """`CorruptLogFile` (logged as an ERROR naming the file) for the first unreadable new log file."""
     try:
         for f in ev_files:
-            check_log_file(log, f, EVENT_LOG_SCHEMA, read_pages=read_pages)
+            # (without request_id / position: log files written before they existed lack them)
+            check_log_file(log, f, EVENT_SCHEMA_WITHOUT_ATTRIBUTION, read_pages=read_pages)
         for f in it_files:
             check_log_file(log, f, ITEM_LOG_SCHEMA, read_pages=read_pages)
     except CorruptLogFile as exc:

@@ -4,8 +4,9 @@ continuous trainer (streaming/job_metrics.py writes and pushes them).
 
 A failed run is recorded too: last run time and `last_run_ok 0`, with the last success time and
 feature version carried over from the previous file, so the staleness alert keeps counting from
-the last success. A run that found the job busy (another run holds the lock) is not a run and is
-not recorded: the run holding the lock records its own end.
+the last success. Every run's end also writes the live feature version's click attribution counters
+(`streamrec_attribution_*`, streaming/features/attribution.py). A run that found the job busy (another
+run holds the lock) is not a run and is not recorded: the run holding the lock records its own end.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 
+from streaming.features.attribution import add_attribution_metrics
+from streaming.features.tables import read_manifest
 from streaming.job_metrics import FEATURES_JOB, metrics_file, read_previous, write_job_metrics
 
 logger = logging.getLogger(__name__)
@@ -65,6 +68,8 @@ def record_features_run(settings: Any, *, started: float, result: Any = None, li
             version = prev.value(VERSION) if prev else None
             reg = features_registry(last_success=last_success, last_run=ended, ok=False, duration_s=ended - started,
                                     rows=0, files=0, version=int(version if version is not None else live_version or 0))
+        # The live version's click attribution counters (streaming.features.attribution), whatever this run did.
+        add_attribution_metrics(reg, (read_manifest(settings) or {}).get("attribution"))
         write_job_metrics(settings, FEATURES_METRICS, reg, job=FEATURES_JOB)
     except Exception as exc:  # a full disk, an unwritable metrics dir: the run itself is what matters
         logger.warning("could not write the feature job's metrics (%s: %s)", type(exc).__name__, exc)

@@ -40,6 +40,8 @@ CONTRACT_ALERTS = {
     "StreamrecFeaturesStale", "StreamrecTrainerStale", "StreamrecGateRefusing", "StreamrecAdapterReloadFailures",
     "StreamrecFallbackShareHigh", "StreamrecAPILatencyHigh", "StreamrecAPI5xxHigh", "StreamrecRedisMemoryHigh",
     "StreamrecReplicaNotReady",
+    # issue 17: impressions and canaries
+    "StreamrecImpressionsDropped", "StreamrecCanaryRolledBack",
 }
 SEVERITIES = {"warning", "critical"}
 
@@ -121,17 +123,19 @@ def registry_names(registry) -> set[str]:
 
 def code_metrics() -> set[str]:
     """The metric names the code exports: each exporter's registry, built as it is in the processes
-    (the API's replicas, `streamrec ingest`, the feature job), and the trainer's named constants."""
+    (the API's replicas, `streamrec ingest`, the feature job), and the trainer's and the canary
+    reviewer's named constants (their registries are built per run from its outcome)."""
     from services.metrics import ServeMetrics
     from streaming.features import run_metrics
     from streaming.ingest_metrics import IngestMetrics
-    from training import train_metrics
+    from training import canary, train_metrics
 
     names = registry_names(ServeMetrics("test").registry)
     names |= registry_names(IngestMetrics(features_timer=True).registry)
     names |= registry_names(run_metrics.features_registry(last_success=0, last_run=0, ok=True, duration_s=0, rows=0,
                                                           files=0, version=0))
-    names |= {v for v in vars(train_metrics).values() if isinstance(v, str) and v.startswith("streamrec_")}
+    for module in (train_metrics, canary):
+        names |= {v for v in vars(module).values() if isinstance(v, str) and v.startswith("streamrec_")}
     return names
 
 
@@ -281,7 +285,10 @@ def test_the_code_metrics_include_the_contract():
     for name in ("streamrec_ingest_consumer_lag", "streamrec_ingest_seconds_since_last_commit",
                  "streamrec_ingest_dlq_records_total", "streamrec_features_last_success_timestamp_seconds",
                  "streamrec_train_last_success_timestamp_seconds", "streamrec_train_gate_refusals_in_a_row",
-                 "streamrec_recommendations_total", "streamrec_request_seconds_bucket", "streamrec_replica_ready"):
+                 "streamrec_recommendations_total", "streamrec_request_seconds_bucket", "streamrec_replica_ready",
+                 # issue 17
+                 "streamrec_impressions_dropped_total", "streamrec_impressions_written_total",
+                 "streamrec_canary_decisions_total"):
         assert name in names, name
 
 

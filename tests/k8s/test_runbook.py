@@ -29,6 +29,8 @@ TASKS = [
     "a-broker-or-topic-recreated", "a-stuck-trainer", "the-shared-volume-is-full",
     # issue 15, privacy
     "forget-a-user-right-to-be-forgotten", "rotate-the-pseudonym-key",
+    # issue 17, online experiments
+    "running-an-experiment",
 ]
 ALERT_PARTS = ("**Meaning.**", "**Confirm.**", "**Act.**")
 
@@ -84,7 +86,8 @@ def test_every_alert_has_a_section_saying_what_to_do(alert):
 def test_the_runbook_shows_the_commands_the_issue_asks_for():
     commands = {" ".join(args[:2]) for args in INVOCATIONS}
     for needed in ("status", "rebuild-online", "dlq", "registry rollback", "registry list", "ingest --fresh",
-                   "forget", "privacy rotate-key", "privacy pseudonym"):
+                   "forget", "privacy rotate-key", "privacy pseudonym",
+                   "experiment start", "experiment status", "experiment stop", "experiment promote"):
         assert any(c.startswith(needed) for c in commands), f"no `streamrec {needed}` in k8s/RUNBOOK.md"
     assert "--reset-offsets" in TEXT and "--to-datetime" in TEXT and "--to-offset" in TEXT, "replay by time/offset"
 

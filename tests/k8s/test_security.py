@@ -6,7 +6,8 @@
   over a universe of the pods the manifests make, the operators' pods and a few strangers.
 * Kafka: one TLS + SCRAM-SHA-512 listener, `authorization: simple`, a KafkaUser per client whose
   ACLs name only the topics and the group streamrec uses; each pod that uses Kafka logs in as one.
-  Only the privacy user writes the `forget` topic; ingest reads it.
+  Only the privacy user writes the `forget` topic; ingest reads it. Only the API (the serving
+  workers, user streamrec-serving) writes `impressions`, and nothing else; ingest reads it.
 * The pseudonym key (Secret streamrec-pseudonym) reaches exactly the pods that see raw user ids
   (ingest, serving, the privacy Jobs), never the feature job or training; the manifest has no data.
 * The one-off Jobs (k8s/oneoff/) are CronJobs that never run by themselves.
@@ -246,7 +247,7 @@ PRIVACY = ("forget", "rotate-key")  # the privacy Jobs (component privacy)
 ALL_PORTS = "*"  # every port the destination listens on
 # (sources, destinations, ports, why)
 FLOWS = [
-    (INGEST, ("kafka-broker",), (9093,), "consume events + items + forget, DLQ writes"),
+    (INGEST, ("kafka-broker",), (9093,), "consume events + items + impressions + forget, DLQ writes"),
     (INGEST, ("redis",), (6379,), "the online store"),
     (INGEST, SERVE, (8000,), "`streamrec status` in an ingest pod probes the API"),
     (INGEST, ("ingest",), (9310,), "`streamrec status` reads the other ingest pods' /metrics"),
@@ -258,6 +259,7 @@ FLOWS = [
     (SERVE, SERVE, ALL_PORTS, "Ray's own ports inside the serving cluster"),
     (SERVE, ("redis",), (6379,), "the API reads users' recent items, popularity"),
     (SERVE, ("gcs-redis",), (6379,), "GCS fault tolerance"),
+    (("serve-worker",), ("kafka-broker",), (9093,), "the Api replicas write impressions (not the head: no replica)"),
     (("serve-head",), ("api-server",), API_SERVER_PORTS, "the autoscaler sidecar"),
     (TRAIN, TRAIN, ALL_PORTS, "Ray's own ports inside a training cluster, the submitter's Jobs API call"),
     (TRAIN, ("pushgateway",), (9091,), "the trainer's outcome metrics"),
@@ -358,7 +360,9 @@ def test_a_blocked_flow_is_blocked(endpoints):
     vacuous)."""
     e = endpoints
     assert not allowed(e["stranger-in-ns"], e["serve-head"], 8265), "a pod of the namespace reaches the dashboard"
-    assert not allowed(e["serve-worker"], e["kafka-broker"], 9093), "serving has no business with Kafka"
+    assert not allowed(e["serve-head"], e["kafka-broker"], 9093), "the serving head runs no replica: no Kafka"
+    assert not allowed(e["serve-worker"], e["kafka-broker"], 9091), "replication port: Strimzi's own pods only"
+    assert not allowed(e["serve-worker"], e["ingest"], 9310), "the API reads no ingest metrics"
     assert not allowed(e["train-head"], e["redis"], 6379), "training reads the volume, not Redis"
     assert not allowed(e["stranger"], e["redis"], 6379)
     assert not allowed(e["ingress-controller"], e["serve-head"], 8265)
@@ -417,7 +421,7 @@ def test_kafka_acls_name_only_what_streamrec_uses():
     env = streamrec_env()
     topics = {t["spec"]["topicName"] for t in of_kind("KafkaTopic")}
     assert {env["STREAMREC_EVENTS_TOPIC"], env["STREAMREC_ITEMS_TOPIC"], env["STREAMREC_DLQ_TOPIC"],
-            env["STREAMREC_FORGET_TOPIC"]} <= topics
+            env["STREAMREC_FORGET_TOPIC"], env["STREAMREC_IMPRESSIONS_TOPIC"]} <= topics
     for u in of_kind("KafkaUser"):
         auth = u["spec"]["authorization"]
         assert auth["type"] == "simple" and u["spec"]["authentication"]["type"] == "scram-sha-512"
@@ -460,6 +464,23 @@ def test_each_user_can_do_its_job_and_no_more():
     privacy = acl_ops("streamrec-privacy")
     assert privacy == {("topic", env["STREAMREC_FORGET_TOPIC"]): {"Write", "Describe"},
                        ("cluster", ""): {"Describe", "IdempotentWrite"}}, "writes tombstones, nothing else"
+    assert "Read" in ingest[("topic", env["STREAMREC_IMPRESSIONS_TOPIC"])], "ingest logs the impressions"
+    serving = acl_ops("streamrec-serving")
+    assert serving == {("topic", env["STREAMREC_IMPRESSIONS_TOPIC"]): {"Write", "Describe"},
+                       ("cluster", ""): {"Describe"}}, "the API writes impressions, nothing else"
+
+
+def test_only_the_api_writes_impressions_and_ingest_reads_them():
+    """An impression says what a user was shown: only the API's replicas (user streamrec-serving) may
+    write one (a forged impression would skew attribution and experiments); only ingest reads them,
+    in its consumer group."""
+    impressions = streamrec_env()["STREAMREC_IMPRESSIONS_TOPIC"]
+    ops = {u["metadata"]["name"]: acl_ops(u["metadata"]["name"]).get(("topic", impressions), set())
+           for u in of_kind("KafkaUser")}
+    assert {u for u, o in ops.items() if "Write" in o} == {"streamrec-serving"}
+    assert {u for u, o in ops.items() if "Read" in o} == {"streamrec-ingest"}
+    assert ops["streamrec-ingest"] == {"Read", "Describe"}, "ingest never writes impressions"
+    assert not any("Delete" in o for o in ops.values()), "nobody deletes impressions: retention does"
 
 
 def test_only_the_privacy_user_writes_the_forget_topic_and_ingest_reads_it():
@@ -490,7 +511,7 @@ def test_kafka_clients_log_in_with_their_user(endpoints):
     from that user's Secret, the cluster CA from Strimzi's Secret, mounted where the setting says."""
     users = {u["metadata"]["name"] for u in of_kind("KafkaUser")}
     kafka_pods = {"ingest": "streamrec-ingest", "ingest-fresh": "streamrec-ingest", "features": "streamrec-ops",
-                  "forget": "streamrec-privacy", "rotate-key": "streamrec-ops"}
+                  "forget": "streamrec-privacy", "rotate-key": "streamrec-ops", "serve-worker": "streamrec-serving"}
     for ep, c in streamrec_containers(endpoints):
         env = env_of(c)
         if ep.name not in kafka_pods:

@@ -27,6 +27,7 @@ def test_quick_demo_tells_the_whole_story_and_stops_cleanly(tmp_path):
     for expected in ("first LoRA adapter", "published default/v000001", "answer changed",
                      "published default/v000002", "is served", "searchable", "nearest items to new",
                      "history + query", "| candidate |", "| itemknn |", "evaluation.png",
+                     "simulated answers", "$ streamrec experiment status default", "experiment stopped",
                      "stopped; nothing left running"):
         assert expected in out, f"{expected!r} missing from the demo's output:\n{out[-6000:]}"
     assert stack_status(tmp_path / "data" / "demo") is None

@@ -38,7 +38,7 @@ def publish_adapter(registry, tmp: Path, *, seed: int, corrupt: bool = False) ->
 
 
 @pytest.fixture(scope="module")
-def served(ray_local, tmp_path_factory):
+def served(ray_local, embedded_stack, tmp_path_factory):
     import redis
     from ray import serve
 
@@ -51,8 +51,14 @@ def served(ray_local, tmp_path_factory):
     redis_proc = RedisServer(tmp_path_factory.mktemp("redis"), appendfsync="always").start()
     prefix = f"t{uuid.uuid4().hex[:6]}:"
     port = free_port()
+    # the shared broker takes the impressions (a topic of this module's own)
     settings = load_settings(redis_url=redis_proc.url, redis_prefix=prefix, data_dir=tmp,
-                             registry_root=str(tmp / "registry"), api_keys=("k1",), serve_port=port)
+                             registry_root=str(tmp / "registry"), api_keys=("k1",), serve_port=port,
+                             kafka_bootstrap_servers=embedded_stack.kafka_bootstrap,
+                             impressions_topic=f"impressions-{prefix.rstrip(':')}")
+    from streaming.kafka_io import ensure_topics
+
+    ensure_topics(settings, [settings.impressions_topic])  # as `streamrec up` (or a KafkaTopic) creates it
     registry = Registry(settings.registry_uri)
     r = redis.Redis.from_url(redis_proc.url)
     from tests.fixtures.synthetic_adapter import synthetic_catalog
@@ -84,7 +90,7 @@ def served(ray_local, tmp_path_factory):
     else:
         pytest.fail("the API never became ready with the first adapter")
     yield {"base": base, "registry": registry, "tmp": tmp, "redis": r, "store": store, "prefix": prefix, "v1": v1,
-           "headers": {"X-API-Key": "k1"}, "redis_proc": redis_proc}
+           "headers": {"X-API-Key": "k1"}, "redis_proc": redis_proc, "settings": settings}
     serve.delete("streamrec-test")
     serve.shutdown()
     redis_proc.stop()
@@ -273,6 +279,96 @@ def _metric(served, name: str, **labels: str) -> float:
     samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
     assert samples and all("replica" in s.labels for s in samples)
     return sum(s.value for s in samples if s.name == name and labels.items() <= s.labels.items())
+
+
+def _impressions(served, request_ids: set[str], timeout_s: float = 60.0) -> dict[str, dict]:
+    """The impressions of `request_ids`, read from the start of the module's impressions topic."""
+    from streaming.kafka_io import make_consumer
+
+    settings = served["settings"]
+    from kafka import TopicPartition
+
+    consumer = make_consumer(settings, group_id=None)
+    consumer.assign([TopicPartition(settings.impressions_topic, p) for p in range(settings.topic_partitions)])
+    consumer.seek_to_beginning()
+    found: dict[str, dict] = {}
+    deadline = time.time() + timeout_s
+    try:
+        while not request_ids <= found.keys():
+            assert time.time() < deadline, (f"impressions missing for {sorted(request_ids - found.keys())[:3]}; dropped "
+                                            f"{_metric(served, 'streamrec_impressions_dropped_total')}, written "
+                                            f"{_metric(served, 'streamrec_impressions_written_total')}")
+            for msg in consumer.poll(timeout_ms=500).values():
+                for rec in msg:
+                    value = json.loads(rec.value)
+                    if value["request_id"] in request_ids:
+                        found[value["request_id"]] = {**value, "key": rec.key}
+    finally:
+        consumer.close()
+    return found
+
+
+def test_every_answer_is_an_impression_keyed_by_pseudonym(served):
+    from streaming.events import parse_impression
+    from tests.streaming.helpers import pseudonym
+
+    answers = [_get(served, "/v1/recommendations", user_id="u1", k=4).json(),
+               _get(served, "/v1/recommendations", user_id="nobody-knows-me", k=3).json(),  # trending fallback
+               requests.post(served["base"] + "/v1/recommendations", headers=served["headers"], timeout=10,
+                             json={"recent_items": ["m1"], "k": 2}).json()]
+    ids = [a["request_id"] for a in answers]
+    assert len(set(ids)) == 3 and all(len(i) == 24 for i in ids)
+    shown = _impressions(served, set(ids))
+    for answer in answers:
+        imp = shown[answer["request_id"]]
+        record = parse_impression(json.dumps({k: v for k, v in imp.items() if k != "key"}).encode(), 65536)
+        assert not hasattr(record, "reason"), record  # the contract's own decoder takes it
+        assert imp["item_ids"] == [i["item_id"] for i in answer["items"]]
+        assert imp["scores"] == pytest.approx([i["score"] for i in answer["items"]])
+        assert (imp["version"], imp["fallback"], imp["variant"]) == (answer["version"], answer["fallback"], "control")
+    known, unknown, anonymous = (shown[i] for i in ids)
+    assert known["user_id"] == pseudonym(served["settings"], "u1") and known["key"] == known["user_id"].encode()
+    assert unknown["fallback"] == "trending" and unknown["user_id"] == pseudonym(served["settings"], "nobody-knows-me")
+    assert anonymous["user_id"] is None and anonymous["key"] is None
+    assert _metric(served, "streamrec_impressions_written_total") >= 3
+
+
+def test_an_experiment_splits_users_sticky_and_stops(served):
+    """A candidate published not-live takes its share of the users within seconds of `start`, each user
+    always on the same variant, each answer and impression naming it; `stop` sends all back to control."""
+    from tests.fixtures.synthetic_adapter import publish_synthetic_adapter
+    from tests.streaming.helpers import pseudonym
+    from training import experiments
+
+    registry = served["registry"]
+    candidate = publish_synthetic_adapter(registry, served["tmp"], seed=11, n_items=N_ITEMS, ranker=True,
+                                          make_live=False)
+    live = registry.current("default").version
+    exp = experiments.start(registry, "default", {candidate: 50.0})
+    t0 = time.time()
+    while candidate not in _get(served, "/v1/models").json()["experiments"].get("default", {}).get("ready", []):
+        assert time.time() - t0 < 60, "the candidate never became ready on the replica"
+        time.sleep(0.2)
+    users = [f"exp-user-{i}" for i in range(40)]
+    for u in users:  # a history each, so the model answers
+        served["redis"].zadd(served["store"].recent_key(pseudonym(served["settings"], u)), {"m0": 1000, "m3": 2000})
+    expected = {u: exp.variant_of(pseudonym(served["settings"], u)) for u in users}
+    assert 5 < sum(v == candidate for v in expected.values()) < 35
+    answers = {u: [_get(served, "/v1/recommendations", user_id=u, k=3).json() for _ in range(2)] for u in users}
+    for u, (first, second) in answers.items():
+        want = expected[u]
+        assert first["variant"] == second["variant"] == want
+        assert first["version"] == (candidate if want == candidate else live)
+    shown = _impressions(served, {a["request_id"] for pair in answers.values() for a in pair})
+    assert {(i["variant"], i["experiment"]) for i in shown.values()} <= {(candidate, exp.id), ("control", exp.id)}
+    models = _get(served, "/v1/models").json()
+    assert all(r["experiments"]["default"]["id"] == exp.id for r in models["replicas"].values())
+    experiments.end(registry, "default", "stop", "test over")
+    t0 = time.time()
+    while _get(served, "/v1/models").json()["experiments"]:
+        assert time.time() - t0 < 30, "the replica kept the stopped experiment"
+        time.sleep(0.2)
+    assert {_get(served, "/v1/recommendations", user_id=u, k=3).json()["variant"] for u in users} == {"control"}
 
 
 def test_error_answers_are_counted_beside_successes(served):

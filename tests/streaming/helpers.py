@@ -37,6 +37,7 @@ def isolated_settings_at(kafka_bootstrap: str | None, redis_url: str | None, dat
         items_topic=f"items-{tag}",
         dlq_topic=f"events-{tag}.dlq",
         forget_topic=f"forget-{tag}",
+        impressions_topic=f"impressions-{tag}",
         consumer_group=f"ingest-{tag}",
         redis_prefix=f"t{tag}:",
         max_poll_interval_ms=3000,

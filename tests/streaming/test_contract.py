@@ -47,8 +47,13 @@ SCANNED = ("streaming", "training", "services")
 CONTRACT_HOME = "streaming/events.py"
 
 # What log files already on disk hold: a change here breaks reading existing data dirs.
-ON_DISK_EVENT_LOG = [("event_id", pa.string()), ("user_id", pa.string()), ("item_id", pa.string()),
-                     ("type", pa.string()), ("ts", pa.int64()), ("scene", pa.string()), ("context", pa.string()),
+# The attribution columns (request_id, position) came with issue 17. Files written before lack them; every
+# reader of them (streaming/features/attribution.py, training/hard_negatives.py) reads with a schema that
+# fills nulls, and the feature job checks event files without them (tests/streaming/test_attribution.py).
+ON_DISK_EVENT_LOG_BEFORE_ATTRIBUTION = [
+    ("event_id", pa.string()), ("user_id", pa.string()), ("item_id", pa.string()), ("type", pa.string()),
+    ("ts", pa.int64()), ("scene", pa.string()), ("context", pa.string())]
+ON_DISK_EVENT_LOG = [*ON_DISK_EVENT_LOG_BEFORE_ATTRIBUTION, ("request_id", pa.string()), ("position", pa.int64()),
                      ("partition", pa.int32()), ("offset", pa.int64()), ("ingest_ts", pa.int64())]
 ON_DISK_ITEM_LOG = [("item_id", pa.string()), ("title", pa.string()), ("text", pa.string()),
                     ("attributes", pa.string()), ("ts", pa.int64()), ("deleted", pa.bool_()),
@@ -66,7 +71,7 @@ BARE_ITEM = Item(item_id="i43", title="Heat", ts=0)
 
 
 def test_arrow_columns_are_the_model_fields_in_order():
-    assert EVENT_COLUMNS.names == list(Event.model_fields)
+    assert EVENT_COLUMNS.names == [f for f in Event.model_fields if f not in events.ATTRIBUTION_COLUMNS]
     assert ITEM_COLUMNS.names == [f for f in Item.model_fields if f not in ITEM_LOG_ONLY_FIELDS]
     kinds = {"ts": pa.int64(), "deleted": pa.bool_()}
     for schema in (EVENT_COLUMNS, ITEM_LOG_SCHEMA):
@@ -77,7 +82,8 @@ def test_arrow_columns_are_the_model_fields_in_order():
 
 
 def test_log_schema_is_the_contract_plus_provenance():
-    assert EVENT_LOG_SCHEMA.equals(pa.schema([*EVENT_COLUMNS, *PROVENANCE_COLUMNS]))
+    attribution = [EVENT_LOG_SCHEMA.field(n) for n in events.ATTRIBUTION_COLUMNS]
+    assert EVENT_LOG_SCHEMA.equals(pa.schema([*EVENT_COLUMNS, *attribution, *PROVENANCE_COLUMNS]))
     deleted = [pa.field(n, pa.bool_()) for n in ITEM_LOG_ONLY_FIELDS]
     assert ITEM_LOG_SCHEMA.equals(pa.schema([*ITEM_COLUMNS, *deleted, *PROVENANCE_COLUMNS]))
     assert PROVENANCE_COLUMNS.names == ["partition", "offset", "ingest_ts"]

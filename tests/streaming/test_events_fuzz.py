@@ -449,6 +449,7 @@ def test_a_wrong_type_in_any_event_field_is_refused(field):
     fine = {  # what the contract takes besides the good value
         "event_id": {b"0", b"1.5", b'"x"'}, "user_id": {b"0", b"1.5", b'"x"'}, "item_id": {b"0", b"1.5", b'"x"'},
         "type": set(), "ts": {b"0"}, "scene": {b"null", b'""', b'"x"'}, "context": {b"null", b"{}", b'{"a":1}'},
+        "request_id": {b"null", b"0", b"1.5", b'"x"'}, "position": {b"null", b"1"},  # positions are 1-based
     }[field]
     for wrong in WRONG_TYPES:
         out = check_event(obj([*pairs_of(GOOD_EVENT), (jstr(field), wrong)]))

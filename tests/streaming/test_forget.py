@@ -19,10 +19,10 @@ K1, K2 = bytes(range(32)), bytes(range(1, 33))
 
 def _rows(users: list[str], ts: list[int], start: int = 0) -> pa.Table:
     n = len(users)
-    return pa.table({"event_id": [f"e{start + i}" for i in range(n)], "user_id": users, "item_id": ["i1"] * n,
-                     "type": ["click"] * n, "ts": ts, "scene": [None] * n, "context": [None] * n,
-                     "partition": [0] * n, "offset": list(range(start, start + n)), "ingest_ts": [1] * n},
-                    schema=EVENT_LOG_SCHEMA)
+    given = {"event_id": [f"e{start + i}" for i in range(n)], "user_id": users, "item_id": ["i1"] * n,
+             "type": ["click"] * n, "ts": ts, "partition": [0] * n, "offset": list(range(start, start + n)),
+             "ingest_ts": [1] * n}
+    return pa.table({name: given.get(name, [None] * n) for name in EVENT_LOG_SCHEMA.names}, schema=EVENT_LOG_SCHEMA)
 
 
 def _tombstones(p: Pseudonymizer, *users_at: tuple[str, int]) -> TombstoneSet:

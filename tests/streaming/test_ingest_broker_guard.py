@@ -42,10 +42,12 @@ def test_ingest_refuses_a_new_broker_over_old_watermarks_and_fresh_starts_over(e
         _produce(settings_a, 40, "a")
         done = _ingest(settings_a)
         assert done.returncode == 0, done.stderr[-3000:]
-        id_a, _ = fetch_broker_identity(settings_a, [settings_a.events_topic, settings_a.items_topic])
+        id_a, _ = fetch_broker_identity(settings_a, [settings_a.events_topic, settings_a.items_topic,
+                                                     settings_a.impressions_topic])
     r = redis.Redis.from_url(settings_a.redis_url)
     assert read_recorded(r, settings_a.redis_prefix) == id_a  # recorded beside the watermarks
-    assert id_a.cluster_id and set(id_a.topic_ids) == {settings_a.events_topic, settings_a.items_topic}
+    assert id_a.cluster_id and set(id_a.topic_ids) == {settings_a.events_topic, settings_a.items_topic,
+                                                       settings_a.impressions_topic}
     assert popularity_total(settings_a) == 40
 
     # The embedded broker restarted: a fresh cluster whose offsets start at 0 again.

@@ -69,6 +69,43 @@ def test_sasl_settings_map_to_kafka_python_names(mechanism, pem):
         "sasl_plain_password": SECRET, "ssl_cafile": str(pem)}
 
 
+@pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])
+def test_sasl_settings_map_to_librdkafka_names(mechanism, pem):
+    s = load_settings(kafka_bootstrap_servers=BOOTSTRAP, kafka_security_protocol="SASL_SSL",
+                      kafka_sasl_mechanism=mechanism, kafka_sasl_username="ingest", kafka_sasl_password=SECRET,
+                      kafka_ssl_cafile=pem)
+    assert kafka_io.librdkafka_security_config(s) == {
+        "security.protocol": "SASL_SSL", "sasl.mechanisms": mechanism, "sasl.username": "ingest",
+        "sasl.password": SECRET, "ssl.ca.location": str(pem)}
+
+
+def test_librdkafka_mapping_of_mutual_tls_plaintext_and_the_system_cas(pem, tmp_path):
+    key = tmp_path / "user.key"
+    key.write_text("key")
+    mtls = load_settings(kafka_bootstrap_servers=BOOTSTRAP, kafka_security_protocol="SSL", kafka_ssl_cafile=pem,
+                         kafka_ssl_certfile=pem, kafka_ssl_keyfile=key)
+    assert kafka_io.librdkafka_security_config(mtls) == {
+        "security.protocol": "SSL", "ssl.ca.location": str(pem), "ssl.certificate.location": str(pem),
+        "ssl.key.location": str(key)}
+    assert kafka_io.librdkafka_security_config(load_settings()) == {"security.protocol": "PLAINTEXT"}
+    # no CA file: the system's CAs, as kafka-python does
+    system = load_settings(kafka_bootstrap_servers=BOOTSTRAP, kafka_security_protocol="SSL")
+    assert kafka_io.librdkafka_security_config(system) == {"security.protocol": "SSL", "ssl.ca.location": "probe"}
+
+
+def test_librdkafka_accepts_the_mapped_configuration(pem):
+    """The real confluent-kafka producer takes every mapped name (it connects only later, from its
+    threads); it reads the CA file at once, so a bad one is a clear error naming the transport."""
+    import certifi
+
+    kafka_io.make_confluent_producer(_sasl(kafka_ssl_cafile=certifi.where()), **{"linger.ms": 1})
+    kafka_io.make_confluent_producer(_sasl(), **{"linger.ms": 1})  # the system's CAs
+    for settings, config in ((_sasl(kafka_ssl_cafile=pem), {}), (_sasl(), {"no.such.property": 1})):
+        with pytest.raises(kafka_io.KafkaUnavailable, match="over SASL_SSL, SCRAM-SHA-512 as 'ingest'") as err:
+            kafka_io.make_confluent_producer(settings, **config)
+        assert SECRET not in str(err.value)
+
+
 def test_mutual_tls_maps_cert_and_key(pem, tmp_path):
     key = tmp_path / "user.key"
     key.write_text("key")
@@ -195,28 +232,46 @@ def recorded(monkeypatch):
     rec = _Recorder()
     for name in ("KafkaConsumer", "KafkaProducer", "KafkaAdminClient"):
         monkeypatch.setattr(kafka_io, name, rec.cls(name))
+
+    class ConfluentProducer:  # confluent-kafka's takes one dict of librdkafka names
+        def __init__(self, config):
+            rec.made.append(("ConfluentProducer", config))
+
+        def __getattr__(self, attr):
+            return lambda *a, **k: 0
+
+    monkeypatch.setattr(kafka_io, "ConfluentProducer", ConfluentProducer)
     return rec
 
 
 def _assert_secured(made: list[tuple[str, dict]], kinds: set[str]) -> None:
     assert {name for name, _ in made} == kinds, made
     for name, config in made:
+        if name == "ConfluentProducer":  # librdkafka's names
+            assert config["bootstrap.servers"] == BOOTSTRAP and config["security.protocol"] == "SASL_SSL"
+            assert config["sasl.mechanisms"] == "SCRAM-SHA-512" and config["sasl.username"] == "ingest"
+            assert config["sasl.password"] == SECRET
+            continue
         assert config["security_protocol"] == "SASL_SSL", name
         assert config["sasl_mechanism"] == "SCRAM-SHA-512" and config["sasl_plain_username"] == "ingest", name
         assert config["sasl_plain_password"] == SECRET, name
 
 
-def test_the_three_factories_pass_the_transport(recorded):
+def test_the_four_factories_pass_the_transport(recorded):
     s = _sasl()
     kafka_io.make_admin(s)
     kafka_io.make_producer(s, linger_ms=1)
     kafka_io.make_consumer(s, group_id=None)
-    _assert_secured(recorded.made, {"KafkaAdminClient", "KafkaProducer", "KafkaConsumer"})
+    kafka_io.make_confluent_producer(s, **{"linger.ms": 1})
+    _assert_secured(recorded.made, {"KafkaAdminClient", "KafkaProducer", "KafkaConsumer", "ConfluentProducer"})
+    assert recorded.made[-1][1]["linger.ms"] == 1
 
 
 def test_every_command_reaches_kafka_through_the_factories(recorded, tmp_path):
     """ingest (consumer + DLQ producer), `produce`, `dlq`, topic creation, the broker identity guard,
-    `status` and `rebuild-online`'s committed offsets."""
+    `status`, `rebuild-online`'s committed offsets and the API replicas' impression writer."""
+    from services.impressions import ImpressionWriter
+    from services.metrics import ServeMetrics
     from services.status_sources import probe_kafka
     from streaming.broker_identity import fetch_broker_identity
     from streaming.dlq import read_dlq
@@ -233,7 +288,8 @@ def test_every_command_reaches_kafka_through_the_factories(recorded, tmp_path):
                        (lambda: read_dlq(s, limit=1), "KafkaConsumer"),
                        (lambda: fetch_broker_identity(s, [s.events_topic]), "KafkaAdminClient"),
                        (lambda: probe_kafka(s, 1.0), "KafkaAdminClient"),
-                       (lambda: committed_offsets(s), "KafkaConsumer")):
+                       (lambda: committed_offsets(s), "KafkaConsumer"),
+                       (lambda: ImpressionWriter(s, ServeMetrics("r1")).close(0.1), "ConfluentProducer")):
         recorded.made.clear()
         try:
             call()

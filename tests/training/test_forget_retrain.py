@@ -64,6 +64,9 @@ class Trainer:
             def current(self, scene):
                 return live
 
+            def read_scene_file(self, scene, name):  # no experiment: no canary to review (training/canary.py)
+                return None
+
         monkeypatch.setattr(registry, "Registry", FakeRegistry)
         monkeypatch.setattr(ct, "retrain_due", lambda s, pending: (due, 7.0))
         self.loop = ContinuousTrainer(SimpleNamespace(registry_uri="unused", runs_dir=tmp_path / "runs"),

@@ -82,6 +82,9 @@ def live(monkeypatch):
             return SimpleNamespace(version="v000002", manifest={"metrics": {"val_ndcg10": state["ndcg"]},
                                                                 "data_window": {"events": 0}})
 
+        def read_scene_file(self, scene, name):  # no experiment: no canary to review (training/canary.py)
+            return None
+
     monkeypatch.setattr(registry, "Registry", FakeRegistry)
     return state
 
