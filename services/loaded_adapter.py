@@ -108,7 +108,7 @@ def rank_state(adapter: dict, model, index: ItemIndex, warm: np.ndarray) -> Rank
         counts = prior.knn.counts.astype(np.float64)
     second = adapter.get(RANKER_KEY)
     ranker = Ranker.from_dict(second) if second else None
-    if ranker is not None:
+    if ranker is not None and ranker.model_text:  # "" = no trees: the ranker scores as the first stage
         import lightgbm
 
         try:  # parsed now: the first request does not pay for it, and a malformed model refuses the version

@@ -56,7 +56,9 @@ from streaming.datasets.synthetic import SyntheticDataset, SyntheticTruth
 
 # --- the click model (named constants: the whole model is in the module docstring) ---------------
 RELEVANCE_MAX = 0.3  # click probability of the favourite topic's most popular item when seen at position 1
-POPULARITY_FLOOR = 0.5  # relevance share kept by the least popular item of a liked topic
+# relevance share kept by the least popular item of a liked topic; high, because exclude_seen removes the
+# items a user clicked: a steep popularity term would make every user's CTR sink as their top items run out
+POPULARITY_FLOOR = 0.8
 DEFAULT_K = 5  # items per answer: few enough that a good list does not saturate the session CTR
 ITEM_PREFIX = "i"  # synthetic item ids are i0..i{n-1}; anything else is unknown to the truth
 

@@ -243,8 +243,9 @@ class Settings(BaseSettings):
     )
     canary_margin: float = Field(
         default=0.05, ge=0, le=1,
-        description="The canary is promoted when its CTR is not worse than control by more than this share of "
-        "control's CTR (0.05: at least 95% of it), and the sequential test does not call it worse.",
+        description="The canary is rolled back when the sequential test shows its CTR worse than control's by more "
+        "than this share of control's CTR (0.05: 5% of it); otherwise it is promoted at "
+        "STREAMREC_CANARY_MIN_IMPRESSIONS.",
     )
     canary_alpha: float = Field(
         default=0.05, gt=0, lt=0.5,

@@ -17,9 +17,9 @@ Decisions (`review_canary`, called by the continuous trainer at every check). Th
 come from the click attribution (streaming/features/attribution.py), summed per variant
 (training/experiment_report.py); the rule is training/experiment_stats.py's `canary_decision` -- an
 always-valid confidence sequence (mSPRT), so looking every few seconds does not inflate the
-false-alarm rate: roll back as soon as the canary is significantly worse, at any look; once it has
-`STREAMREC_CANARY_MIN_IMPRESSIONS` impressions promote it if its CTR is at least (1 - margin) x
-control's, else roll it back. A promotion makes the candidate live (`experiments.promote`: the
+false-alarm rate: roll back as soon as the canary is significantly worse than control by more than
+the margin (`STREAMREC_CANARY_MARGIN`, a share of control's CTR), at any look; once it has
+`STREAMREC_CANARY_MIN_IMPRESSIONS` impressions, promote it. A promotion makes the candidate live (`experiments.promote`: the
 registry pointer's log has it); a rollback ends the experiment (the candidate stays published, not
 live). Both go into the experiment log with the decision's figures.
 

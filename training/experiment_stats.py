@@ -18,12 +18,17 @@ Two tests, for two uses:
   with mixing scale `MIXTURE_TAU`. The probability that it *ever* excludes the true difference,
   over every look, is at most alpha.
 
-The canary's rule (`canary_decision`), evaluated at every look:
-  1. rollback as soon as the whole confidence sequence is below 0 (significantly worse);
-  2. once the canary has `min_impressions` impressions: promote when its CTR is at least
-     (1 - margin) x control's (not worse by more than the margin), else roll back -- unless
-     neither arm has a single attributed click (clicks without `request_id`): then it waits;
+The canary's rule (`canary_decision`), evaluated at every look, with margin m (a share of control's CTR):
+  1. rollback as soon as the whole confidence sequence lies below -m x CTR(control): the canary is
+     significantly worse than control by more than the margin;
+  2. once the canary has `min_impressions` impressions (and some arm has an attributed click), promote
+     it: the test could not show it worse by more than the margin;
   3. otherwise wait.
+Why the margin sits in the rollback test and not in a point-estimate rule at M: with the point estimate
+(promote when CTR(canary) >= (1 - m) x CTR(control) at M) an identical copy was rolled back in 2 of 3
+quick A/A runs of bench/online.py (M = 300: the estimate's noise is larger than the margin); through the
+confidence sequence an identical copy is rolled back with probability below alpha, and a clearly worse
+one is still rolled back long before M.
 """
 
 from __future__ import annotations
@@ -128,24 +133,20 @@ class Decision:
 
 
 def canary_decision(control: Arm, candidate: Arm, *, min_impressions: int, margin: float, alpha: float) -> Decision:
-    """The canary's rule (module docstring): rollback when significantly worse at any look; at
-    `min_impressions`, promote when not worse than control by more than `margin` (a share of control's
-    CTR), else roll back; otherwise wait."""
+    """The canary's rule (module docstring): rollback when significantly worse than control by more than
+    `margin` (a share of control's CTR) at any look; at `min_impressions`, promote; otherwise wait."""
     diff, lo, hi = confidence_sequence(control, candidate, alpha)
+    tolerance = margin * control.ctr
     shown = (f"CTR {candidate.ctr:.4f} vs control {control.ctr:.4f} ({candidate.impressions} / "
              f"{control.impressions} impressions; always-valid {1 - alpha:.0%} interval of the difference "
-             f"[{lo:+.4f}, {hi:+.4f}])")
-    if hi < 0:
-        return Decision("rollback", f"worse than control: {shown}", diff, lo, hi)
+             f"[{lo:+.4f}, {hi:+.4f}], margin -{tolerance:.4f})")
+    if hi < -tolerance:
+        return Decision("rollback", f"worse than control by more than {margin:.0%}: {shown}", diff, lo, hi)
     if candidate.impressions >= min_impressions:
         if control.clicked + candidate.clicked == 0:  # nothing to compare: clients may not send request_id back
             return Decision("wait", f"no attributed click in either arm after {candidate.impressions} impressions "
                                     "(do clicks carry the answer's request_id?): " + shown, diff, lo, hi)
-        floor = (1 - margin) * control.ctr
-        if candidate.ctr >= floor:
-            return Decision("promote", f"not worse than control by more than {margin:.0%}: {shown}", diff, lo, hi)
-        return Decision("rollback", f"worse than control by more than {margin:.0%} after {min_impressions} "
-                                    f"impressions: {shown}", diff, lo, hi)
+        return Decision("promote", f"not shown worse than control by more than {margin:.0%}: {shown}", diff, lo, hi)
     return Decision("wait", f"{candidate.impressions} of {min_impressions} impressions: {shown}", diff, lo, hi)
 
 

@@ -197,3 +197,20 @@ def test_a_ranker_that_does_not_parse_refuses_the_version_at_load():
     index = ItemIndex(["a", "b"], np.eye(2, dtype=np.float32))
     with pytest.raises(ValueError, match="does not parse"):  # LoadedAdapter.load: an AdapterLoadError
         rank_state(adapter, None, index, np.ones(2, dtype=bool))
+
+
+def test_a_ranker_without_trees_loads_and_scores_as_the_first_stage():
+    """Cross-validation may find nothing to add to the first stage: the adapter then carries a ranker
+    with no trees (model ""), which must serve, not be refused as unparsable."""
+    from types import SimpleNamespace
+
+    from services.item_index import ItemIndex
+    from services.loaded_adapter import rank_state
+    from training.ranking_features import FEATURE_NAMES
+
+    adapter = {"item_ids": ["a", "b"], "ranker": {"model": "", "features": list(FEATURE_NAMES), "init_scale": 5.0}}
+    index = ItemIndex(["a", "b"], np.eye(2, dtype=np.float32))
+    state = rank_state(adapter, SimpleNamespace(text=None), index, np.ones(2, dtype=bool))
+    ranker = state.catalog.ranker
+    assert ranker.model_text == "" and ranker.init_scale == 5.0
+    assert list(ranker.predict(np.zeros((2, len(FEATURE_NAMES))), np.array([1.0, 2.0]))) == [5.0, 10.0]
