@@ -343,7 +343,8 @@ def test_an_experiment_splits_users_sticky_and_stops(served):
     registry = served["registry"]
     candidate = publish_synthetic_adapter(registry, served["tmp"], seed=11, n_items=N_ITEMS, ranker=True,
                                           make_live=False)
-    live = registry.current("default").version
+    # what control serves here: the replica's active version (an earlier test left a refused, corrupt CURRENT)
+    live = _get(served, "/v1/models").json()["scenes"]["default"]["version"]
     exp = experiments.start(registry, "default", {candidate: 50.0})
     t0 = time.time()
     while candidate not in _get(served, "/v1/models").json()["experiments"].get("default", {}).get("ready", []):
