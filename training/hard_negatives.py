@@ -37,7 +37,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from streaming.events import EVENT_LOG_SCHEMA, IMPRESSION_LOG_SCHEMA
+from streaming.events import EVENT_LOG_SCHEMA
+from streaming.features.attribution import read_impressions, window_ms_of
 from streaming.offline_log import OfflineLog, read_table
 from training.corpus import Corpus
 
@@ -108,15 +109,15 @@ def read_shown_not_clicked(settings: Any, *, now_ms: int | None = None, top_posi
                            scene: str | None = None) -> dict[str, list[str]]:
     """`shown_not_clicked` over the offline log: `log/<impressions_topic>/` and `log/<events_topic>/`, the
     window `settings.attribution_window_s`. A corrupt file raises `streaming.offline_log.CorruptLogFile`."""
-    log = OfflineLog(settings.log_dir)
-    impressions = read_table(log, log.list_files(settings.impressions_topic),
-                             _subschema(IMPRESSION_LOG_SCHEMA, IMPRESSION_COLUMNS))
+    impressions = read_impressions(settings, IMPRESSION_COLUMNS)  # the attribution job's reader
     if impressions.num_rows == 0:
         return {}
-    # The contract's schema fills a null `request_id` into files written before the field existed.
+    # Every event type, not only clicks: an item the user ever interacted with is no hard negative. The
+    # contract's schema fills a null `request_id` into files written before the field existed.
+    log = OfflineLog(settings.log_dir)
     events = read_table(log, log.list_files(settings.events_topic), _subschema(EVENT_LOG_SCHEMA, EVENT_COLUMNS))
-    return shown_not_clicked(impressions, events, window_ms=round(settings.attribution_window_s * 1000),
-                             now_ms=now_ms, top_positions=top_positions, scene=scene)
+    return shown_not_clicked(impressions, events, window_ms=window_ms_of(settings), now_ms=now_ms,
+                             top_positions=top_positions, scene=scene)
 
 
 def per_user_indices(corpus: Corpus, shown: dict[str, list[str]], max_per_user: int) -> list[np.ndarray]:

@@ -398,43 +398,6 @@ def read_attribution(settings: Settings, *, scene: str | None = None, experiment
     return attribute(imps, clicks, window_ms_of(settings))
 
 
-def shown_not_clicked(settings: Settings, *, scene: str | None = None, max_position: int | None = None,
-                      as_of_ms: int | None = None) -> dict[str, set[str]]:
-    """User pseudonym -> items shown to them (within the top `max_position`, if given) that they never
-    clicked (no attributed click on that item from any of their impressions): hard negatives. Only
-    impressions whose window has closed by `as_of_ms` (default: the newest ts in the log) count -- a
-    younger one may still be clicked. Impressions without a user (requests by recent items) are skipped."""
-    imps, clicks = read_impressions(settings), read_clicks(settings)
-    if scene is not None:
-        imps = imps.filter(pc.fill_null(pc.equal(imps["scene"], scene), False))
-    return shown_not_clicked_in(imps, clicks, window_ms_of(settings), max_position=max_position, as_of_ms=as_of_ms)
-
-
-def shown_not_clicked_in(impressions: pa.Table, clicks: pa.Table, window_ms: int, *, max_position: int | None = None,
-                         as_of_ms: int | None = None) -> dict[str, set[str]]:
-    """`shown_not_clicked` over given tables (pure)."""
-    j = join(impressions, clicks, window_ms)
-    imps = j.impressions
-    if not imps.num_rows:
-        return {}
-    ts = _column(imps, "ts", pa.int64()).to_numpy(zero_copy_only=False)
-    if as_of_ms is None:
-        newest = [int(ts.max())] + ([int(pc.max(clicks["ts"]).as_py())] if clicks.num_rows else [])
-        as_of_ms = max(newest)
-    users = _column(imps, "user_id", pa.string()).to_pandas()
-    parents = np.repeat(np.arange(imps.num_rows), j.lengths)
-    at = np.arange(len(parents)) - np.repeat(np.concatenate([[0], np.cumsum(j.lengths)[:-1]]), j.lengths) + 1
-    shown = pd.DataFrame({"user": users.to_numpy()[parents], "item": j.flat_items.to_pandas().to_numpy(),
-                          "ok": (ts[parents] + window_ms <= as_of_ms) & (at <= (max_position or at.max(initial=0)))})
-    shown = shown[shown["ok"] & shown["user"].notna()]
-    clicked = pd.DataFrame({"user": users.to_numpy()[j.click_rows], "item": j.click_items.to_pandas().to_numpy()})
-    merged = shown.merge(clicked.drop_duplicates(), on=["user", "item"], how="left", indicator=True)
-    out: dict[str, set[str]] = {}
-    for user, item in merged.loc[merged["_merge"] == "left_only", ["user", "item"]].itertuples(index=False):
-        out.setdefault(user, set()).add(item)
-    return out
-
-
 # --- publishing with the feature version -------------------------------------------------------
 
 

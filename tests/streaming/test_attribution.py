@@ -33,8 +33,6 @@ from streaming.features.attribution import (
     attribute,
     load_attribution,
     read_attribution,
-    shown_not_clicked,
-    shown_not_clicked_in,
 )
 from streaming.features.tables import read_manifest
 from streaming.job_metrics import metrics_file, read_job_metrics
@@ -245,18 +243,6 @@ def test_empty_inputs():
     assert a.orphan_clicks == 1 and a.clicks == 1
 
 
-def test_shown_not_clicked_in():
-    imps, clicks = tables(
-        [imp("r1", ["a", "b", "c"], TS0, user="u1"), imp("r2", ["b", "d"], TS0, user="u2"),
-         imp("r3", ["e"], TS0 + 10 * WINDOW_MS, user="u1"),  # its window is still open at as_of
-         imp("r4", ["f"], TS0, user=None)],  # no user: skipped
-        [clk("e1", "r1", "b", TS0 + 1, 2, user="u1"), clk("e2", "r2", "d", TS0 + 2 * WINDOW_MS, 2, user="u2")],
-    )
-    as_of = TS0 + 10 * WINDOW_MS
-    assert shown_not_clicked_in(imps, clicks, WINDOW_MS, as_of_ms=as_of) == {"u1": {"a", "c"}, "u2": {"b", "d"}}
-    assert shown_not_clicked_in(imps, clicks, WINDOW_MS, as_of_ms=as_of, max_position=1) == {"u1": {"a"}, "u2": {"b"}}
-
-
 # --- reading the offline log -----------------------------------------------------------------------
 
 
@@ -331,8 +317,6 @@ def test_read_attribution_over_log_files(tmp_path):
     exp = read_attribution(s, experiment="x1", since_ms=TS0 + 500)
     assert set(exp.arms) == {("home", "v2", "v2", "x1")} and exp.attributed_clicks == 1
     assert exp.orphan_clicks == 0  # the orphan click came before since_ms
-
-    assert shown_not_clicked(s) == {"p1": {"c", "d"}}  # a and b were clicked; as_of = the newest ts
 
 
 def test_read_attribution_of_an_empty_log(tmp_path):
