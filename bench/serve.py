@@ -2,6 +2,7 @@
 
     python bench/serve.py --json bench/results/serve.json [--duration-s 10] [--swap-items 100000] [--no-ranker]
                           [--impressions-compare]
+    python bench/serve.py --items 1000000 --new-items 10000 --json bench/results/serve-1m.json
 
 On the embedded Redis and a local registry, with the real model (MiniLM + LoRA, untrained:
 serving cost does not depend on training) and, unless `--no-ranker`, the second stage every
@@ -21,9 +22,23 @@ tests/fixtures/synthetic_adapter.py's size, trending snapshot; `--no-ranker`: th
    half load (half the off run's max rate), side by side with their ratios, and the replica's
    written / dropped impression counts.
 
+5. with `--items N`: the served catalog is N synthetic items (unit vectors around topic centres,
+   64-d: `training.ann_index.synthetic_vectors`), published as `streamrec train` publishes (the
+   index built and stored at publish when N > EXACT_MAX_ITEMS); steps 1-3 run on it and the swap
+   is to another N-item version. Keys `items`, `index_type`, `index_build_s`, `index_nprobe`,
+   `index_recall100` (measured at publish on sampled queries), `bytes_per_item` (index + raw
+   vector), `publish_s`, `swap_s` (publish -> first answer from the new version) and
+   `swap_failed_requests`. Targets: recall >= 0.95, p99 at half load <= 50 ms, swap <= 30 s with
+   0 failed, bytes_per_item <= 1.5 x the raw vector. Every run also reports the replica's RSS
+   (`replica_rss_mb_serving`, `replica_rss_mb_after_swap`: its process_resident_memory_bytes).
+6. with `--new-items M`: M new catalog items written to the online store at once (as ingest
+   writes them) under load; `new_items_servable_s`: seconds until the replica's index holds all of
+   them (its `streamrec_index_items`). Target at M = 10,000: <= 5 s.
+
 Keys: noop_max_rps, rec_max_rps, rps_ratio, rec_p50_ms, rec_p99_ms_at_half_load, swap_s_100k,
 swap_failed_requests; for context noop_fastapi_max_rps and rps_ratio_vs_fastapi_noop (the same no-op
-as a FastAPI ingress: what the framework under the API costs by itself). Targets: rps_ratio >= 0.6, rec_p99_ms_at_half_load <= 50,
+as a FastAPI ingress: what the framework under the API costs by itself) and noop_asgi_max_rps /
+rps_ratio_vs_asgi_noop (the same FastAPI no-op run in a plain deployment's process, as the API runs). Targets: rps_ratio >= 0.6, rec_p99_ms_at_half_load <= 50,
 swap_s_100k <= 10, swap_failed_requests = 0. With `--impressions-compare`, `impressions`: {off, on (each
 max_rps, p50_ms, p99_ms_at_max, p99_ms_at_half_load), rps_ratio_on_off, p99_half_load_ratio_on_off,
 written, dropped}; target rps_ratio_on_off >= 0.9.
@@ -54,6 +69,8 @@ USERS = 1_000
 HISTORY = 20
 CONCURRENCY = (1, 2, 4, 8, 16, 32)
 READY_TIMEOUT_S = 180.0
+SCALE_DIM = 64  # vector size of --items catalogs: ModelConfig.dim's default
+NEW_ITEMS_TIMEOUT_S = 120.0
 IMPRESSIONS_PREFIX = "/imp"  # route prefix of the API with impressions on (--impressions-compare)
 
 
@@ -175,17 +192,93 @@ def compare_impressions(api: str, duration_s: float, params_of, off: dict, half:
     return side
 
 
+def scale_figures(registry, version: str, items: int, publish_s: float) -> dict:
+    """The stored index's description (training/ann_index.py's sidecar) of a published version."""
+    from training.ann_index import INDEX_META_FILE, IndexMeta
+
+    meta_path = Path(registry.open("default", version, verify=False)) / INDEX_META_FILE
+    if meta_path.is_file():
+        meta = IndexMeta(**json.loads(meta_path.read_text()))
+    else:  # exact: nothing stored, the replica builds a flat index from the embeddings
+        meta = IndexMeta("flat", items, SCALE_DIM)
+    figures = {"items": items, "index_type": meta.index_type, "index_build_s": meta.build_s,
+               "index_nlist": meta.nlist, "index_nprobe": meta.nprobe, "index_recall100": meta.recall100,
+               "bytes_per_item": meta.bytes_per_item, "raw_bytes_per_item": 4 * meta.dim, "publish_s": publish_s}
+    print("  " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()),
+          flush=True)
+    return figures
+
+
+def replica_sample(api: str, name: str, **labels: str) -> float:
+    """One sample of a replica's GET /metrics (-1 when it has none yet)."""
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(requests.get(f"{api}/metrics", timeout=10).text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return -1.0
+
+
+def index_items(api: str) -> float:
+    """streamrec_index_items{scene="default"} of the replica that answers."""
+    return replica_sample(api, "streamrec_index_items", scene="default")
+
+
+def replica_rss_mb(api: str) -> float:
+    return replica_sample(api, "process_resident_memory_bytes") / 2 ** 20
+
+
+def add_new_items(settings, client, api: str, catalog: int, m: int) -> dict:
+    """Write `m` new items to the online store at once, as ingest does (one partition's records,
+    the catalog change log included), and time until the replica's index holds all of them."""
+    from streaming.events import Item
+    from streaming.online_store import OnlineStore
+
+    store = OnlineStore(client, settings.redis_prefix)
+    before = index_items(api)
+    ts = int(time.time() * 1000)
+    records = [(k, Item(item_id=f"new{k}", title=f"New film {k}", text=f"New film {k}. Genres: Drama.", ts=ts))
+               for k in range(m)]
+    print(f"adding {m:,} new catalog items at once (index holds {before:.0f})", flush=True)
+    t0 = time.perf_counter()
+    store.apply_items(settings.items_topic, 0, records)
+    written_s = time.perf_counter() - t0
+    servable_s = None
+    while time.perf_counter() - t0 < NEW_ITEMS_TIMEOUT_S:
+        if index_items(api) >= before + m:
+            servable_s = time.perf_counter() - t0
+            break
+        time.sleep(0.05)
+    embed_s = replica_sample(api, "streamrec_catalog_upsert_seconds_total", stage="embed")
+    index_s = replica_sample(api, "streamrec_catalog_upsert_seconds_total", stage="index")
+    print(f"  written in {written_s:.2f} s; all {m:,} servable after {servable_s} s (the replica spent {embed_s:.2f} s "
+          f"embedding their text, {index_s:.3f} s indexing them)", flush=True)
+    return {"new_items": m, "new_items_written_s": written_s, "new_items_servable_s": servable_s,
+            "new_items_embed_s": embed_s, "new_items_index_s": index_s}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--duration-s", type=float, default=8.0, help="seconds per load step")
-    ap.add_argument("--swap-items", type=int, default=100_000, help="catalog size of the swapped-in version")
+    ap.add_argument("--swap-items", type=int, default=100_000, help="catalog size of the swapped-in version "
+                    "(with --items: ignored, the swap is to another --items version)")
+    ap.add_argument("--items", type=int, default=None, help="serve a synthetic catalog of this many items (64-d) "
+                    "and swap to another of the same size (default: 2,000 real-text items, swap to --swap-items)")
+    ap.add_argument("--new-items", type=int, default=0, help="after the swap, add this many new catalog items at "
+                    "once and time until the replica serves them all")
     ap.add_argument("--replicas", type=int, default=1, help="replicas of the API deployment")
     ap.add_argument("--no-ranker", action="store_true", help="adapters without the second stage (first stage only)")
     ap.add_argument("--impressions-compare", action="store_true",
                     help="also serve with impressions on (to the embedded broker) and print both side by side "
                          "(the default run serves with impressions off, no broker)")
     args = ap.parse_args()
+    if args.items is not None and args.items < CATALOG_ITEMS:
+        ap.error(f"--items must be at least {CATALOG_ITEMS} (the users' histories use those items), got {args.items}")
+    if args.new_items < 0:
+        ap.error(f"--new-items must be >= 0, got {args.new_items}")
 
     import ray
     import redis
@@ -223,8 +316,15 @@ def main() -> int:
             items = rng.choice(CATALOG_ITEMS, size=HISTORY, replace=False)
             pipe.zadd(f"{settings.redis_prefix}u:{pseudonymize(f'u{u}')}:recent", {ids[i]: 1_000 * (k + 1) for k, i in enumerate(items)})
         pipe.execute()
-        v1 = publish_synthetic_adapter(registry, tmp / "staging", n_items=CATALOG_ITEMS, seed=1,
-                                       ranker=not args.no_ranker)
+        if args.items is None:
+            v1 = publish_synthetic_adapter(registry, tmp / "staging", n_items=CATALOG_ITEMS, seed=1,
+                                           ranker=not args.no_ranker)
+        else:
+            print(f"publishing a {args.items:,}-item version", flush=True)
+            t0 = time.perf_counter()
+            v1 = publish_synthetic_adapter(registry, tmp / "staging", n_items=args.items, seed=1, dim=SCALE_DIM,
+                                           random_embeddings=True, ranker=not args.no_ranker)
+            out.update(scale_figures(registry, v1, args.items, time.perf_counter() - t0))
 
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -250,9 +350,32 @@ def main() -> int:
                 return {"ok": True}
 
         serve.run(FastApiNoop.bind(), name="noop-fastapi", route_prefix="/noop-fastapi")
+
+        # The same FastAPI no-op run in a plain deployment's process, as the API now runs
+        # (services/asgi_call.py): what the transport choice is worth by itself.
+        from services.asgi_call import run_asgi
+
+        inner_api = FastAPI(telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False})
+
+        @inner_api.get("/")  # the app sees paths below the route prefix, as the API does
+        async def inner_root() -> dict:
+            return {"ok": True}
+
+        @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0.5})  # as the API replica
+        class AsgiNoop:
+            async def __call__(self, request):
+                return await run_asgi(inner_api, request)
+
+        serve.run(AsgiNoop.bind(), name="noop-asgi", route_prefix="/noop-asgi")
+        base = f"http://127.0.0.1:{port}"
+        print("max throughput", flush=True)
+        noop = max_rps(f"{base}/noop", args.duration_s, lambda i: None, "noop")
+        noop_fastapi = max_rps(f"{base}/noop-fastapi", args.duration_s, lambda i: None, "noop (FastAPI ingress)")
+        noop_asgi = max_rps(f"{base}/noop-asgi", args.duration_s, lambda i: None, "noop (FastAPI in process)")
+        for name in ("noop", "noop-fastapi", "noop-asgi"):  # their CPUs go to the API's replicas (--replicas 2)
+            serve.delete(name)
         serve.run(build_app(settings_env(settings), replicas=args.replicas), name="streamrec",
                   route_prefix="/")
-        base = f"http://127.0.0.1:{port}"
         apis = [base]
         if settings_imp is not None:
             serve.run(build_app(settings_env(settings_imp), replicas=args.replicas), name="streamrec-impressions",
@@ -268,9 +391,8 @@ def main() -> int:
         def rec_params(i: int) -> dict:
             return {"user_id": f"u{i % USERS}", "k": 10}
 
-        print("max throughput", flush=True)
-        noop = max_rps(f"{base}/noop", args.duration_s, lambda i: None, "noop")
-        noop_fastapi = max_rps(f"{base}/noop-fastapi", args.duration_s, lambda i: None, "noop (FastAPI)")
+        out["replica_rss_mb_serving"] = replica_rss_mb(base)  # one version loaded (one replica: --replicas 1)
+
         rec = max_rps(f"{base}/v1/recommendations", args.duration_s, rec_params, "recommendations")
         half = rec["rps"] / 2
         lat, errors = asyncio.run(open_loop(f"{base}/v1/recommendations", half, args.duration_s * 2, rec_params))
@@ -282,7 +404,8 @@ def main() -> int:
                                               p99_half)
             serve.delete("streamrec-impressions")  # it would load the swapped-in version too, beside the measure
 
-        print(f"hot swap to a {args.swap_items:,}-item version under load", flush=True)
+        swap_items = args.items if args.items is not None else args.swap_items
+        print(f"hot swap to a {swap_items:,}-item version under load", flush=True)
         stop = threading.Event()
         log: list[tuple[float, int, str | None]] = []
 
@@ -303,8 +426,9 @@ def main() -> int:
             t.start()
         time.sleep(1.0)
         staged_at = time.time()
-        v2 = publish_synthetic_adapter(registry, tmp / "staging", n_items=args.swap_items, seed=2,
-                                       random_embeddings=True, ranker=not args.no_ranker)
+        v2 = publish_synthetic_adapter(registry, tmp / "staging", n_items=swap_items, seed=2,
+                                       random_embeddings=True, ranker=not args.no_ranker,
+                                       dim=SCALE_DIM if args.items is not None else 32)
         published_at = time.time()
         swap_s = None
         while time.time() - published_at < 120:
@@ -314,9 +438,13 @@ def main() -> int:
                 break
             time.sleep(0.05)
         time.sleep(1.0)
+        new_items = None
+        if args.new_items:
+            new_items = add_new_items(settings, r, base, swap_items, args.new_items)
         stop.set()
         for t in threads:
             t.join()
+        out["replica_rss_mb_after_swap"] = replica_rss_mb(base)
         failed = sum(1 for ts, code, _ in log if code != 200 and ts >= staged_at)
         print(f"  publish -> first response from {v2}: {swap_s} s; failed requests meanwhile: {failed} "
               f"(of {sum(1 for ts, _, _ in log if ts >= staged_at)})", flush=True)
@@ -326,10 +454,16 @@ def main() -> int:
     out.update({
         "noop_max_rps": noop["rps"], "rec_max_rps": rec["rps"], "rps_ratio": rec["rps"] / noop["rps"],
         "noop_fastapi_max_rps": noop_fastapi["rps"], "rps_ratio_vs_fastapi_noop": rec["rps"] / noop_fastapi["rps"],
+        "noop_asgi_max_rps": noop_asgi["rps"], "rps_ratio_vs_asgi_noop": rec["rps"] / noop_asgi["rps"],
+        "replicas": args.replicas, "rec_p99_ms": rec["p99_ms"],
         "rec_p50_ms": rec["p50_ms"], "rec_p99_ms_at_max": rec["p99_ms"], "rec_p99_ms_at_half_load": p99_half,
-        "half_load_rps": half, "half_load_errors": errors, "swap_s_100k": swap_s, "swap_items": args.swap_items,
-        "swap_failed_requests": failed, "noop": noop, "noop_fastapi": noop_fastapi, "rec": rec,
+        "half_load_rps": half, "half_load_errors": errors, "swap_s": swap_s, "swap_items": swap_items,
+        "swap_failed_requests": failed, "noop": noop, "noop_fastapi": noop_fastapi, "noop_asgi": noop_asgi, "rec": rec,
     })
+    if args.items is None:
+        out["swap_s_100k"] = swap_s
+    if new_items is not None:
+        out.update(new_items)
     if args.impressions_compare:
         out["impressions"] = impressions
         out["targets"] = {"impressions_rps_ratio_on_off>=0.9": impressions["rps_ratio_on_off"] >= 0.9}
@@ -338,10 +472,20 @@ def main() -> int:
         **out.get("targets", {}),
         "rps_ratio>=0.6": out["rps_ratio"] >= 0.6,
         "rec_p99_ms_at_half_load<=50": p99_half <= 50,
-        "swap_s_100k<=10": swap_s is not None and swap_s <= 10,
         "swap_failed_requests==0": failed == 0,
     }
-    print(json.dumps({k: v for k, v in out.items() if k not in ("noop", "noop_fastapi", "rec")}, indent=1))
+    if args.items is None:
+        out["targets"]["swap_s_100k<=10"] = swap_s is not None and swap_s <= 10
+    else:
+        out["targets"].update({
+            "index_recall100>=0.95": out["index_recall100"] >= 0.95,
+            "swap_s<=30": swap_s is not None and swap_s <= 30,
+            "bytes_per_item<=1.5x_raw": out["bytes_per_item"] <= 1.5 * out["raw_bytes_per_item"],
+        })
+    if new_items is not None and args.new_items == 10_000:
+        out["targets"]["new_items_servable_s<=5"] = (new_items["new_items_servable_s"] is not None
+                                                     and new_items["new_items_servable_s"] <= 5)
+    print(json.dumps({k: v for k, v in out.items() if k not in ("noop", "noop_fastapi", "noop_asgi", "rec")}, indent=1))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=1))

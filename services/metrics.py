@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.metrics_core import Metric
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,9 @@ IMPRESSION_DROP_REASONS = ("buffer_full", "kafka_error", "serialize")
 class ServeMetrics:
     def __init__(self, replica: str, *, clock: Callable[[], float] = time.monotonic) -> None:
         r = self.registry = CollectorRegistry()
+        # process_resident_memory_bytes & co. of the replica: an index of 10^6 items is its largest
+        # allocation, and two versions are held during a swap
+        ProcessCollector(registry=r)
         self.latency = Histogram("streamrec_request_seconds", "request latency", ["route"], registry=r,
                                  buckets=LATENCY_BUCKETS_S)
         self.requests = Counter("streamrec_requests_total", "answers by route and status, errors included (route `unmatched`: a path no route has)", ["route", "status"],
@@ -59,7 +62,13 @@ class ServeMetrics:
                                        registry=r)
         self.fallbacks = Counter("streamrec_fallbacks_total", "answers not from the model", ["kind"], registry=r)
         self.index_size = Gauge("streamrec_index_items", "items in the active index", ["scene"], registry=r)
-        self.index_recall = Gauge("streamrec_index_recall", "measured recall@10 of the active index vs exact search",
+        self.catalog_items_added = Counter("streamrec_catalog_items_added_total",
+                                           "new catalog items added to the active indexes", registry=r)
+        self.catalog_upsert_seconds = Counter(
+            "streamrec_catalog_upsert_seconds_total",
+            "seconds spent adding new catalog items: `embed` (the item tower over their text), `index` (FAISS + rank state)",
+            ["stage"], registry=r)
+        self.index_recall = Gauge("streamrec_index_recall", "recall@100 of the active index vs exact search, measured when the version was published (1 = exact)",
                                   ["scene"], registry=r)
         self.background_errors = Counter(
             "streamrec_background_errors_total",

@@ -1,4 +1,9 @@
-"""The recommendation API: a Ray Serve application, one deployment with a FastAPI ingress.
+"""The recommendation API: a Ray Serve application, one deployment that runs a FastAPI app.
+
+`Api.__call__` runs the FastAPI app `api` in the replica's process (`services/asgi_call.py`), not
+behind `@serve.ingress` (~10% of the no-op ceiling, bench/serve.py `noop_fastapi` vs `noop_asgi`;
+what halves it is Starlette's handling inside a replica, see asgi_call.py); routes, validation,
+errors and `/docs` are the app's.
 
 `Api` is the whole request path in one replica: validate -> the user's recent items from Redis
 (async client) -> user embeddings (`@serve.batch` under load) -> the two stages, per request through
@@ -51,17 +56,20 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, ValidationError
+from fastapi.responses import PlainTextResponse, Response
+from pydantic import ValidationError
 from ray import serve
 from ray.serve.exceptions import RayServeException
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ray.serve._private.http_util import make_fastapi_class_based_view  # what @serve.ingress runs on the class
+
+from services.api_answers import count_refusal, error_answer, install_error_handlers, json_answer
+from services.asgi_call import run_asgi
 from services.api_guard import KEYED_ROUTE, ApiGuard, add_security_scheme
 from services.api_schema import (
     DEFAULT_K, EDGE_ERRORS, KEYED_ERRORS, MAX_ID_CHARS, MAX_K, SCENE_PATTERN, ErrorBody, HealthResponse,
     ModelsResponse, ReadinessResponse, RecommendRequest, RecommendResponse, ReplicaView, SceneVersion, ScoredItem,
-    SimilarResponse, error_responses, http_error, validation_error,
+    SimilarResponse, error_responses, http_error,
 )
 from services.metrics import SOURCE_FALLBACK, SOURCE_MODEL, ServeMetrics
 from services.impression_record import Shown
@@ -122,68 +130,13 @@ def _redis_kwargs(settings) -> dict:
     return {"socket_timeout": REDIS_TIMEOUT_S, "socket_connect_timeout": REDIS_TIMEOUT_S}
 
 
-def _json(answer: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    """A typed answer serialized once: returned as a Response, FastAPI does not validate it again
-    against the route's response_model (which documents it at /docs)."""
-    return Response(answer.model_dump_json(), status_code=status, media_type="application/json", headers=headers)
+# The size limits and CORS, in front of every route (settings read on the first request); the one
+# error body for every 4xx the app or its router answers (services/api_answers.py).
+api.add_middleware(ApiEdge, settings=_settings, refused=count_refusal)
+install_error_handlers(api)
 
 
-def _error(status: int, body: ErrorBody, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content=body.model_dump(mode="json"), headers=headers)
-
-
-def _replica_metrics() -> ServeMetrics | None:
-    """The metrics of the replica serving this request (None outside a replica: unit tests)."""
-    try:
-        replica = serve.get_replica_context().servable_object
-    except RayServeException:
-        return None
-    metrics = getattr(replica, "metrics", None)
-    return metrics if isinstance(metrics, ServeMetrics) else None
-
-
-def _count_refusal(reason: str) -> None:
-    """The edge refused a request (too large): counted on the replica that refused it."""
-    if (metrics := _replica_metrics()) is not None:
-        metrics.refused(reason)
-
-
-def _count_error(request: Request, status: int) -> None:
-    """An error answer counts in streamrec_requests_total beside the successes (same route label;
-    `unmatched` for a path no route has), so the 5xx and 4xx shares can be read from it."""
-    if (metrics := _replica_metrics()) is not None:
-        route = request.scope.get("route")
-        label = f"{request.method} {route.path}" if route is not None and hasattr(route, "path") else "unmatched"
-        metrics.requests.labels(label, str(status)).inc()
-
-
-# The size limits and CORS, in front of every route (settings read on the first request).
-api.add_middleware(ApiEdge, settings=_settings, refused=_count_refusal)
-
-
-# Registered before @serve.ingress(api): the ingress takes the app as it is at decoration time.
-# Starlette's HTTPException is FastAPI's base class: this handler also shapes the router's own
-# 404 (no such route) and 405 answers.
-@api.exception_handler(RequestValidationError)
-async def validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """Every 422: `{"error": "invalid request: <fields>", "detail": [{"field", "msg", "type"}]}`."""
-    _count_error(request, 422)
-    return _error(422, validation_error(exc.errors()))
-
-
-@api.exception_handler(StarletteHTTPException)
-async def http_error_handler(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    """Every other error (4xx, a 503): the message in `error` (and `detail`), the headers (Retry-After)."""
-    _count_error(request, exc.status_code)
-    return _error(exc.status_code, http_error(exc.detail), exc.headers)
-
-
-# health_check_period_s: Serve learns that a replica's process died only from its next health check, so
-# the period bounds how long a killed replica goes unreplaced (bench/chaos.py serve-replica-sigkill); a
-# check is one cheap actor call.
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256, health_check_period_s=1)
-@serve.ingress(api)
-class Api:
+class ApiReplica:
     def __init__(self) -> None:
         import faiss
         import torch
@@ -250,6 +203,10 @@ class Api:
             logger.warning("replica %s starts before its warm-up is done (%s); /readyz says 503 until it is",
                            self.replica, ", ".join(f"{s}={st.state}" for s, st in states.items())
                            or self.versions.read_error or "registry not read yet")
+
+    async def __call__(self, request: Request) -> Response:
+        """Every HTTP request: the FastAPI app `api`, run here (module docstring)."""
+        return await run_asgi(api, request)
 
     async def reconfigure(self, user_config: dict) -> None:
         """Serve calls it with the user_config after the constructor and whenever it changes. The
@@ -367,8 +324,8 @@ class Api:
     async def healthz(self) -> Response:
         """Liveness, always open: the replica's process answers and its follower loops run."""
         if stopped := self.stopped_followers():
-            return _error(503, http_error(f"replica {self.replica}: follower(s) stopped: {stopped}"))
-        return _json(HealthResponse(status="ok", scenes=dict(self.versions.active), replica=self.replica))
+            return error_answer(503, http_error(f"replica {self.replica}: follower(s) stopped: {stopped}"))
+        return json_answer(HealthResponse(status="ok", scenes=dict(self.versions.active), replica=self.replica))
 
     @api.get("/readyz", response_model=ReadinessResponse, responses={**error_responses(*EDGE_ERRORS), 503: {
         "model": ReadinessResponse, "description": "not ready: a scene of the registry's live set is still loading "
@@ -383,8 +340,8 @@ class Api:
         answer = ReadinessResponse(ready=versions.ready, scenes=versions.scene_states(), replica=self.replica,
                                    detail=detail)
         if answer.ready:
-            return _json(answer)
-        return _json(answer, 503, {"Retry-After": str(RETRY_AFTER_S)})
+            return json_answer(answer)
+        return json_answer(answer, 503, {"Retry-After": str(RETRY_AFTER_S)})
 
     @api.get("/metrics", response_class=PlainTextResponse, responses={
         200: {"description": "Prometheus text format"}, **error_responses(*EDGE_ERRORS, media_type="application/json")})
@@ -399,7 +356,7 @@ class Api:
         versions = self.versions
         mine = self._replica_view()
         replicas = {**await self.heartbeat.others(time.time()), self.replica: mine}
-        return _json(ModelsResponse(
+        return json_answer(ModelsResponse(
             scenes={s: SceneVersion(version=v, pinned=s in versions.pins) for s, v in versions.active.items()},
             refused={s: sorted(v) for s, v in versions.refused.items() if v},
             replica=self.replica, replicas=dict(sorted(replicas.items())), experiments=mine.experiments))
@@ -437,7 +394,7 @@ class Api:
         if found is None:
             raise HTTPException(404, detail=f"item_id {item_id!r} is not in the catalog of {adapter.model_id}")
         self._observe("GET /v1/items/{item_id}/similar", 200, t0)
-        return _json(SimilarResponse(item_id=item_id, items=self._scored(adapter, *found), scene=scene,
+        return json_answer(SimilarResponse(item_id=item_id, items=self._scored(adapter, *found), scene=scene,
                                      version=adapter.version))
 
     # internals ----------------------------------------------------------------------------------
@@ -506,7 +463,7 @@ class Api:
         """Write the answer's impression (asynchronously, services/impressions.py), then serialize it."""
         if self.impressions is not None:
             self.impressions.write(shown.user, shown.record(answer))
-        return _json(answer)
+        return json_answer(answer)
 
     @serve.batch(max_batch_size=BATCH_MAX, batch_wait_timeout_s=BATCH_WAIT_S)
     async def _score(self, requests: list[tuple]) -> list[tuple[list[str], list[float]]]:
@@ -570,16 +527,27 @@ class Api:
         return RecommendResponse(items=items, scene=body.scene, version=None, fallback="trending", request_id="")
 
 
-def build_app(env: dict[str, str] | None = None, pins: dict[str, str] | None = None, replicas: int = 1):
+# The routes take the replica (`self`) from Serve's replica context. health_check_period_s bounds how long
+# a killed replica goes unreplaced (bench/chaos.py serve-replica-sigkill); a check is one cheap actor call.
+# The class keeps its own module-level name: Ray pickles it by reference, not with `api` by value.
+make_fastapi_class_based_view(api, ApiReplica)
+Api = serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256,
+                       health_check_period_s=1, name="Api")(ApiReplica)
+
+
+def build_app(env: dict[str, str] | None = None, pins: dict[str, str] | None = None, replicas: int = 1,
+              max_replicas_per_node: int | None = None):
     """The application: `serve.run(build_app(settings_env(settings)))`.
 
     `env`: the STREAMREC_* variables the replicas load their settings from (Ray workers do not
-    see a variable set in the driver after `ray.init`); `pins`: scene -> version (user_config)."""
+    see a variable set in the driver after `ray.init`); `pins`: scene -> version (user_config);
+    `max_replicas_per_node`: spread the replicas over the nodes (None: Serve's placement)."""
     # OMP_NUM_THREADS: FAISS' OpenMP pool in the request threads would otherwise size itself to the
     # machine and spin between calls (omp_set_num_threads in __init__ covers only that thread)
     opts = {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(TORCH_THREADS), **REPLICA_ENV, **dict(env or {})}}}
+    placement = {"max_replicas_per_node": max_replicas_per_node} if max_replicas_per_node else {}
     return Api.options(num_replicas=replicas, user_config={"pins": dict(pins or {})},
-                       ray_actor_options={"num_cpus": 0.5, **opts}).bind()
+                       ray_actor_options={"num_cpus": 0.5, **opts}, **placement).bind()
 
 
 def app_builder(args: dict[str, str]):
@@ -591,4 +559,4 @@ def app_builder(args: dict[str, str]):
     return build_app(None)
 
 
-__all__ = ["Api", "api", "app_builder", "build_app"]
+__all__ = ["Api", "ApiReplica", "api", "app_builder", "build_app"]

@@ -1,18 +1,60 @@
-"""Reading the dead-letter topic (what `streaming.ingest.ErrorHandler` wrote)."""
+"""The dead-letter topic: writing it (`ErrorHandler`, ingest's one handler of bad records) and reading it.
+
+Every record ingest refuses goes to `STREAMREC_DLQ_TOPIC` with its bytes (except an oversize payload)
+and headers that say why and where it came from (`dlq.reason`, `dlq.detail`, `dlq.source.topic`,
+`dlq.source.partition`, `dlq.source.offset`, `dlq.consumer.group`); `read_dlq` reads them back.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kafka import TopicPartition
 
 from streaming import kafka_io
-from streaming.ingest import DLQ_HEADER_PREFIX
+from streaming.events import BadRecord
 from streaming.settings import Settings
+
+if TYPE_CHECKING:  # (ingest imports this module)
+    from streaming.ingest import IngestStats
+
+log = logging.getLogger(__name__)
 
 PREVIEW_CHARS = 80
 POLL_TIMEOUT_MS = 200
+DLQ_HEADER_PREFIX = "dlq."
+
+
+class ErrorHandler:
+    """The one typed handler for per-record stream errors: every bad record goes to the DLQ.
+
+    Headers carry `dlq.reason` (a stable code from `streaming.events`), `dlq.detail`,
+    `dlq.source.topic`, `dlq.source.partition`, `dlq.source.offset`, `dlq.consumer.group`.
+    """
+
+    def __init__(self, producer, settings: Settings, stats: IngestStats):
+        self.producer = producer
+        self.settings = settings
+        self.stats = stats
+
+    def __call__(self, record, bad: BadRecord) -> None:
+        headers = [
+            (DLQ_HEADER_PREFIX + "reason", bad.reason.encode()),
+            (DLQ_HEADER_PREFIX + "detail", bad.detail.encode("utf-8", "replace")),
+            (DLQ_HEADER_PREFIX + "source.topic", record.topic.encode()),
+            (DLQ_HEADER_PREFIX + "source.partition", str(record.partition).encode()),
+            (DLQ_HEADER_PREFIX + "source.offset", str(record.offset).encode()),
+            (DLQ_HEADER_PREFIX + "consumer.group", self.settings.consumer_group.encode()),
+        ]
+        # An oversize payload is kept out of the DLQ body too (it may exceed the topic's limit).
+        value = record.value if bad.reason != "payload_too_large" else None
+        self.producer.send(self.settings.dlq_topic, key=record.key, value=value, headers=headers)
+        self.stats.bad += 1
+        self.stats.bad_by_reason[bad.reason] += 1
+        log.debug("DLQ %s[%d]@%d: %s %s", record.topic, record.partition, record.offset, bad.reason, bad.detail)
 
 
 @dataclass(frozen=True)

@@ -338,14 +338,16 @@ EVENT_FEATURE_COLUMNS = tuple(n for n in EVENT_LOG_SCHEMA.names if n not in NON_
 ONLINE_EVENT_FIELDS = ("user_id", "item_id", "ts")
 
 
-def log_row_builder(model: type[BaseModel], schema: pa.Schema, name: str) -> Callable[..., tuple]:
+def log_row_builder(model: type[BaseModel], schema: pa.Schema, name: str, *, from_fields: bool = False) -> Callable[..., tuple]:
     """A function `name(record, <provenance...>)` returning one log row: a tuple in `schema`'s
     column order, dict fields as JSON text. The ingest hot loop builds hundreds of thousands of
     rows a second, so the function is generated as the plain tuple expression one would write
-    by hand (a loop over the columns per row cost twice as much)."""
+    by hand (a loop over the columns per row cost twice as much). `from_fields`: the record is
+    the plain dict of every field that `streaming.ingest_topics.parse_event_fields` returns."""
     fields, as_json = model.model_fields, set(json_columns(model))
     params = [n for n in schema.names if n not in fields]
-    values = [f"json_text(record.{n})" if n in as_json else f"record.{n}" if n in fields else n for n in schema.names]
+    get = "record[{!r}]".format if from_fields else "record.{}".format
+    values = [f"json_text({get(n)})" if n in as_json else get(n) if n in fields else n for n in schema.names]
     source = f"def {name}(record, {', '.join(params)}):\n    return ({', '.join(values)},)\n"
     namespace: dict[str, Any] = {"json_text": json_text}
     exec(compile(source, f"<streaming.events.{name}>", "exec"), namespace)  # noqa: S102 (our own source)

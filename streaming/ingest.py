@@ -28,9 +28,14 @@ only: it has no online state (`streaming.ingest_topics`: each topic's decoder, s
 `streamrec ingest` also serves its metrics and health (`streaming.ingest_metrics`) and refuses a
 broker other than the one its watermarks came from (`streaming.broker_identity`).
 
-Bad records go to the DLQ topic with the reason and source topic/partition/offset in headers;
-the DLQ is at-least-once (a replay after a crash may repeat an entry: deduplicate on the
-source headers).
+Bad records go to the DLQ topic with the reason and source topic/partition/offset in headers
+(`streaming.dlq.ErrorHandler`); the DLQ is at-least-once (a replay after a crash may repeat an
+entry: deduplicate on the source headers).
+
+Memory does not grow with the events read: log rows wait per partition for
+STREAMREC_LOG_FLUSH_RECORDS / _INTERVAL_S and in all for `MAX_BUFFERED_LOG_ROWS`, Redis batches in
+flight are `MAX_PENDING_REDIS_BATCHES`, the pseudonym memo is capped (`streaming.pseudonym`), and
+dedup is by offset watermarks (Redis) and file names (the log), never a set of seen ids.
 """
 
 from __future__ import annotations
@@ -52,10 +57,12 @@ from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from streaming import kafka_io
-from streaming.events import BadRecord, Event, Impression, Item, Tombstone, parse_event, parse_impression, parse_item
+from streaming.dlq import ErrorHandler
+from streaming.events import BadRecord, Impression, Item, Tombstone, parse_impression, parse_item
 from streaming.forget import ForgetFollower, purge_user_logs, record_durable
 from streaming.ingest_metrics import LAG_REFRESH_S, IngestMetrics
-from streaming.ingest_topics import EVENTS, IMPRESSIONS, ITEMS, rows_to_table, topic_routes, user_topics
+from streaming.ingest_topics import (EVENTS, IMPRESSIONS, ITEMS, parse_event_fields, rows_to_table, topic_routes,
+                                     user_topics)
 from streaming.offline_log import OfflineLog
 from streaming.online_store import OnlineStore
 from streaming.pseudonym import Pseudonymizer, forget_marker
@@ -68,6 +75,11 @@ log = logging.getLogger(__name__)
 STATUS_EVERY_S = 5.0
 # Redis batches handed to the writer thread and not yet acknowledged; past this, `process` waits.
 MAX_PENDING_REDIS_BATCHES = 8
+# Log rows buffered over all held partitions: past this, every partition holding rows is written out
+# and committed in the same round, whatever its own flush threshold. Each partition already flushes at
+# STREAMREC_LOG_FLUSH_RECORDS rows or STREAMREC_LOG_FLUSH_INTERVAL_S seconds; this bounds the total when
+# one process holds many partitions (~0.4 KB a row: ~80 MB; 4 partitions x the default 50,000 rows).
+MAX_BUFFERED_LOG_ROWS = 200_000
 # Cyclic-GC thresholds while ingesting. The log buffers hold hundreds of thousands of tuples
 # between flushes, and with CPython's defaults (700, 10, 10) the frequent collections keep
 # re-traversing them: measured here, that halved the ingest rate. Nothing the loop allocates
@@ -81,7 +93,6 @@ CLOSE_TIMEOUT_S = 10.0
 # Redis calls of ingest's own client give up after this long (a cut network must end in an error
 # that starts the outage wait, not a hang); a batch script takes milliseconds.
 REDIS_SOCKET_TIMEOUT_S = 30.0
-DLQ_HEADER_PREFIX = "dlq."
 
 
 @dataclass
@@ -122,35 +133,6 @@ class _RunClock:
     @classmethod
     def starting(cls, now: float) -> "_RunClock":
         return cls(now, now, now)
-
-
-class ErrorHandler:
-    """The one typed handler for per-record stream errors: every bad record goes to the DLQ.
-
-    Headers carry `dlq.reason` (a stable code from `streaming.events`), `dlq.detail`,
-    `dlq.source.topic`, `dlq.source.partition`, `dlq.source.offset`, `dlq.consumer.group`.
-    """
-
-    def __init__(self, producer, settings: Settings, stats: IngestStats):
-        self.producer = producer
-        self.settings = settings
-        self.stats = stats
-
-    def __call__(self, record, bad: BadRecord) -> None:
-        headers = [
-            (DLQ_HEADER_PREFIX + "reason", bad.reason.encode()),
-            (DLQ_HEADER_PREFIX + "detail", bad.detail.encode("utf-8", "replace")),
-            (DLQ_HEADER_PREFIX + "source.topic", record.topic.encode()),
-            (DLQ_HEADER_PREFIX + "source.partition", str(record.partition).encode()),
-            (DLQ_HEADER_PREFIX + "source.offset", str(record.offset).encode()),
-            (DLQ_HEADER_PREFIX + "consumer.group", self.settings.consumer_group.encode()),
-        ]
-        # An oversize payload is kept out of the DLQ body too (it may exceed the topic's limit).
-        value = record.value if bad.reason != "payload_too_large" else None
-        self.producer.send(self.settings.dlq_topic, key=record.key, value=value, headers=headers)
-        self.stats.bad += 1
-        self.stats.bad_by_reason[bad.reason] += 1
-        log.debug("DLQ %s[%d]@%d: %s %s", record.topic, record.partition, record.offset, bad.reason, bad.detail)
 
 
 class _Rebalance(AsyncConsumerRebalanceListener):
@@ -271,61 +253,86 @@ class Ingestor:
                 continue
             route = self.routes[tp.topic]
             kind = route.kind
-            max_bytes = self.settings.max_payload_bytes
-            good: list[tuple[int, Event | Item | Impression]] = []
             self.stats.consumed += len(records)
             self.metrics.consumed(tp, len(records))
-            pseudonymize, refuses, forgotten = self.pseudonymize, self.forget.refuses if self.forget.known else None, 0
-            for rec in records:
-                if kind is EVENTS:
-                    parsed = parse_event(rec.value, self._event_types, max_bytes)
-                elif kind is ITEMS:
-                    parsed = parse_item(rec.value, max_bytes)
-                else:
-                    parsed = parse_impression(rec.value, max_bytes)
-                if parsed.__class__ is BadRecord:
-                    self.handle_error(rec, parsed)
-                elif kind is ITEMS:
-                    good.append((rec.offset, parsed))
-                elif kind is IMPRESSIONS:  # the API wrote the pseudonym already
-                    if refuses is not None and self.forget.refuses_pseudonym(parsed.user_id, parsed.ts):
-                        forgotten += 1
-                    else:
-                        good.append((rec.offset, parsed))
-                elif refuses is not None and refuses(parsed.user_id, parsed.ts):
-                    forgotten += 1  # not applied, not logged; its offset still counts as done
-                else:
-                    # The raw id goes no further than this line. The event was built by this loop's
-                    # decoder and is owned by it: its field is replaced in place (a model_copy per
-                    # event cost ~3 us, a tenth of ingest's budget).
-                    parsed.__dict__["user_id"] = pseudonymize(parsed.user_id)
-                    good.append((rec.offset, parsed))
-            if forgotten:
-                self.stats.forgotten += forgotten
-                self.metrics.forgotten.inc(forgotten)
-            apply = self.store.apply_items if kind is ITEMS else self.store.apply_events
-            # upto: trailing bad records advance the watermark too (see streaming.online_store); impressions
-            # have no online state, only the watermark (streaming.ingest_topics says why)
-            self._submit_redis(apply, tp.topic, tp.partition, [] if kind is IMPRESSIONS else good,
-                               records[-1].offset if records else None)
-            if kind is ITEMS:
-                self.stats.items += len(good)
-            elif kind is EVENTS:
+            if not records:
+                continue
+            if kind is EVENTS:
+                good = self._events(tp, state, records, route.to_row, now_ms)
                 self.stats.events += len(good)
             else:
-                self.stats.impressions += len(good)
-            to_row = route.to_row
-            upto, partition, rows = state.logged_upto, tp.partition, state.rows
-            for offset, rec in good:
-                if offset > upto:
-                    rows.append(to_row(rec, partition, offset, now_ms))
+                good = self._catalog_or_impressions(tp, state, kind, records, now_ms)
+                if kind is ITEMS:
+                    self.stats.items += len(good)
                 else:
-                    self.stats.skipped_replays += 1
-            if records:
-                state.next_offset = records[-1].offset + 1
-                if state.pending_since is None:
-                    state.pending_since = now
+                    self.stats.impressions += len(good)
+            state.next_offset = records[-1].offset + 1
+            if state.pending_since is None:
+                state.pending_since = now
         self.metrics.sync_dlq(self.stats.bad, self.stats.bad_by_reason)
+
+    def _events(self, tp: TopicPartition, state: PartitionState, records: list, to_row: Callable, now_ms: int) -> list:
+        """`process` for one partition batch of the events topic: the hot loop, kept to what each
+        record needs. An event is decoded into a plain field dict (`parse_event_fields`: the same
+        decisions as `parse_event`, without building the model), its user id pseudonymized in place
+        (the raw id goes no further than this loop), applied to Redis (on the writer thread) and,
+        unless the log already holds its offset, buffered as a log row."""
+        parse, event_types, max_bytes = parse_event_fields, self._event_types, self.settings.max_payload_bytes
+        pseudonymize, handle_error = self.pseudonymize, self.handle_error
+        refuses = self.forget.refuses if self.forget.known else None
+        partition, upto, rows = tp.partition, state.logged_upto, state.rows
+        good: list[tuple[int, dict]] = []
+        forgotten = skipped = 0
+        for rec in records:
+            fields = parse(rec.value, event_types, max_bytes)
+            if fields.__class__ is BadRecord:
+                handle_error(rec, fields)
+                continue
+            if refuses is not None and refuses(fields["user_id"], fields["ts"]):
+                forgotten += 1  # not applied, not logged; its offset still counts as done
+                continue
+            fields["user_id"] = pseudonymize(fields["user_id"])
+            offset = rec.offset
+            good.append((offset, fields))
+            if offset > upto:
+                rows.append(to_row(fields, partition, offset, now_ms))
+            else:
+                skipped += 1
+        if forgotten:
+            self.stats.forgotten += forgotten
+            self.metrics.forgotten.inc(forgotten)
+        self.stats.skipped_replays += skipped
+        # upto: trailing bad records advance the watermark too (see streaming.online_store)
+        self._submit_redis(self.store.apply_events, tp.topic, partition, good, records[-1].offset)
+        return good
+
+    def _catalog_or_impressions(self, tp: TopicPartition, state: PartitionState, kind: str, records: list,
+                                now_ms: int) -> list:
+        """`process` for one partition batch of the items or impressions topic (pydantic models)."""
+        max_bytes = self.settings.max_payload_bytes
+        good: list[tuple[int, Item | Impression]] = []
+        forgotten = 0
+        for rec in records:
+            parsed = parse_item(rec.value, max_bytes) if kind is ITEMS else parse_impression(rec.value, max_bytes)
+            if parsed.__class__ is BadRecord:
+                self.handle_error(rec, parsed)
+            elif kind is IMPRESSIONS and self.forget.known and self.forget.refuses_pseudonym(parsed.user_id, parsed.ts):
+                forgotten += 1  # the API wrote the pseudonym already
+            else:
+                good.append((rec.offset, parsed))
+        if forgotten:
+            self.stats.forgotten += forgotten
+            self.metrics.forgotten.inc(forgotten)
+        # impressions have no online state, only the watermark (streaming.ingest_topics says why)
+        apply = self.store.apply_items if kind is ITEMS else self.store.apply_events
+        self._submit_redis(apply, tp.topic, tp.partition, good if kind is ITEMS else [], records[-1].offset)
+        to_row, upto, rows = self.routes[tp.topic].to_row, state.logged_upto, state.rows
+        for offset, rec in good:
+            if offset > upto:
+                rows.append(to_row(rec, tp.partition, offset, now_ms))
+            else:
+                self.stats.skipped_replays += 1
+        return good
 
     def apply_tombstones(self, new: list[Tombstone]) -> None:
         """Honour forget tombstones (streaming.forget has the whole story). The order:
@@ -381,21 +388,28 @@ class Ingestor:
 
     def commit_durable(self, partitions: list[TopicPartition] | None = None, *, force: bool = False) -> int:
         """Make the processed records durable, then commit their offsets. The order is the guarantee:
+        every output durable (1-3), then the commit (4).
 
-        1. Redis: wait until the writer thread has applied every batch `process` handed it (one
+        1. Offline log: each due partition's buffered rows become one Parquet file (fsync, then an
+           atomic rename), named by its offset range. Written first, while the writer thread is still
+           applying Redis batches: the two overlap instead of taking turns (Redis sat idle during
+           every log write before). A failure (`LogDiskFull`) raises here, before anything is committed.
+        2. Redis: wait until the writer thread has applied every batch `process` handed it (one
            watermark-guarded atomic script per partition batch: idempotent, so writing before the
            commit is safe). A Redis failure raises here, before anything is committed.
-        2. DLQ: `producer.flush()` -- every bad record's DLQ copy is acknowledged by the broker.
-        3. Offline log: each due partition's buffered rows become one Parquet file (fsync, then an
-           atomic rename), named by its offset range.
+        3. DLQ: `producer.flush()` -- every bad record's DLQ copy is acknowledged by the broker.
         4. Commit: only now the offset after the last processed record of those partitions.
 
-        A crash before step 4 replays from the last commit: Redis skips offsets at or below its
-        watermark, the log writer skips offsets at or below the log's last offset, the DLQ may
-        repeat an entry. Returns the number of partitions committed.
+        The outputs are independent of each other (each skips what it holds), so their order among
+        1-3 is free; only the commit must come last. A crash before step 4 replays from the last
+        commit: the log writer skips offsets at or below the log's last offset, Redis skips offsets
+        at or below its watermark, the DLQ may repeat an entry. Returns the number of partitions
+        committed.
         """
         now = time.monotonic()
         targets = partitions if partitions is not None else list(self.partitions)
+        # Too many rows buffered in all (MAX_BUFFERED_LOG_ROWS): everything pending goes now.
+        force = force or sum(len(st.rows) for st in self.partitions.values()) >= MAX_BUFFERED_LOG_ROWS
         due = [
             tp
             for tp in targets
@@ -422,9 +436,8 @@ class Ingestor:
         return len(due)
 
     def _persist(self, partitions: list[TopicPartition]) -> None:
-        """Steps 1-3 of `commit_durable`: Redis applied, DLQ acknowledged, buffered rows as log files."""
-        self._wait_redis()
-        self.producer.flush()
+        """Steps 1-3 of `commit_durable`: buffered rows as log files (while Redis batches are still being
+        applied), Redis applied, DLQ acknowledged."""
         for tp in partitions:
             state = self.partitions[tp]
             if state.rows:
@@ -435,6 +448,8 @@ class Ingestor:
                 state.logged_upto = written.end
                 state.rows = []
                 self.stats.log_files += 1
+        self._wait_redis()
+        self.producer.flush()
 
     # --- lifecycle --------------------------------------------------------------------------
     def stop(self, *_args) -> None:

@@ -208,6 +208,7 @@ class Settings(BaseSettings):
         description="`streamrec ingest` runs the incremental feature job this often; 0 turns that off.",
     )
     user_buckets: int = Field(default=16, ge=1, le=4096, description="Hash buckets of the per-user sequence table.")
+    covisit_buckets: int = Field(default=16, ge=1, le=4096, description="Item-hash files of each co-visitation table (covisit_counts, covisit_topk); a run rewrites the ones its new events touch. A change rebuilds every feature table from the whole log on the next run (logged).")
     trending_half_life_s: float = Field(default=6 * 3600, gt=0, description="Half-life of the decayed 'trending' popularity.")
     covisit_window: int = Field(default=5, ge=1, le=100, description="Two items co-visit when at most this many positions apart in a user's sequence.")
     covisit_topk: int = Field(default=50, ge=1, le=1000, description="Neighbours kept per item in the co-visitation table.")

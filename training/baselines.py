@@ -224,6 +224,25 @@ class ItemKNNScorer:
         return out.astype(np.float32)
 
 
+def neighbor_sums(knn: "ItemKNNScorer", histories: Sequence[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per user, the sparse part of `knn.score` (CSR storage): (rows ascending, float64 sums of the
+    decayed neighbour weights), summed in the order `score` sums them, so `sums + backoff[rows]` is
+    bit-identical to `score`'s value at those rows (everywhere else `score` is `backoff`)."""
+    rows, items, wts = _recent(histories, knn.last_n, knn.decay)
+    starts, ends = knn.indptr[items], knn.indptr[items + 1]
+    lens = ends - starts
+    tot = int(lens.sum())
+    rep = np.repeat(np.arange(len(items)), lens)
+    pos = np.arange(tot) - np.repeat(np.cumsum(lens) - lens, lens) + starts[rep]
+    owner, nb, w = rows[rep], knn.neighbors[pos].astype(np.int64), wts[rep] * knn.weights[pos]
+    out = []
+    for b in range(len(histories)):
+        mine = owner == b
+        u, inverse = np.unique(nb[mine], return_inverse=True)
+        out.append((u, np.bincount(inverse, weights=w[mine], minlength=len(u)).astype(np.float64)))
+    return out
+
+
 @dataclass(frozen=True)
 class ItemKNNGrid:
     """The values `tune_itemknn` tries; grid order = window, then decay, then last_n (ties -> first)."""
@@ -318,5 +337,5 @@ class ZeroShotScorer:
         return (self.user_vectors(histories) @ self.unit.T).astype(np.float32)
 
 
-__all__ = ["DENSE_MAX_ITEMS", "ITEMKNN_GRID", "ItemKNNGrid", "ItemKNNScorer", "PopularScorer", "ZeroShotScorer",
+__all__ = ["DENSE_MAX_ITEMS", "ITEMKNN_GRID", "ItemKNNGrid", "ItemKNNScorer", "neighbor_sums", "PopularScorer", "ZeroShotScorer",
            "co_visitation_pairs", "tune_itemknn"]

@@ -31,11 +31,58 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from training.baselines import ItemKNNScorer
+from training.baselines import ItemKNNScorer, neighbor_sums
 
 COVIS_SCALE = 10.0  # log1p(10 * w): co-visitation scores span ~0.01..2; the log keeps a few strong pairs from dominating
 BETA_GRID = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.2, 1.6)
 MAX_NEIGHBORS = 200  # strongest co-visited items kept per item: bounds the adapter at n_items * 200 pairs
+
+
+TOP_PREFIX_MIN = 256  # base rows tried before the whole base order in SparseCovis.top
+
+
+@dataclass(frozen=True)
+class SparseCovis:
+    """One request's `CovisPrior.feature` row without the dense (n_items,) vector: `base` (the
+    feature of a row no history item co-visits -- the prior's popularity backoff, the same for
+    every request) everywhere except at `rows` (the history's neighbours, ascending), where it is
+    `values`. Serving builds it for a catalog past `DENSE_MAX_ITEMS`: at 10^6 items the dense row
+    cost more per request than the rest of the ranking."""
+
+    base: np.ndarray  # (n,) float32, shared by every request of a catalog
+    base_order: np.ndarray  # rows with base > 0, base desc then row asc
+    rows: np.ndarray
+    values: np.ndarray  # float32
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, idx: np.ndarray) -> np.ndarray:
+        """The dense row's values at the rows `idx`."""
+        idx = np.asarray(idx, dtype=np.int64)
+        out = self.base[idx].copy()
+        if len(self.rows) and len(idx):
+            at = np.clip(np.searchsorted(self.rows, idx), 0, len(self.rows) - 1)
+            hit = self.rows[at] == idx
+            out[hit] = self.values[at[hit]]
+        return out
+
+    def top(self, n: int, allowed: np.ndarray) -> np.ndarray:
+        """`top_rows(dense, n, allowed & (dense > 0))` (score desc, then row asc)."""
+        ok = allowed[self.rows] & (self.values > 0)
+        cand_rows, cand_scores = [self.rows[ok]], [self.values[ok]]
+        order = self.base_order
+        head = order[:max(4 * n + len(self.rows), TOP_PREFIX_MIN)]
+        for part in (head, order) if len(head) < len(order) else (head,):
+            keep = part[allowed[part] & ~np.isin(part, self.rows)][:n]
+            if len(keep) == n or part is order:
+                break
+        cand_rows.append(keep)
+        cand_scores.append(self.base[keep])
+        rows = np.concatenate(cand_rows)
+        scores = np.concatenate(cand_scores).astype(np.float64)
+        picked = rows[np.lexsort((rows, -scores))][:n]
+        return picked
 
 
 @dataclass
@@ -53,6 +100,31 @@ class CovisPrior:
         """(B, n_items) log1p(COVIS_SCALE * covis): the prior before its weight."""
         k = self.knn.score(list(histories), list(history_ts), now_ts)
         return np.log1p(COVIS_SCALE * k).astype(np.float32)
+
+    def feature_sparse(self, histories: Sequence[np.ndarray], n: int | None = None) -> list[SparseCovis]:
+        """`feature` per user as a `SparseCovis` over the first `n` rows (default all), for a prior
+        in CSR storage (`knn.dense is None`). No time argument: the feature does not read it."""
+        if self.knn.dense is not None:
+            raise ValueError("feature_sparse needs the CSR storage (a catalog past DENSE_MAX_ITEMS); use feature")
+        n = self.knn.n_items if n is None else int(n)
+        base, order = self._base(n)
+        out = []
+        for rows, sums in neighbor_sums(self.knn, [np.asarray(h, dtype=np.int64) for h in histories]):
+            keep = rows < n
+            rows = rows[keep]
+            k32 = (sums[keep] + self.knn.backoff[rows]).astype(np.float32)  # as `score` casts its sum
+            out.append(SparseCovis(base, order, rows, np.log1p(COVIS_SCALE * k32).astype(np.float32)))
+        return out
+
+    def _base(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The feature of a row no history item co-visits, over `n` rows, and its order (cached)."""
+        cached = self.__dict__.get("_base_cache")
+        if cached is None or cached[0] != n:
+            base = np.log1p(COVIS_SCALE * self.knn.backoff[:n].astype(np.float32)).astype(np.float32)
+            rows = np.flatnonzero(base > 0)
+            cached = (n, base, rows[np.lexsort((rows, -base[rows].astype(np.float64)))])
+            self.__dict__["_base_cache"] = cached
+        return cached[1], cached[2]
 
     def boost(self, histories: Sequence[np.ndarray], history_ts: Sequence[np.ndarray], now_ts: np.ndarray) -> np.ndarray:
         """(B, n_items) beta * feature; zero when beta is 0."""
@@ -98,4 +170,4 @@ def tune_beta(evaluate_with: Callable[[float], float], grid: Sequence[float] = B
     return float(best), scores
 
 
-__all__ = ["BETA_GRID", "COVIS_SCALE", "CovisPrior", "MAX_NEIGHBORS", "tune_beta"]
+__all__ = ["BETA_GRID", "COVIS_SCALE", "CovisPrior", "MAX_NEIGHBORS", "SparseCovis", "tune_beta"]

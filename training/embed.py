@@ -56,8 +56,13 @@ def embed_catalog(adapter_path: Path, item_ids: list[str], texts: list[str], war
     import ray.data
 
     n = len(item_ids)
-    ds = ray.data.from_arrow(pa.table({"row": pa.array(np.arange(n, dtype=np.int64)), "text": pa.array(texts)}))
-    ds = ds.repartition(max(actors, 1) * 2)
+    table = pa.table({"row": pa.array(np.arange(n, dtype=np.int64)), "text": pa.array(texts)})
+    # The blocks are cut here, not by `ds.repartition`: a repartition task asks a whole CPU, which a
+    # node whose CPU the pool actors already hold never has (a deadlock on 1-CPU nodes, found by
+    # tests/multinode); slices of one table cost nothing.
+    blocks = max(actors, 1) * 2
+    step = -(-n // blocks) if n else 1
+    ds = ray.data.from_arrow([table.slice(lo, step) for lo in range(0, max(n, 1), step)])
     out = ds.map_batches(
         ItemEmbedder,
         fn_constructor_kwargs={"adapter_path": str(adapter_path)},

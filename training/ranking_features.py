@@ -76,13 +76,16 @@ class RetrievalSizes:
 def top_rows(scores: np.ndarray, n: int, allowed: np.ndarray | None = None) -> np.ndarray:
     """The `n` best rows of a 1-D score vector (score desc, then row asc), among `allowed`
     rows with a finite score."""
+    if n <= 0:
+        return np.zeros(0, dtype=np.int64)
     s = np.asarray(scores, dtype=np.float64)
     ok = np.isfinite(s) if allowed is None else (np.isfinite(s) & allowed)
     rows = np.flatnonzero(ok)
     if len(rows) > n:
-        part = np.argpartition(-s[rows], n - 1)[:n]
-        rows = rows[part]
-    return rows[np.lexsort((rows, -s[rows]))]
+        sv = s[rows]
+        kth = sv[np.argpartition(-sv, n - 1)[:n]].min()
+        rows = rows[sv >= kth]  # every row tied with the n-th too: ties go by row, not by argpartition's pick
+    return rows[np.lexsort((rows, -s[rows]))][:n]
 
 
 @dataclass

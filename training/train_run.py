@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from training.ann_index import write_index
 from training.adapter import (
     ADAPTER_FILE,
     EMBEDDINGS_FILE,
@@ -402,6 +403,8 @@ def run_training(settings: Any, req: TrainRequest, corpus: Corpus | None = None)
                                     adapter["warm"], actors=req.embed_actors, use_gpu=req.use_gpu)
                 write_embeddings(staged / EMBEDDINGS_FILE, corpus.catalog.item_ids, adapter["warm"], emb)
                 logger.info("embedded %d items in %.1f s (Ray Data)", len(emb), time.perf_counter() - t0)
+                # a large catalog's index is built here, once, not by every replica that loads it
+                write_index(staged, emb)
                 window = data_window(corpus)  # an incremental run remembers what its parent saw:
                 window["forgotten"] = honoured_by_run(window["forgotten"], current.manifest if parent else None)
                 manifest = manifest_payload(model_config=mcfg, train_config=req.train_config,

@@ -27,7 +27,7 @@ import numpy as np
 
 from training.calibration import HISTORY_ITEMS, TOP_K, new_item_lift, new_item_slots
 from training.corpus import EvalSet, Split
-from training.covis import CovisPrior
+from training.covis import CovisPrior, SparseCovis
 from training.inference import ModelScorer
 from training.ranker import DEFAULT_QUERY_WEIGHT, Ranker, RankingData, blend_query, choose_query_weight, fit_ranker
 from training.ranking_features import (
@@ -55,11 +55,12 @@ class RankInputs:
     history_ts: np.ndarray  # epoch ms (<= 0: unknown)
     now_ts: int
     excluded: np.ndarray  # bool per row: seen, filtered or not live
-    covis: np.ndarray | None  # CovisPrior.feature over the catalog, or None
+    covis: np.ndarray | SparseCovis | None  # CovisPrior.feature over the catalog (dense or sparse), or None
     trend: np.ndarray  # trend_feature over the catalog
     query: np.ndarray | None = None  # query vector
     query_weight: float | None = None  # None: the ranker's default
     tower_top: np.ndarray | None = None  # the towers' top-N rows when an index found them (else computed here)
+    trend_order: np.ndarray | None = None  # rows with trend > 0, trend desc then row asc, when the caller has it
 
 
 @dataclass
@@ -73,6 +74,11 @@ class RankCatalog:
     ranker: Ranker | None
     sizes: RetrievalSizes
     calibrate: bool = True
+    new_rows: np.ndarray | None = None  # flatnonzero(is_new), derived when not given
+
+    def __post_init__(self) -> None:
+        if self.new_rows is None:
+            self.new_rows = np.flatnonzero(self.is_new)
 
     @classmethod
     def build(cls, item_vectors: np.ndarray, counts: np.ndarray, is_new: np.ndarray, prior: CovisPrior | None,
@@ -82,20 +88,54 @@ class RankCatalog:
 
 
 def retrieve(cat: RankCatalog, r: RankInputs) -> tuple[Candidates, np.ndarray]:
-    """The candidate set of one request and the towers' score of every catalog row."""
-    tower_all = cat.item_vectors @ r.user
+    """The candidate set of one request and the towers' score of each candidate (candidate order).
+
+    With `r.tower_top` (an approximate index found the towers' top-N) no source passes over the
+    whole catalog's vectors: the new items are scored among themselves, the candidates alone get a
+    tower score -- at 10^6 items one matrix-vector product over the catalog is ~20 ms. Without it
+    (an exact index, evaluation) the tower scores every row once and the sources read that."""
     allowed = ~r.excluded
     sz = cat.sizes
+    tower_all = None if r.tower_top is not None else cat.item_vectors @ r.user
     sources: dict[str, np.ndarray] = {}
-    sources["tower"] = r.tower_top if r.tower_top is not None else top_rows(tower_all, sz.tower, allowed)
+    sources["tower"] = r.tower_top if tower_all is None else top_rows(tower_all, sz.tower, allowed)
     if r.covis is not None and len(r.history):
-        sources["covis"] = top_rows(r.covis, sz.covis, allowed & (r.covis > 0))
-    sources["trending"] = top_rows(r.trend, sz.trending, allowed & (r.trend > 0))
-    if cat.is_new.any():
-        sources["new"] = top_rows(tower_all, sz.new, allowed & cat.is_new)
+        if isinstance(r.covis, SparseCovis):
+            sources["covis"] = r.covis.top(sz.covis, allowed)
+        else:
+            sources["covis"] = top_rows(r.covis, sz.covis, allowed & (r.covis > 0))
+    sources["trending"] = trending_rows(r, sz.trending, allowed)
+    if len(cat.new_rows):
+        new = cat.new_rows[allowed[cat.new_rows]]  # ascending rows: top_rows' row tie-break is kept
+        new_scores = tower_all[new] if tower_all is not None else cat.item_vectors[new] @ r.user
+        sources["new"] = new[top_rows(new_scores, sz.new)]
     if r.query is not None:
         sources["query"] = top_rows(cat.item_vectors @ r.query, sz.query, allowed)
-    return union_candidates(sources, r.excluded), tower_all
+    cand = union_candidates(sources, r.excluded)
+    tower = tower_all[cand.rows] if tower_all is not None else cat.item_vectors[cand.rows] @ r.user
+    return cand, tower
+
+
+TREND_PREFIX_MIN = 256  # trending rows tried before the whole order when the caller precomputed it
+
+
+def trending_rows(r: RankInputs, n: int, allowed: np.ndarray) -> np.ndarray:
+    """`top_rows(r.trend, n, allowed & (r.trend > 0))`, from `r.trend_order` when given: the first
+    allowed rows of a prefix of it (the whole order only when the prefix has too few)."""
+    if r.trend_order is None:
+        return top_rows(r.trend, n, allowed & (r.trend > 0))
+    order = r.trend_order
+    head = order[:max(4 * n, TREND_PREFIX_MIN)]
+    got = head[allowed[head]][:n]
+    if len(got) < n and len(head) < len(order):
+        got = order[allowed[order]][:n]
+    return got
+
+
+def trend_order(trend: np.ndarray) -> np.ndarray:
+    """Rows with trend > 0, trend desc then row asc (what `trending_rows` reads)."""
+    rows = np.flatnonzero(np.asarray(trend) > 0)
+    return rows[np.lexsort((rows, -np.asarray(trend, dtype=np.float64)[rows]))]
 
 
 def request_features(cat: RankCatalog, r: RankInputs, cand: Candidates) -> np.ndarray:
@@ -105,8 +145,9 @@ def request_features(cat: RankCatalog, r: RankInputs, cand: Candidates) -> np.nd
                               is_new=cat.is_new, query=r.query)
 
 
-def first_stage_scores(cat: RankCatalog, r: RankInputs, cand: Candidates, tower_all: np.ndarray) -> np.ndarray:
-    s = tower_all[cand.rows].astype(np.float64)
+def first_stage_scores(cat: RankCatalog, r: RankInputs, cand: Candidates, tower: np.ndarray) -> np.ndarray:
+    """Tower (`tower`: the candidates' scores, as `retrieve` returns them) + beta x co-visitation."""
+    s = np.asarray(tower, dtype=np.float64)
     if cat.prior is not None and cat.prior.beta > 0 and r.covis is not None:
         s = s + cat.prior.beta * r.covis[cand.rows]
     return s
@@ -123,8 +164,8 @@ def rank_requests(cat: RankCatalog, requests: Sequence[RankInputs], k: int = TOP
     (a LightGBM predict costs ~0.5 ms however few its rows: per request it was most of the cost)."""
     staged = []
     for r in requests:
-        cand, tower_all = retrieve(cat, r)
-        first = first_stage_scores(cat, r, cand, tower_all) if len(cand) else np.zeros(0)
+        cand, tower = retrieve(cat, r)
+        first = first_stage_scores(cat, r, cand, tower) if len(cand) else np.zeros(0)
         x = request_features(cat, r, cand) if (cat.ranker is not None and len(cand)) else None
         staged.append((cand, first, x))
     xs = [x for _, _, x in staged if x is not None]
@@ -203,9 +244,9 @@ class TwoStageScorer:
         """Features and labels of every case's candidates, and the retrieval's recall per source."""
         blocks, hits = [], _no_hits()
         for r, target in self.case_requests(cases):
-            cand, tower_all = retrieve(self.cat, r)
+            cand, tower = retrieve(self.cat, r)
             _count_hits(hits, cand, target)
-            blocks.append((request_features(self.cat, r, cand), first_stage_scores(self.cat, r, cand, tower_all),
+            blocks.append((request_features(self.cat, r, cand), first_stage_scores(self.cat, r, cand, tower),
                            (cand.rows == target).astype(np.float32)))
         return RankingData.stack(blocks), _recall(hits, len(cases))
 
@@ -300,4 +341,5 @@ def _foreign_query_requests(scorer: TwoStageScorer, split: Split, seed: int) -> 
 
 
 __all__ = ["QUERY_WEIGHT_USERS", "RankCatalog", "RankInputs", "TwoStageScorer", "calibrated", "fit_two_stage",
-           "first_stage_scores", "moved_share", "ranker_payload", "rank_request", "rank_requests", "request_features", "retrieve"]
+           "first_stage_scores", "moved_share", "ranker_payload", "rank_request", "rank_requests", "request_features", "retrieve",
+           "trend_order", "trending_rows"]

@@ -14,10 +14,20 @@ What is exact, and why:
   equals it within float rounding (old * 2^(-(new_ref - old_ref)/half_life) + new
   contributions; ref_ts only grows).
 * Idempotence: with no new log files a run is a no-op (no table or manifest written) and says so.
+* Parameters (`_params`: bucket counts, window, top-K, half-life, topics) are in the manifest; a run
+  whose parameters differ from the live version's rebuilds every table from the whole log. That
+  includes `STREAMREC_COVISIT_BUCKETS` (`covisit_buckets`): the co-visitation files are split by item
+  hash, so a new count is a new layout, logged as such, and no stored file is reused.
 * Attribution (`streaming.features.attribution`): every run that is not a no-op -- new event, item or
   impression files, or a changed `STREAMREC_ATTRIBUTION_WINDOW_S` -- recomputes it from the whole log
-  (exact: a late click changes an old impression's counts) and publishes its tables with the version;
-  making it incremental is the scale follow-up (issue 18).
+  (exact: a late click changes an old impression's counts) and publishes its tables with the version.
+  It reads two columns of the event log and the impression log: 0.02 s at 1.2M events without
+  impressions (bench/features_scale.py), so still a recompute; incremental attribution is left for
+  when impression volume makes it count.
+* Cost: a run rewrites every user bucket and co-visitation bucket its new events touch, in full.
+  New events spread over many users touch every bucket, so a run's cost has a part proportional to
+  the stored tables (read + write of the touched bucket files), besides the part proportional to
+  the new events; `last_run.stage_s` in the manifest says where a run's time went.
 * A corrupt or torn new log file stops the run with `CorruptLogFile` naming it (footers are checked
   before any work; when a Ray Data read fails, the new files are decoded to find the culprit): never
   tables silently missing its events. Chosen over quarantine; README "Chaos suite" says what to do.
@@ -91,6 +101,7 @@ from streaming.versioned_store import read_json, version_name
 logger = logging.getLogger(__name__)
 
 MS_PER_S = 1000.0
+MAX_COVISIT_BUCKETS = 4096  # the bound of STREAMREC_COVISIT_BUCKETS (as for user_buckets)
 
 
 @dataclass(frozen=True)
@@ -159,11 +170,22 @@ class _Run:
     started: float
     new_events: int = 0
     users_touched: int = 0
+    pair_deltas: int = 0  # co-visitation delta rows stage 1 sent to stage 2 (its shuffle volume)
     forgotten: list[str] = field(default_factory=list)  # the forget tombstones these tables honour
     forget_rebuild: bool = False  # rebuilt for new tombstones: no older version may stay on disk
     im_files: list[LogFile] = field(default_factory=list)  # new impression files (attribution reads them all)
     im_wm: dict[int, int] = field(default_factory=dict)
     attribution: dict = field(default_factory=dict)  # the manifest's `attribution` entry
+    # Wall seconds per stage (manifest `last_run.stage_s`: where a run's time goes; bench/features_scale.py).
+    stage_s: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self.stage_s[name] = round(self.stage_s.get(name, 0.0) + time.monotonic() - t0, 3)
 
     @property
     def vdir(self) -> str:
@@ -185,8 +207,14 @@ def _run_locked(settings: Settings, features_dir: Path, full: bool, rlock: Any, 
         logger.warning("manifest format %s is not %s: rebuilding every table", base.get("format"), MANIFEST_FORMAT)
         base = None
     if base is not None and base.get("params") != _params(settings):
-        logger.warning("feature parameters changed (%s -> %s): rebuilding every table",
-                       base.get("params"), _params(settings))
+        before, after = base.get("params") or {}, _params(settings)
+        if before.get("covisit_buckets") != after["covisit_buckets"]:
+            # The co-visitation files are split by crc32(item_a) % buckets: files of another bucket count
+            # hold other items, so no stored file is reused (never two layouts in one version).
+            logger.warning("co-visitation buckets changed (%s -> %s, STREAMREC_COVISIT_BUCKETS): rebuilding every "
+                           "table from the whole log in the new layout", before.get("covisit_buckets"),
+                           after["covisit_buckets"])
+        logger.warning("feature parameters changed (%s -> %s): rebuilding every table", before, after)
         base = None
 
     log = OfflineLog(settings.log_dir)
@@ -226,10 +254,11 @@ def _run_locked(settings: Settings, features_dir: Path, full: bool, rlock: Any, 
     )
     job = MergeJob(
         root=str(features_dir), vdir=run.vdir, user_buckets=settings.user_buckets,
-        covisit_buckets=COVISIT_BUCKETS, window=settings.covisit_window, topk=settings.covisit_topk,
+        covisit_buckets=covisit_buckets(settings), window=settings.covisit_window, topk=settings.covisit_topk,
         half_life_ms=float(settings.trending_half_life_s) * MS_PER_S,
         old_sequences={b: e["path"] for b, e in _by_bucket(run.tables[SEQUENCES]).items()},
         old_counts={b: e["path"] for b, e in _by_bucket(run.tables[COVISIT_COUNTS]).items()},
+        old_topk={b: e["path"] for b, e in _by_bucket(run.tables[COVISIT_TOPK]).items()},
     )
     # A corrupt log file stops the run, named, before anything is built (never a silent wrong table;
     # README "Chaos suite"): the footers here, the pages when a read below fails.
@@ -251,10 +280,12 @@ def _run_locked(settings: Settings, features_dir: Path, full: bool, rlock: Any, 
             bar.update(len(ev_files))
             bar.set_description_str(f"features {run.vdir}: items")
             if it_files:
-                _update_items(run, job)
+                with run.stage("items"):
+                    _update_items(run, job)
             bar.update(len(it_files))
         bar.set_description_str(f"features {run.vdir}: attribution")
-        entries, run.attribution = publish_attribution(settings, features_dir, run.vdir)
+        with run.stage("attribution"):
+            entries, run.attribution = publish_attribution(settings, features_dir, run.vdir)
         run.tables.update(entries)
         bar.update(len(im_files))
         bar.set_description_str(f"features {run.vdir}: publishing")
@@ -300,7 +331,8 @@ def _finish(run: _Run, rlock: Any) -> Path:
         "history": [*([] if run.forget_rebuild else (run.current or {}).get("history", [])[-(KEEP_VERSIONS - 1):]),
                     run.version],
         "last_run": {"full": run.base is None, "new_files": run.new_files, "new_events": run.new_events,
-                     "users_touched": run.users_touched, "duration_s": round(time.monotonic() - run.started, 3)},
+                     "users_touched": run.users_touched, "duration_s": round(time.monotonic() - run.started, 3),
+                     "pair_deltas": run.pair_deltas, "stage_s": dict(run.stage_s)},
     }
     # `store.` looked up at call time: the crash-safety test stands in for the publish step.
     path = store.publish_manifest(run.features_dir, manifest)
@@ -311,51 +343,59 @@ def _finish(run: _Run, rlock: Any) -> Path:
 
 
 def _update_events(run: _Run, job: MergeJob, bar: Any) -> None:
-    """Sequences and co-visitation with Ray Data; popularity on the driver."""
+    """Sequences and co-visitation with Ray Data; popularity on the driver (each timed in `run.stage_s`)."""
     import ray.data
 
     tables = run.tables
-    ds = ray.data.read_parquet([f.path for f in run.ev_files], partitioning=None).select_columns(EVENT_COLUMNS_READ)
-    ds = ds.map_batches(prepare_events, batch_format="pyarrow", batch_size=None,
-                        fn_kwargs={"watermarks": run.ev_wm, "buckets": job.user_buckets})
-    deltas = ds.groupby("bucket").map_groups(merge_user_bucket, batch_format="pyarrow",
-                                             fn_kwargs={"job": job}).materialize()
-    small = _collect(deltas.map_batches(only_kind, batch_format="pyarrow", batch_size=None,
-                                        fn_kwargs={"kinds": ("seq", "pop")}), DELTA_SCHEMA)
-    seq = small.filter(pc.equal(small["kind"], "seq"))
-    seq_buckets = _by_bucket(tables[SEQUENCES])
-    for row in seq.to_pylist():
-        seq_buckets[row["bucket"]] = {"bucket": row["bucket"], "path": row["key"], "rows": row["rows"],
-                                      "events": row["events"]}
-    tables[SEQUENCES] = [seq_buckets[b] for b in sorted(seq_buckets)]
+    with run.stage("sequences"):
+        ds = ray.data.read_parquet([f.path for f in run.ev_files], partitioning=None).select_columns(EVENT_COLUMNS_READ)
+        ds = ds.map_batches(prepare_events, batch_format="pyarrow", batch_size=None,
+                            fn_kwargs={"watermarks": run.ev_wm, "buckets": job.user_buckets})
+        deltas = ds.groupby("bucket").map_groups(merge_user_bucket, batch_format="pyarrow",
+                                                 fn_kwargs={"job": job}).materialize()
+        small = _collect(deltas.map_batches(only_kind, batch_format="pyarrow", batch_size=None,
+                                            fn_kwargs={"kinds": ("seq", "pop")}), DELTA_SCHEMA)
+        seq = small.filter(pc.equal(small["kind"], "seq"))
+        seq_buckets = _by_bucket(tables[SEQUENCES])
+        for row in seq.to_pylist():
+            seq_buckets[row["bucket"]] = {"bucket": row["bucket"], "path": row["key"], "rows": row["rows"],
+                                          "events": row["events"]}
+        tables[SEQUENCES] = [seq_buckets[b] for b in sorted(seq_buckets)]
     bar.set_postfix(seq_buckets=seq.num_rows, covisit_buckets=0)
     if seq.num_rows == 0:
         return
     run.new_events = int(pc.sum(seq["read"]).as_py())
     run.users_touched = int(pc.sum(seq["touched"]).as_py())
+    run.pair_deltas = int(pc.sum(seq["count"]).as_py() or 0)
     old_ref = run.ref_ts
     ref_ts = run.ref_ts = max(int(pc.max(seq["ts"]).as_py()), old_ref if old_ref is not None else -1)
 
     # Co-visitation: sum the pair deltas per item bucket into the stored counts (Ray Data).
     if pc.sum(seq["count"]).as_py():  # a seq row's `count` = the pair delta rows its bucket emitted
-        pairs = deltas.map_batches(only_kind, batch_format="pyarrow", batch_size=None,
-                                   fn_kwargs={"kinds": ("pair",)})
-        out = _collect(pairs.groupby("bucket").map_groups(merge_covisit_bucket, batch_format="pyarrow",
-                                                            fn_kwargs={"job": job}), COVISIT_OUT_SCHEMA)
-        counts, topk = _by_bucket(tables[COVISIT_COUNTS]), _by_bucket(tables[COVISIT_TOPK])
-        for row in out.to_pylist():
-            b = row["bucket"]
-            counts.pop(b, None)
-            topk.pop(b, None)
-            if row["counts_path"]:
-                counts[b] = {"bucket": b, "path": row["counts_path"], "rows": row["counts_rows"]}
-                topk[b] = {"bucket": b, "path": row["topk_path"], "rows": row["topk_rows"]}
-        tables[COVISIT_COUNTS] = [counts[b] for b in sorted(counts)]
-        tables[COVISIT_TOPK] = [topk[b] for b in sorted(topk)]
+        with run.stage("covisit"):
+            pairs = deltas.map_batches(only_kind, batch_format="pyarrow", batch_size=None,
+                                       fn_kwargs={"kinds": ("pair",)})
+            out = _collect(pairs.groupby("bucket").map_groups(merge_covisit_bucket, batch_format="pyarrow",
+                                                                fn_kwargs={"job": job}), COVISIT_OUT_SCHEMA)
+            counts, topk = _by_bucket(tables[COVISIT_COUNTS]), _by_bucket(tables[COVISIT_TOPK])
+            for row in out.to_pylist():
+                b = row["bucket"]
+                counts.pop(b, None)
+                topk.pop(b, None)
+                if row["counts_path"]:
+                    counts[b] = {"bucket": b, "path": row["counts_path"], "rows": row["counts_rows"]}
+                    topk[b] = {"bucket": b, "path": row["topk_path"], "rows": row["topk_rows"]}
+            tables[COVISIT_COUNTS] = [counts[b] for b in sorted(counts)]
+            tables[COVISIT_TOPK] = [topk[b] for b in sorted(topk)]
         bar.set_postfix(seq_buckets=seq.num_rows, covisit_buckets=out.num_rows)
 
-    # Popularity: at most one delta row per item per user bucket, so pyarrow on the driver.
-    pop = small.filter(pc.equal(small["kind"], "pop"))
+    with run.stage("popularity"):
+        _update_popularity(run, job, small.filter(pc.equal(small["kind"], "pop")), old_ref, ref_ts)
+
+
+def _update_popularity(run: _Run, job: MergeJob, pop: pa.Table, old_ref: int | None, ref_ts: int) -> None:
+    """Popularity: at most one delta row per item per user bucket, so pyarrow on the driver."""
+    tables = run.tables
     scale = np.exp2((pop["ts"].to_numpy() - ref_ts) / job.half_life_ms)
     delta = pa.table({"item_id": pop["key"], "count": pop["count"],
                       "trending": pa.array(pop["weight"].to_numpy() * scale, pa.float64())})
@@ -447,10 +487,20 @@ def _collect(ds: Any, schema: pa.Schema) -> pa.Table:
     return pa.concat_tables([t.select(schema.names).cast(schema) for t in tables])
 
 
+def covisit_buckets(settings: Settings) -> int:
+    """The item-hash files of the co-visitation tables: `STREAMREC_COVISIT_BUCKETS` (`COVISIT_BUCKETS` with
+    settings that predate the field). A change rebuilds every table (`_params`)."""
+    n = getattr(settings, "covisit_buckets", COVISIT_BUCKETS)
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_COVISIT_BUCKETS:
+        raise ValueError(f"covisit_buckets must be an integer in 1..{MAX_COVISIT_BUCKETS}, got {n!r} "
+                         "(STREAMREC_COVISIT_BUCKETS)")
+    return n
+
+
 def _params(settings: Settings) -> dict[str, Any]:
     return {
         "user_buckets": settings.user_buckets,
-        "covisit_buckets": COVISIT_BUCKETS,
+        "covisit_buckets": covisit_buckets(settings),
         "covisit_window": settings.covisit_window,
         "covisit_topk": settings.covisit_topk,
         "trending_half_life_s": float(settings.trending_half_life_s),

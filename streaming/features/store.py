@@ -49,12 +49,13 @@ class FeaturesBusyError(RuntimeError):
     """Another feature run holds the lock for longer than `LOCK_WAIT_S`."""
 
 
-def write_parquet(table: pa.Table, path: str) -> None:
-    """Write one table file into a version directory (not yet referenced by any manifest)."""
+def write_parquet(table: pa.Table, path: str, *, use_dictionary: bool | list[str] = True) -> None:
+    """Write one table file into a version directory (not yet referenced by any manifest).
+    `use_dictionary`: the Parquet column paths to dictionary-encode (all by default)."""
     # fsync'd: the manifest that will point at this file must never outlive it.
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as fh:
-        pq.write_table(table, fh, compression=PARQUET_COMPRESSION)
+        pq.write_table(table, fh, compression=PARQUET_COMPRESSION, use_dictionary=use_dictionary)
         fh.flush()
         os.fsync(fh.fileno())
 

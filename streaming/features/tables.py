@@ -24,7 +24,10 @@ Tables
   symmetric (both directions stored), an item never pairs with itself.
 * ``covisit_topk`` -- ``item_id``, ``neighbors``, ``scores``: the ``covisit_topk`` strongest
   neighbours by count desc, then item id asc. Both co-visitation tables are split into
-  ``COVISIT_BUCKETS`` files by ``crc32(item_a)`` so a run rewrites only what it touches.
+  ``covisit_buckets`` files (`STREAMREC_COVISIT_BUCKETS`, default ``COVISIT_BUCKETS``) by
+  ``crc32(item_a) % covisit_buckets``, rows sorted by (item_a, item_b) / item_id, so a run rewrites only
+  the buckets it touches. A changed bucket count is a changed parameter: the next run rebuilds every
+  table in the new layout (`streaming.features.job`), never mixing two layouts in one version.
 
 Layout::
 
@@ -57,7 +60,9 @@ from streaming.settings import Settings
 from streaming.versioned_store import read_json
 
 MANIFEST_NAME = "manifest.json"
-COVISIT_BUCKETS = 16  # item-hash files of the co-visitation tables (fixed; a change = full rebuild)
+# Item-hash files of the co-visitation tables when the settings carry no `covisit_buckets`
+# (STREAMREC_COVISIT_BUCKETS); a change of the count rebuilds every table.
+COVISIT_BUCKETS = 16
 
 SEQUENCES = "sequences"
 ITEMS = "items"

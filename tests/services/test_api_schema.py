@@ -1,14 +1,15 @@
 """services/api_schema.py is the one definition of the HTTP contract: the documented answers, the
 emitted errors and every error body built elsewhere in services/ must agree with it.
 
-The emission checks run the real FastAPI app (its routes and error handlers, as `@serve.ingress`
-wires them) against an `Api` replica built in this process -- no Serve, no Ray, Redis unreachable
+The emission checks run the real FastAPI app (its routes and error handlers, with the replica as
+`self` as services/serve_app.py wires them) against an `Api` replica built in this process -- no Serve, no Ray, Redis unreachable
 on purpose.
 """
 
 from __future__ import annotations
 
 import ast
+import inspect
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -42,6 +43,20 @@ def _operations(openapi: dict):
     for path, ops in openapi["paths"].items():
         for method, op in ops.items():
             yield method.upper(), path, op
+
+
+def test_the_document_describes_exactly_the_routes_the_app_serves(openapi):
+    """The deployment runs this app for every request (services/serve_app.py `Api.__call__`), so
+    the app's routes are what is served: each one is in the document, with its methods, and the
+    document names no route the app lacks (FastAPI's own /docs and /openapi.json aside)."""
+    from ray.serve._private.http_util import _walk_fastapi_routes  # FastAPI >= 0.137 nests the class's routes
+
+    from services.serve_app import Api, api
+
+    served = {(m.lower(), prefix + r.path) for r, _, prefix in _walk_fastapi_routes(api) for m in r.methods}
+    documented = {(m.lower(), p) for m, p, _ in _operations(openapi)}
+    assert served == documented and len(served) >= 7
+    assert "run_asgi(api, request)" in inspect.getsource(Api.func_or_class.__call__)
 
 
 def test_every_v1_route_documents_a_typed_answer_from_api_schema(openapi):

@@ -17,14 +17,14 @@ class FakeStore:
     """The part of OnlineStore the follower reads; positions are "<entries>-0"."""
 
     def __init__(self) -> None:
-        self.items: dict[str, dict] = {}
+        self.records: dict[str, dict] = {}
         self.log: list[tuple[str, bool]] = []
         self.trimmed_before = 0  # log entries before this index are gone
         self.down = False
         self.malformed: set[str] = set()
 
     def publish(self, item_id: str, *, deleted: bool = False, text: str | None = None) -> None:
-        self.items[item_id] = {"item_id": item_id, "title": f"Title {item_id}", "text": text, "attributes": {},
+        self.records[item_id] = {"item_id": item_id, "title": f"Title {item_id}", "text": text, "attributes": {},
                                "ts": 0, "deleted": deleted}
         self.log.append((item_id, deleted))
 
@@ -45,17 +45,20 @@ class FakeStore:
 
     def live_items(self) -> set[str]:
         self._check()
-        return {i for i, it in self.items.items() if not it["deleted"]}
+        return {i for i, it in self.records.items() if not it["deleted"]}
 
     def deleted_items(self, item_ids) -> set[str]:
         self._check()
-        return {i for i in item_ids if i in self.items and self.items[i]["deleted"]}
+        return {i for i in item_ids if i in self.records and self.records[i]["deleted"]}
 
     def item(self, item_id: str):
         self._check()
         if item_id in self.malformed:
             raise ValueError(f"attributes of {item_id} are not JSON")
-        return dict(self.items[item_id]) if item_id in self.items else None
+        return dict(self.records[item_id]) if item_id in self.records else None
+
+    def items(self, item_ids):  # OnlineStore.items: one malformed record fails the whole read, as there
+        return [self.item(i) for i in item_ids]
 
 
 class FakeIndex:
@@ -75,14 +78,18 @@ class FakeAdapter:
         self.embedded: dict[str, tuple[str, str | None]] = {}
         self.reads_text = reads_text
         self.fails_on: set[str] = set()
+        self.batches: list[int] = []
 
-    def upsert_item(self, item_id: str, text: str, title: str | None = None) -> None:
+    def upsert_items(self, items) -> None:
+        """LoadedAdapter.upsert_items: every text is embedded before any item is added (all or none)."""
+        self.batches.append(len(items))
         if not self.reads_text:
             raise AdapterLoadError(f"{self.model_id} reads no text: new items cannot be embedded")
-        if item_id in self.fails_on:
+        if any(item_id in self.fails_on for item_id, _, _ in items):
             raise RuntimeError("the model failed on this text")
-        self.embedded[item_id] = (text, title)
-        self.index.row[item_id] = len(self.index.row) + 1000
+        for item_id, text, title in items:
+            self.embedded[item_id] = (text, title)
+            self.index.row[item_id] = len(self.index.row) + 1000
 
     def remove_item(self, item_id: str) -> bool:
         return self.index.row.pop(item_id, None) is not None
@@ -224,3 +231,17 @@ def test_against_a_real_online_store(embedded_stack):
                                    (4, Item(item_id="a", title="A", ts=ts, deleted=True))])
     f.catch_up(adapter)
     assert set(adapter.index.row) == {"b", "d", "trained_only"} and adapter.embedded["d"] == ("Dramatic.", "D")
+
+
+def test_many_new_items_go_in_batches():
+    """2,500 new items: three store reads and three adapter batches (UPSERT_BATCH), not 2,500."""
+    from services.catalog_follower import UPSERT_BATCH
+
+    store = FakeStore()
+    for k in range(2_500):
+        store.publish(f"n{k:04d}", text=f"text {k}")
+    adapter = FakeAdapter([])
+    follower, _ = _follower(store, {adapter.model_id: adapter})
+    asyncio.run(follower.poll())
+    assert adapter.batches == [UPSERT_BATCH, UPSERT_BATCH, 2_500 - 2 * UPSERT_BATCH]
+    assert len(adapter.embedded) == 2_500

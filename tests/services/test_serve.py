@@ -100,6 +100,30 @@ def _get(s, path, **params):
     return requests.get(s["base"] + path, params=params, headers=s["headers"], timeout=10)
 
 
+def test_the_served_openapi_document_is_the_apps_and_every_route_answers(served):
+    """The replica runs the FastAPI app in its own process (services/asgi_call.py): the document
+    served at /openapi.json is the app's, and every route it documents answers 200 through Serve."""
+    from services.serve_app import api
+
+    base = served["base"]
+    doc = requests.get(f"{base}/openapi.json", timeout=10).json()
+    assert doc == json.loads(json.dumps(api.openapi()))
+    assert requests.get(f"{base}/docs", timeout=10).status_code == 200
+    answered = set()
+    for path, ops in doc["paths"].items():
+        url = base + path.replace("{item_id}", "m1")
+        for method in ops:
+            if method == "get":
+                params = {"user_id": "u1", "k": 3} if path == "/v1/recommendations" else None
+                resp = requests.get(url, params=params, headers=served["headers"], timeout=30)
+            else:
+                assert (method, path) == ("post", "/v1/recommendations"), f"a route this test does not know: {method} {path}"
+                resp = requests.post(url, json={"user_id": "u1", "k": 3}, headers=served["headers"], timeout=30)
+            assert resp.status_code == 200, (method, path, resp.status_code, resp.text)
+            answered.add((method, path))
+    assert ("get", "/v1/items/{item_id}/similar") in answered and len(answered) >= 7
+
+
 def test_recommendations_for_a_known_user(served):
     resp = _get(served, "/v1/recommendations", user_id="u1", k=5)
     assert resp.status_code == 200, resp.text

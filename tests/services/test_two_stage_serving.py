@@ -111,8 +111,9 @@ def test_the_served_top_k_is_what_rank_request_computes_offline(versions, ranked
 
 
 def test_an_approximate_index_gives_the_towers_candidates_through_faiss(versions):
-    """Past EXACT_MAX_ITEMS the index is HNSW and the towers' top-N comes from FAISS (`tower_top`);
-    on 300 items HNSW finds the exact neighbours, so the answer is the exact index's."""
+    """Past EXACT_MAX_ITEMS the index is IVF and the towers' top-N comes from FAISS (`tower_top`,
+    then no pass over the catalog's vectors); on 300 items it finds the exact neighbours, so the
+    answer is the exact index's. The user tower reads only the history's rows of the item table."""
     from services.item_index import ItemIndex
     from services.loaded_adapter import LoadedAdapter
 
@@ -122,6 +123,17 @@ def test_an_approximate_index_gives_the_towers_candidates_through_faiss(versions
     adapter.index = ItemIndex(list(adapter.index.item_ids), adapter.index.vectors.copy(), exact_max_items=0)
     assert not adapter.index.exact and adapter.index.recall == 1.0
     assert served_top(adapter, HISTORY, 10) == exact
+    table = adapter.rank.catalog.item_vectors
+    rows = [np.array([3, 1, 4], dtype=np.int64), np.array([5], dtype=np.int64)]
+    stamps = [np.array([1, 2, 3], dtype=np.int64), np.array([9], dtype=np.int64)]
+    import torch
+    from training.corpus import history_features
+
+    inputs, gaps = history_features(rows, stamps, np.zeros(2, dtype=np.int64), adapter.model.cfg.max_len)
+    full = torch.cat([torch.zeros(1, table.shape[1]), torch.from_numpy(np.ascontiguousarray(table))])
+    with torch.no_grad():
+        want = adapter.model.user_embedding(torch.from_numpy(inputs), torch.from_numpy(gaps), full).numpy()
+    np.testing.assert_allclose(adapter.user_vectors(rows, stamps, table), want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["ranked", "old"])

@@ -25,7 +25,7 @@ from training.ranking_features import (
     trend_feature,
     union_candidates,
 )
-from training.two_stage import RankCatalog, RankInputs, calibrated, rank_request
+from training.two_stage import RankCatalog, RankInputs, calibrated, rank_request, trend_order, trending_rows
 
 COL = {n: j for j, n in enumerate(FEATURE_NAMES)}
 
@@ -186,3 +186,42 @@ def test_rank_request_with_a_query_and_no_history_answers_the_query(knn):
     rows, s = rank_request(cat, r2)
     assert 0 not in rows.tolist()  # a seen item is never a candidate
     assert rows[np.argmax(s)] == 1  # the co-visited neighbour wins without a ranker (first stage)
+
+
+def test_trending_rows_from_the_precomputed_order_equal_top_rows():
+    """Serving passes the trend order computed once per catalog; the rows are top_rows' rows for any
+    exclusions, including ones that empty the order's prefix."""
+    rng = np.random.default_rng(3)
+    trend = np.where(rng.random(5_000) < 0.3, rng.random(5_000), 0.0).astype(np.float32)
+    trend[:40] = 0.5  # ties: row ascending
+    order = trend_order(trend)
+    for excluded_share in (0.0, 0.5, 0.99):
+        excluded = rng.random(5_000) < excluded_share
+        excluded[order[:300]] = excluded_share > 0.9  # a prefix all excluded: the whole order is read
+        r = RankInputs(np.zeros(4), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), 0, excluded, None, trend,
+                       trend_order=order)
+        want = top_rows(trend, 50, ~excluded & (trend > 0))
+        np.testing.assert_array_equal(trending_rows(r, 50, ~excluded), want)
+
+
+def test_the_sparse_covisitation_row_is_the_dense_one():
+    """Serving's SparseCovis (a catalog in CSR storage) equals CovisPrior.feature's dense row at
+    every row, and its top rows are top_rows' over the dense row, for any exclusions; also over a
+    prefix of the catalog (a rank state smaller than a grown prior)."""
+    rng = np.random.default_rng(11)
+    n = 3_000
+    seqs = [rng.choice(n // 3, size=12, replace=False) for _ in range(400)]  # a third of the items co-visited
+    knn = ItemKNNScorer.fit(seqs, n, max_neighbors=50, dense_max_items=0)
+    prior = CovisPrior(knn, beta=0.2)
+    hist = [np.asarray(s[:8], dtype=np.int64) for s in seqs[:6]] + [np.zeros(0, dtype=np.int64)]
+    ts = [np.arange(len(h), dtype=np.int64) for h in hist]
+    dense = prior.feature(hist, ts, np.full(len(hist), 100, dtype=np.int64))
+    for m in (n, 2_000):
+        sparse = prior.feature_sparse(hist, m)
+        for b in range(len(hist)):
+            np.testing.assert_array_equal(sparse[b][np.arange(m)], dense[b, :m])
+            for share in (0.0, 0.5, 0.98):
+                allowed = rng.random(m) >= share
+                for k in (5, 200):
+                    want = top_rows(dense[b, :m], k, allowed & (dense[b, :m] > 0))
+                    np.testing.assert_array_equal(sparse[b].top(k, allowed), want)
