@@ -312,6 +312,11 @@ def scenario_data(nodes: TwoNodes, work: Path) -> dict:
     ctx.wait_for_min_actors_s = int(EMBED_ACTORS_START_S)
     ctx.execution_options.actor_locality_enabled = False
     ctx.max_tasks_in_flight_per_actor = 1
+    # A whole CPU per pool actor for this run: two actors of training/embed.py's 0.5 CPU both fit on the
+    # head's one CPU (Ray places them where they fit first), and the point here is one per node.
+    import training.embed as embed_module
+
+    embed_module.ACTOR_CPUS = 1.0
     emb = embed_catalog(registry.open("default") / ADAPTER_FILE, ids, texts, np.ones(EMBED_ITEMS, dtype=bool),
                         actors=EMBED_ACTORS, batch_rows=EMBED_ITEMS // (2 * EMBED_ACTORS))
     embed_s = time.perf_counter() - t1

@@ -245,6 +245,9 @@ def test_the_script_survives_a_redis_that_forgot_it(redis_url):
     assert [v.allowed for v in asyncio.run(scenario())] == [True, False]
 
 
+FLOOD_WAVE = 8  # concurrent requests of the flood
+
+
 @pytest.mark.integration
 def test_a_flood_from_one_key_gets_429_while_another_key_is_served(monkeypatch, tmp_path, redis_url):
     flood, calm, n = "flood-key", "calm-key", 80
@@ -254,11 +257,17 @@ def test_a_flood_from_one_key_gets_429_while_another_key_is_served(monkeypatch, 
         from services.serve_app import api
 
         async def burst():
-            # both request paths: /v1/models (the check alone) and recommendations (pipelined with the history)
-            floods = [asgi_request(api, "GET", "/v1/models", key=flood) if i % 2 else
-                      asgi_request(api, "GET", "/v1/recommendations", "user_id=u1", key=flood) for i in range(n)]
+            # both request paths: /v1/models (the check alone) and recommendations (pipelined with the history);
+            # FLOOD_WAVE at a time: 80 Redis connections opened at once time out on a loaded CI machine, and a
+            # timeout fails open (no 429), which is the design, not what this test is about
+            floods = []
+            for lo in range(0, n, FLOOD_WAVE):
+                floods += await asyncio.gather(*(
+                    asgi_request(api, "GET", "/v1/models", key=flood) if i % 2 else
+                    asgi_request(api, "GET", "/v1/recommendations", "user_id=u1", key=flood)
+                    for i in range(lo, min(n, lo + FLOOD_WAVE))))
             calms = [asgi_request(api, "GET", "/v1/models", key=calm) for _ in range(3)]
-            return await asyncio.gather(*floods), await asyncio.gather(*calms)
+            return floods, await asyncio.gather(*calms)
 
         flooded, calmed = rep.loop.run_until_complete(burst())
         refused = [(body, headers) for status, body, headers in flooded if status == 429]
