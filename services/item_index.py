@@ -175,54 +175,47 @@ class ItemIndex:
             return self.index.search(q, fetch)
         return refined_search(self.index, self.vectors, q, fetch, self.nprobe)
 
-    def search_rows(self, queries: np.ndarray, k: int, exclude_rows: Sequence[np.ndarray] | None = None,
-                    below: int | None = None) -> list[np.ndarray]:
-        """`search` in rows: per query, the rows of its top-`k` (best first), skipping tombstones,
-        `exclude_rows[b]` and rows >= `below` (a rank state's size) -- no id strings on the request path."""
+    def _hits(self, queries: np.ndarray, k: int, exclude_rows: Sequence[np.ndarray] | None,
+              below: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per query, (rows, scores) of its top-`k`, best first, skipping tombstones, `exclude_rows[b]`
+        and rows >= `below`: the one filter behind `search_rows` and `search`."""
         q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
         with self._lock:
             n = len(self.item_ids)
             extra = self._n_dead + max((len(e) for e in exclude_rows or ()), default=0)
             fetch = min(k + extra + (n - below if below is not None else 0), n)
             if fetch == 0:
-                return [np.zeros(0, dtype=np.int64) for _ in range(len(q))]
-            _, rows = self._search_rows(q, fetch)
+                return [(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)) for _ in range(len(q))]
+            scores, rows = self._search_rows(q, fetch)
             dead = self.dead
         limit = n if below is None else below
         out = []
         for b in range(len(q)):
-            r = rows[b]
-            r = r[(r >= 0) & (r < limit)]
-            r = r[~dead[r]]
+            r, s = rows[b], scores[b]
+            keep = (r >= 0) & (r < limit)
+            r, s = r[keep], s[keep]
+            keep = ~dead[r]
             if exclude_rows is not None and len(exclude_rows[b]):
-                r = r[~np.isin(r, exclude_rows[b])]
-            out.append(r[:k].astype(np.int64))
+                keep &= ~np.isin(r, exclude_rows[b])
+            out.append((r[keep][:k].astype(np.int64), s[keep][:k]))
         return out
+
+    def search_rows(self, queries: np.ndarray, k: int, exclude_rows: Sequence[np.ndarray] | None = None,
+                    below: int | None = None) -> list[np.ndarray]:
+        """`search` in rows: per query, the rows of its top-`k` (best first), skipping tombstones,
+        `exclude_rows[b]` and rows >= `below` (a rank state's size) -- no id strings on the request path."""
+        return [rows for rows, _ in self._hits(queries, k, exclude_rows, below)]
 
     def search(self, queries: np.ndarray, k: int, exclude: list[set[str]] | None = None) -> SearchResult:
         """Top-`k` items by inner product for each query row, skipping tombstones and `exclude[b]`."""
-        q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
-        with self._lock:
-            extra = self._n_dead + max((len(e) for e in exclude or ()), default=0)
-            fetch = min(k + extra, len(self.item_ids))
-            if fetch == 0:
-                return SearchResult([[] for _ in range(len(q))], np.full((len(q), k), -np.inf, dtype=np.float32))
-            scores, rows = self._search_rows(q, fetch)
-            ids, dead = self.item_ids, self.dead
-        out_ids: list[list[str]] = []
-        out_scores = np.full((len(q), k), -np.inf, dtype=np.float32)
-        for b in range(len(q)):
-            skip = exclude[b] if exclude else ()
-            got: list[str] = []
-            for s, r in zip(scores[b], rows[b]):
-                if r < 0 or dead[r] or ids[r] in skip:
-                    continue
-                out_scores[b, len(got)] = s
-                got.append(ids[r])
-                if len(got) == k:
-                    break
-            out_ids.append(got)
-        return SearchResult(out_ids, out_scores)
+        exclude_rows = None if exclude is None else [
+            np.asarray([r for r in map(self.row.get, e) if r is not None], dtype=np.int64) for e in exclude]
+        hits = self._hits(queries, k, exclude_rows, None)
+        ids = self.item_ids
+        out_scores = np.full((len(hits), k), -np.inf, dtype=np.float32)
+        for b, (_, s) in enumerate(hits):
+            out_scores[b, :len(s)] = s
+        return SearchResult([[ids[r] for r in rows] for rows, _ in hits], out_scores)
 
 
 __all__ = ["EXACT_MAX_ITEMS", "GROWTH_FACTOR", "ItemIndex", "MIN_GROWTH_ROWS", "SearchResult", "gpu_count"]

@@ -351,12 +351,9 @@ def scenario_serve(nodes: TwoNodes, work: Path) -> dict:
 
     from services.processes import free_port
     from services.serve_app import build_app
-    from streaming.events import Item
-    from streaming.online_store import OnlineStore
     from streaming.settings import load_settings, settings_env
     from tests.fixtures.redis_server import RedisServer
-    from tests.fixtures.synthetic_adapter import publish_synthetic_adapter, synthetic_catalog
-    from tests.streaming.helpers import pseudonym
+    from tests.fixtures.synthetic_adapter import publish_synthetic_adapter, seed_serving_store
     from training.registry import Registry
 
     redis_proc = RedisServer(work / "redis", appendfsync=None).start()
@@ -366,12 +363,7 @@ def scenario_serve(nodes: TwoNodes, work: Path) -> dict:
                                  registry_root=str(work / "registry"), api_keys=("k1",), serve_port=port,
                                  impressions_enabled=False)
         r = redis.Redis.from_url(redis_proc.url)
-        store = OnlineStore(r, prefix)
-        ids, titles, texts = synthetic_catalog(SERVE_ITEMS)
-        store.apply_items("items", 0, [(i, Item(item_id=item, title=title, text=texts[i], ts=1_700_000_000_000))
-                                       for i, (item, title) in enumerate(zip(ids, titles))])
-        r.zadd(store.recent_key(pseudonym(settings, "u1")), {"m0": 1000, "m4": 2000, "m8": 3000})
-        r.zadd(f"{prefix}feat:popular", {item: float(SERVE_ITEMS - i) for i, item in enumerate(ids)})
+        seed_serving_store(r, settings, SERVE_ITEMS)
         version = publish_synthetic_adapter(Registry(settings.registry_uri), work / "staging", n_items=SERVE_ITEMS,
                                             seed=1)
         # The proxy on the head only: every node of this cluster has the same IP, so a proxy per node

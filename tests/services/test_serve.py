@@ -61,18 +61,10 @@ def served(ray_local, embedded_stack, tmp_path_factory):
     ensure_topics(settings, [settings.impressions_topic])  # as `streamrec up` (or a KafkaTopic) creates it
     registry = Registry(settings.registry_uri)
     r = redis.Redis.from_url(redis_proc.url)
-    from tests.fixtures.synthetic_adapter import synthetic_catalog
+    from tests.fixtures.synthetic_adapter import seed_serving_store, synthetic_catalog
 
-    from streaming.events import Item
-    from streaming.online_store import OnlineStore
-    from tests.streaming.helpers import pseudonym
-
-    store = OnlineStore(r, prefix)
-    ids, titles, texts = synthetic_catalog(N_ITEMS)
-    store.apply_items("items", 0, [(i, Item(item_id=item, title=title, text=texts[i], ts=1_700_000_000_000))
-                                   for i, (item, title) in enumerate(zip(ids, titles))])
-    r.zadd(store.recent_key(pseudonym(settings, "u1")), {"m0": 1000, "m4": 2000, "m8": 3000})
-    r.zadd(f"{prefix}feat:popular", {item: float(N_ITEMS - i) for i, item in enumerate(ids)})
+    store = seed_serving_store(r, settings, N_ITEMS)
+    ids, _, _ = synthetic_catalog(N_ITEMS)
     r.zadd(f"{prefix}feat:trending", {item: float(i) for i, item in enumerate(ids)})
     v1 = publish_adapter(registry, tmp, seed=1)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
