@@ -22,8 +22,12 @@ Returns / prints (JSON): `features_full_s`, `features_incremental_s_per_100k` ({
 increment): seconds per 100k new events}), `covisit_rows` (pair rows, both directions), `covisit_bytes`
 (Parquet bytes of `covisit_counts`), `covisit_build_s` (the full run's co-visitation stage, from the
 job's own `last_run.stage_s`), and `features_details` (every run's wall and CPU seconds, stage timings,
-sizes, settings; `incremental_cpu_s_per_100k`: the same map in CPU seconds of this process and the
-local Ray it started -- steadier than wall seconds on a shared machine; psutil, when installed).
+sizes -- the sequences' rows apart from their index, `sequences_state` + `sequences_hashes` --, the
+buckets each run compacted and the most segments a bucket holds, settings; `incremental_cpu_s_per_100k`:
+the same map in CPU seconds of this process and the local Ray it started -- steadier than wall seconds on a
+shared machine; psutil, when installed; `incremental_spread_per_100k`: mean and max over the repeats, wall
+and CPU, since a run that compacts sequence segments costs more than one that only appends -- the mean over
+many repeats, `--repeats`, is the amortized cost).
 `bench/ingest.py` calls `measure_feature_job(settings, events=, users=, items=)` and merges the dict.
 
 Flat means: the seconds per 100k at N are about those at the first checkpoint (incremental work
@@ -38,7 +42,6 @@ push): the job's own work only. N = 10,000,000 needs about 1.5 GB of disk (log +
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -54,8 +57,11 @@ import pyarrow.compute as pc
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.report import emit  # noqa: E402
+
 from streaming.events import EVENT_LOG_SCHEMA, ITEM_LOG_SCHEMA  # noqa: E402
 from streaming.features import read_manifest, run_features  # noqa: E402
+from streaming.features.tables import entry_files  # noqa: E402
 from streaming.offline_log import OfflineLog  # noqa: E402
 from streaming.settings import Settings, load_settings  # noqa: E402
 
@@ -169,11 +175,24 @@ def _run(settings: Settings, *, full: bool = False) -> dict[str, Any]:
     manifest = read_manifest(settings) or {}
     last = manifest.get("last_run", {})
     root = Path(settings.features_dir)
-    size = {name: sum((root / e["path"]).stat().st_size for e in manifest.get("tables", {}).get(name, []))
-            for name in ("sequences", "covisit_counts", "covisit_topk")}
+    tables = manifest.get("tables", {})
+
+    def nbytes(files: list[str]) -> int:
+        return sum((root / f).stat().st_size for f in files)
+
+    size = {name: nbytes([f for e in tables.get(name, []) for f in entry_files(name, e)])
+            for name in ("covisit_counts", "covisit_topk")}
+    seq = tables.get("sequences", [])
+    # The sequences' rows (base + segments) and their index (per-user state + event-id hashes), apart:
+    # the index is what an incremental run reads instead of the rows.
+    size["sequences"] = nbytes([e["path"] for e in seq] + [g["path"] for e in seq for g in e.get("segments", [])])
+    size["sequences_state"] = nbytes([e["state"] for e in seq if e.get("state")])
+    size["sequences_hashes"] = nbytes([h for e in seq for h in [e.get("hashes"), *(g.get("hashes") for g in
+                                                                                 e.get("segments", []))] if h])
     return {"wall_s": round(wall, 3), "cpu_s": cpu, "full": bool(last.get("full")), "new_events": result.new_events,
             "users_touched": result.users_touched, "pair_deltas": last.get("pair_deltas"),
-            "stage_s": last.get("stage_s", {}),
+            "stage_s": last.get("stage_s", {}), "compactions": last.get("compactions", {}),
+            "segments_max": max((len(e.get("segments", [])) for e in seq), default=0),
             "counts": manifest.get("counts", {}), "bytes": size}
 
 
@@ -184,7 +203,8 @@ def checkpoints_for(events: int) -> list[int]:
 
 
 def measure_feature_job(settings: Settings, *, events: int, users: int, items: int,
-                        checkpoints: list[int] | None = None, seed: int = 0, keep: bool = False) -> dict[str, Any]:
+                        checkpoints: list[int] | None = None, seed: int = 0, keep: bool = False,
+                        repeats: int | None = None) -> dict[str, Any]:
     """The feature job's figures over a synthetic log of `events` events (see the module docstring).
     Works in `<settings.data_dir>/features-scale/` (emptied first; removed after unless `keep`)."""
     if events < 1:
@@ -195,19 +215,22 @@ def measure_feature_job(settings: Settings, *, events: int, users: int, items: i
     data_dir = Path(settings.data_dir) / SUBDIR
     shutil.rmtree(data_dir, ignore_errors=True)
     try:
-        return _measure(settings.model_copy(update={"data_dir": data_dir}), events, users, items, points, seed)
+        return _measure(settings.model_copy(update={"data_dir": data_dir}), events, users, items, points, seed,
+                        INCREMENT_REPEATS if repeats is None else repeats)
     finally:
         if not keep:
             shutil.rmtree(data_dir, ignore_errors=True)
 
 
-def _measure(s: Settings, events: int, users: int, items: int, points: list[int], seed: int) -> dict[str, Any]:
+def _measure(s: Settings, events: int, users: int, items: int, points: list[int], seed: int,
+             repeats: int) -> dict[str, Any]:
     from streaming.ray_runtime import ensure_ray
 
     ensure_ray(s.ray_address)  # started before any timing
     runs: list[dict[str, Any]] = []
     per_100k: dict[str, float] = {}
     cpu_per_100k: dict[str, float | None] = {}
+    spread: dict[str, dict[str, float]] = {}
     full: dict[str, Any] = {}
     t_gen = 0.0
     for point in points:
@@ -223,7 +246,7 @@ def _measure(s: Settings, events: int, users: int, items: int, points: list[int]
         full.update(label=f"full over {point}")
         runs.append(full)
         times, cpus = [], []
-        for _ in range(INCREMENT_REPEATS):
+        for _ in range(repeats):
             before = log.written
             t0 = time.monotonic()
             log.append(INCREMENT_EVENTS)
@@ -235,6 +258,12 @@ def _measure(s: Settings, events: int, users: int, items: int, points: list[int]
             cpus.append(r["cpu_s"])
         per_100k[str(point)] = round(min(times) * 100_000 / INCREMENT_EVENTS, 3)
         cpu_per_100k[str(point)] = None if None in cpus else round(min(cpus) * 100_000 / INCREMENT_EVENTS, 3)
+        # A run that compacts costs more than one that appends: the mean and the max over the repeats too.
+        spread[str(point)] = {"wall_mean": round(float(np.mean(times)) * 100_000 / INCREMENT_EVENTS, 3),
+                              "wall_max": round(max(times) * 100_000 / INCREMENT_EVENTS, 3),
+                              **({} if None in cpus else {
+                                  "cpu_mean": round(float(np.mean(cpus)) * 100_000 / INCREMENT_EVENTS, 3),
+                                  "cpu_max": round(max(cpus) * 100_000 / INCREMENT_EVENTS, 3)})}
 
     return {
         "features_full_s": full["wall_s"],
@@ -244,8 +273,9 @@ def _measure(s: Settings, events: int, users: int, items: int, points: list[int]
         "covisit_build_s": float(full["stage_s"].get("covisit", 0.0)),
         "features_details": {
             "events": events, "users": users, "items": items, "increment_events": INCREMENT_EVENTS,
-            "increment_repeats": INCREMENT_REPEATS, "checkpoints": points,
-            "incremental_cpu_s_per_100k": cpu_per_100k, "full_cpu_s": full["cpu_s"], "generate_s": round(t_gen, 3),
+            "increment_repeats": repeats, "checkpoints": points,
+            "incremental_cpu_s_per_100k": cpu_per_100k, "incremental_spread_per_100k": spread,
+            "full_cpu_s": full["cpu_s"], "generate_s": round(t_gen, 3),
             "user_buckets": s.user_buckets, "covisit_buckets": getattr(s, "covisit_buckets", None),
             "covisit_window": s.covisit_window, "partitions": s.topic_partitions, "cpus": os.cpu_count(),
             "runs": runs,
@@ -262,6 +292,8 @@ def main() -> None:
                     help="comma-separated history sizes for the increments (default: 1000000,N or N/10,N)")
     ap.add_argument("--data-dir", type=Path, default=None,
                     help="work in <data-dir>/features-scale/ and keep it (default: a temporary directory, removed)")
+    ap.add_argument("--repeats", type=int, default=INCREMENT_REPEATS,
+                    help="timed incremental runs per checkpoint (more shows segment compaction: mean and max)")
     ap.add_argument("--json", type=Path, default=None, help="write the results here")
     a = ap.parse_args()
     tmp = None
@@ -271,15 +303,11 @@ def main() -> None:
     points = [int(x) for x in a.checkpoints.split(",")] if a.checkpoints else None
     try:
         out = measure_feature_job(settings, events=a.events, users=a.users, items=a.items, checkpoints=points,
-                                  keep=a.data_dir is not None)
+                                  keep=a.data_dir is not None, repeats=a.repeats)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    text = json.dumps(out, indent=2)
-    print(text)
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(text + "\n")
+    emit(out, a.json, indent=2)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ difference over the count is the per-unit figure docs/scaling.md sizes Redis wit
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -23,6 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.report import emit  # noqa: E402
 
 BATCH = 5_000  # records per apply call (ingest applies one partition batch per call, about this size)
 T0_MS = 1_700_000_000_000
@@ -100,10 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             "users_write_s": users_s,
             "recent_items_max": settings.recent_items_max,
         })
-    print(json.dumps(out, indent=1))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1))
+    emit(out, args.json)
     return 0
 
 

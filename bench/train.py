@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import tempfile
@@ -22,6 +21,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.report import emit  # noqa: E402
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -90,12 +92,9 @@ def main() -> int:
     out["ray2_vs_bare"] = out["ray2_samples_per_s"] / bare
     out.update(machine={"cpus": threads, "gpu": torch.cuda.get_device_name(0) if args.gpu else None},
                windows=int(len(windows["inputs"])), batch_size=tcfg.batch_size, epochs=tcfg.epochs)
-    print(json.dumps(out, indent=1))
+    emit(out, args.json)
     print(f"{'PASS' if out['ray1_vs_bare'] >= 0.85 else 'MISS'}  1-worker Ray Train within 15% of bare "
           f"(ratio {out['ray1_vs_bare']:.3f})")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1))
     return 0
 
 

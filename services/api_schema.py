@@ -79,6 +79,21 @@ class RecommendRequest(BaseModel):
         return []
 
 
+class RecommendQuery(BaseModel):
+    """The query parameters of `GET /v1/recommendations`. FastAPI reads them through this model and so
+    does the replica's hot path (services/hot_routes.py): one definition, one validation."""
+    user_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    k: int = Field(default=DEFAULT_K, ge=1, le=MAX_K)
+    scene: str = Field(default="default", pattern=SCENE_PATTERN)
+    exclude_seen: bool = True
+
+
+class SimilarQuery(BaseModel):
+    """The query parameters of `GET /v1/items/{item_id}/similar` (FastAPI's and the hot path's)."""
+    k: int = Field(default=DEFAULT_K, ge=1, le=MAX_K)
+    scene: str = Field(default="default", pattern=SCENE_PATTERN)
+
+
 class ScoredItem(BaseModel):
     item_id: str
     score: float
@@ -234,7 +249,7 @@ def error_responses(*statuses: int, media_type: str | None = None) -> dict[int |
             for status in statuses}
 
 
-__all__ = ["DEFAULT_K", "EDGE_ERRORS", "ERROR_DESCRIPTIONS", "KEYED_ERRORS", "ErrorBody", "FieldError", "Filters",
+__all__ = ["DEFAULT_K", "EDGE_ERRORS", "ERROR_DESCRIPTIONS", "KEYED_ERRORS", "ErrorBody", "RecommendQuery", "SimilarQuery", "FieldError", "Filters",
            "HealthResponse", "MAX_ID_CHARS",
            "MAX_K", "MAX_QUERY_CHARS", "MAX_RECENT_ITEMS", "QUERY_WEIGHT_MAX", "QUERY_WEIGHT_MIN", "ModelsResponse",
            "ExperimentView", "ReadinessResponse", "RecommendRequest",

@@ -22,9 +22,12 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
+from services.request_limits import replay
 
-async def run_asgi(app: Any, request: Request) -> Response:
-    """Run `app` on `request` (its scope and body stream) in this process; its answer as a Response."""
+
+async def run_asgi(app: Any, request: Request, body: bytes | None = None) -> Response:
+    """Run `app` on `request` (its scope and body stream) in this process; its answer as a Response.
+    `body`: what was already read of the request's body (services/hot_routes.py), given to the app first."""
     status: int | None = None
     headers: list[tuple[bytes, bytes]] = []
     chunks: list[bytes] = []
@@ -38,7 +41,8 @@ async def run_asgi(app: Any, request: Request) -> Response:
             chunks.append(message.get("body", b""))
 
     try:
-        await app(request.scope, request.receive, send)
+        receive = request.receive if body is None else replay(body, request.receive)
+        await app(request.scope, receive, send)
     except Exception:
         if status is None:  # nothing was answered: Serve's own 500
             raise

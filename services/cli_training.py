@@ -56,6 +56,9 @@ def train(
     hard_negatives: Optional[bool] = typer.Option(
         None, "--hard-negatives/--no-hard-negatives", help="Also push down each user's shown-but-not-clicked items "
         "(impressions log; training/hard_negatives.py). Default: the preset's (off; `--preset NAME+hard-negatives`)."),
+    max_users: Optional[int] = typer.Option(None, min=0, help="Users whose sequences the run reads from the feature "
+                                            "tables: a deterministic sample by hash of user id (0 = all). Default: "
+                                            "100,000."),
     force: bool = typer.Option(False, "--force", help="Publish even if the gate refuses."),
     publish: bool = typer.Option(True, "--publish/--no-publish", help="Publish to the registry through the gate."),
     dataset: Optional[str] = typer.Option(None, help="Train on a dataset spec (ml-100k, synthetic:...) instead "
@@ -81,7 +84,7 @@ def train(
     started = time.time()
     try:
         record = _train(scene, workers, gpu, incremental, epochs, batch_size, force, publish, dataset, preset, progress,
-                        hard_negatives=hard_negatives)
+                        hard_negatives=hard_negatives, max_users=max_users)
     except BaseException as exc:
         if isinstance(exc, typer.Exit) and exc.exit_code == 0:
             raise
@@ -125,7 +128,7 @@ def _write_outcome(path: Path | None, record: dict) -> None:
 
 def _train(scene: str, workers: int, gpu: bool, incremental: bool, epochs: int | None, batch_size: int | None,
            force: bool, publish: bool, dataset: str | None, preset: str, progress: bool, *,
-           hard_negatives: bool | None = None) -> dict:
+           hard_negatives: bool | None = None, max_users: int | None = None) -> dict:
     """`streamrec train` up to its outcome record (failures raise)."""
     import dataclasses as dc
 
@@ -138,7 +141,8 @@ def _train(scene: str, workers: int, gpu: bool, incremental: bool, epochs: int |
     chosen = preset_or_exit(preset)
     tcfg = chosen.train_config(incremental)
     tcfg = dc.replace(tcfg, **{k: v for k, v in {"epochs": epochs, "batch_size": batch_size,
-                                                  "hard_negatives": hard_negatives}.items() if v is not None})
+                                                  "hard_negatives": hard_negatives,
+                                                  "max_users": max_users}.items() if v is not None})
     req = TrainRequest(scene=scene, workers=workers, use_gpu=gpu, incremental=incremental, force=force,
                        model_config=chosen.model, train_config=tcfg, progress=progress, publish=publish)
 

@@ -88,7 +88,7 @@ class RequestLimits:
         if body is None:
             await self._refuse(scope, receive, send, 413, self._body_message("more than that sent"))
             return
-        await self.app(scope, _replay(body, receive), send)
+        await self.app(scope, replay(body, receive), send)
 
     def _body_message(self, what: str) -> str:
         return f"request body too large: {what} (at most {self.max_body} bytes; STREAMREC_MAX_BODY_BYTES)"
@@ -118,18 +118,18 @@ class RequestLimits:
         await response(scope, receive, send)
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
+def replay(body: bytes, receive: Receive) -> Receive:
     """A receive that gives `body` once, then defers to the real one (for the disconnect)."""
     sent = False
 
-    async def replay() -> Message:
+    async def again() -> Message:
         nonlocal sent
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
         return await receive()
 
-    return replay
+    return again
 
 
 class ApiEdge:
@@ -157,4 +157,4 @@ class ApiEdge:
 
 
 __all__ = ["ApiEdge", "BODY_METHODS", "CORS_HEADERS", "CORS_MAX_AGE_S", "CORS_METHODS", "REFUSAL_REASON_OF",
-           "RequestLimits"]
+           "RequestLimits", "replay"]

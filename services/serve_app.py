@@ -52,7 +52,7 @@ import asyncio
 import logging
 import secrets
 import time
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -65,11 +65,12 @@ from ray.serve._private.http_util import make_fastapi_class_based_view  # what @
 
 from services.api_answers import count_refusal, error_answer, install_error_handlers, json_answer
 from services.asgi_call import run_asgi
+from services.hot_routes import HotRoutes
 from services.api_guard import KEYED_ROUTE, ApiGuard, add_security_scheme
 from services.api_schema import (
-    DEFAULT_K, EDGE_ERRORS, KEYED_ERRORS, MAX_ID_CHARS, MAX_K, SCENE_PATTERN, ErrorBody, HealthResponse,
-    ModelsResponse, ReadinessResponse, RecommendRequest, RecommendResponse, ReplicaView, SceneVersion, ScoredItem,
-    SimilarResponse, error_responses, http_error,
+    EDGE_ERRORS, KEYED_ERRORS, MAX_K, ErrorBody, HealthResponse,
+    ModelsResponse, ReadinessResponse, RecommendQuery, RecommendRequest, RecommendResponse, ReplicaView, SceneVersion, ScoredItem,
+    SimilarQuery, SimilarResponse, error_responses, http_error,
 )
 from services.metrics import SOURCE_FALLBACK, SOURCE_MODEL, ServeMetrics
 from services.impression_record import Shown
@@ -100,6 +101,11 @@ IMPRESSIONS_CLOSE_S = 2.0  # a replica stopping waits this long at most for its 
 # request skips two cross-thread hand-offs (bench/serve.py). Our request path never blocks that
 # loop for long: Redis is async, a batch of the user tower costs ~1-2 ms, follower work is in threads.
 REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+# Serve's access log writes one INFO line per request to the replica's log file: ~5% of a replica's
+# busy time on the recommendation path (py-spy, bench/serve.py load). Requests are counted and timed
+# in Prometheus (`streamrec_requests_total`, `streamrec_request_seconds`) and errors are logged, so
+# the per-request line is off; `LOGGING_CONFIG` is Serve's LoggingConfig (turn it back on there).
+LOGGING_CONFIG = {"enable_access_log": False}
 
 # What a scoring batch raises when the model or FAISS fails (torch and FAISS raise RuntimeError,
 # shape mismatches ValueError/IndexError): the request gets the popularity fallback, not a 5xx.
@@ -175,6 +181,7 @@ class ApiReplica:
                                        active=lambda: [f"{s}@{v}" for s, v in self.versions.active.items()])
         self.popular: list[tuple[str, float]] = []
         self.guard = ApiGuard(self.settings, self.aredis, self.metrics, STORE_ERRORS)  # API keys, rate limit
+        self.hot = HotRoutes(api, self, self.settings)  # the hot routes without the framework around them
         # which variant of a scene's experiment answers whom (candidates load in the background)
         self.experiments = ExperimentFollower(self.registry, self._load_candidate, self.metrics,
                                               lambda: list(self.versions.wanted))
@@ -205,8 +212,12 @@ class ApiReplica:
                            or self.versions.read_error or "registry not read yet")
 
     async def __call__(self, request: Request) -> Response:
-        """Every HTTP request: the FastAPI app `api`, run here (module docstring)."""
-        return await run_asgi(api, request)
+        """Every HTTP request: the hot routes' happy path straight to the route (services/hot_routes.py),
+        everything else through the FastAPI app `api`, run here (module docstring)."""
+        answer, body = await self.hot.answer(request)
+        if answer is not None:
+            return answer
+        return await run_asgi(api, request, body)
 
     async def reconfigure(self, user_config: dict) -> None:
         """Serve calls it with the user_config after the constructor and whenever it changes. The
@@ -363,13 +374,10 @@ class ApiReplica:
 
     @api.get("/v1/recommendations", response_model=RecommendResponse, operation_id="recommend_get",
              responses={**error_responses(*ROUTES_ERRORS), **SIMILAR_LINK}, openapi_extra=KEYED_ROUTE)
-    async def recommend_get(self, request: Request, user_id: str = Query(..., min_length=1, max_length=MAX_ID_CHARS),
-                            k: int = Query(DEFAULT_K, ge=1, le=MAX_K),
-                            scene: str = Query("default", pattern=SCENE_PATTERN),
-                            exclude_seen: bool = True) -> Response:
+    async def recommend_get(self, request: Request, q: Annotated[RecommendQuery, Query()]) -> Response:
         bucket = self.guard.auth(request)
         try:
-            body = RecommendRequest(user_id=user_id, k=k, scene=scene, exclude_seen=exclude_seen)
+            body = RecommendRequest(user_id=q.user_id, k=q.k, scene=q.scene, exclude_seen=q.exclude_seen)
         except ValidationError as exc:  # an id of blanks: the body model strips it, the query parameter did not
             raise RequestValidationError(exc.errors()) from None
         return await self._recommend(body, "GET /v1/recommendations", bucket)
@@ -381,10 +389,10 @@ class ApiReplica:
 
     @api.get("/v1/items/{item_id}/similar", response_model=SimilarResponse, operation_id="similar_items",
              responses=error_responses(*ROUTES_ERRORS), openapi_extra=KEYED_ROUTE)
-    async def similar(self, request: Request, item_id: str, k: int = Query(DEFAULT_K, ge=1, le=MAX_K),
-                      scene: str = Query("default", pattern=SCENE_PATTERN)) -> Response:
+    async def similar(self, request: Request, item_id: str, q: Annotated[SimilarQuery, Query()]) -> Response:
         await self.guard.admit(self.guard.auth(request))
         t0 = time.perf_counter()
+        k, scene = q.k, q.scene
         adapter = await self._adapter(scene)
         if adapter is None:  # on fallback: popular items are no answer to "similar to this item"
             state = self.versions.scene_state(scene)
@@ -547,7 +555,7 @@ def build_app(env: dict[str, str] | None = None, pins: dict[str, str] | None = N
     opts = {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(TORCH_THREADS), **REPLICA_ENV, **dict(env or {})}}}
     placement = {"max_replicas_per_node": max_replicas_per_node} if max_replicas_per_node else {}
     return Api.options(num_replicas=replicas, user_config={"pins": dict(pins or {})},
-                       ray_actor_options={"num_cpus": 0.5, **opts}, **placement).bind()
+                       ray_actor_options={"num_cpus": 0.5, **opts}, logging_config=LOGGING_CONFIG, **placement).bind()
 
 
 def app_builder(args: dict[str, str]):

@@ -67,9 +67,11 @@ def test_a_full_disk_stops_ingest_naming_the_file_and_loses_nothing(embedded_sta
     assert any("cannot write the log file" in note for note in result.notes)
 
 
-def test_a_killed_training_worker_resumes_from_its_checkpoint(ray_local, tmp_path):
-    result = worker_kill.run(None, None, tmp_path, epochs=4)
+def test_a_killed_training_worker_resumes_from_its_checkpoint_and_ends_where_a_clean_run_ends(ray_local, tmp_path):
+    # (the one single-node kill/resume test: tests/multinode covers the kill of a second node's worker)
+    result = worker_kill.run(None, None, tmp_path, epochs=4, compare_clean=True)
     assert_clean(result)
+    assert any("uninterrupted" in note for note in result.notes), result.notes
 
 
 def test_redis_sigkilled_under_ingest_is_waited_out_and_nothing_is_lost(embedded_stack, tmp_path):

@@ -1,11 +1,21 @@
 """What training and evaluation read: the item catalog and per-user interaction sequences.
 
-A `Corpus` is built either from the live feature tables (`from_feature_tables`, what
-`streamrec train` uses: the `sequences` and `items` tables through the features manifest) or
-straight from a dataset (`from_dataset`, what the benchmarks use: no broker needed). Both give
-the same thing: items indexed 0..n-1 (`Catalog`), and per user the chronological item indices,
-timestamps and, when the data came through Kafka, each event's (partition, offset) -- the data
-window an adapter was trained on is expressed in those offsets.
+A `Corpus` is built from the live feature tables -- `load_corpus` / `from_feature_parts`, what
+`streamrec train` uses: the `sequences` table read part by part through the features manifest, a
+deterministic sample of at most `max_users` users kept; or `from_feature_tables` over tables
+already loaded whole -- or straight from a dataset (`from_dataset`, what the benchmarks use: no
+broker needed). All give the same thing: items indexed 0..n-1 (`Catalog`), and per user the
+chronological item indices, timestamps and, when the data came through Kafka, each event's
+(partition, offset) -- the data window an adapter was trained on is expressed in those offsets.
+
+Sampling (issue 18: training at 10^6 users): a run reads the sequences of at most `max_users`
+users (`TrainConfig.max_users`, default `DEFAULT_MAX_USERS`; 0 = all). The sample is the users with
+the `max_users` smallest `user_sample_keys` (a keyed 64-bit hash of the user id): the same users on
+every run and every host, and as users are added a user leaves the sample only for a new one with a
+smaller key (bottom-k sampling), so incremental runs and evaluation keep seeing mostly the same
+users. Tables with fewer users are read whole, so MovieLens and demo sizes are unaffected. The
+driver holds the sampled users' events plus one part (one user bucket) at a time, converted with
+Arrow/numpy kernels (`_SequencePart`): no Python object per event.
 
 Order: events of a user are ordered by timestamp; equal timestamps keep the order of the
 source (file row order for a dataset, log order -- partition, offset -- for feature tables,
@@ -19,6 +29,7 @@ a random share of items with all their interactions from the training part.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -28,6 +39,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 MIN_EVAL_LEN = 3  # a user needs a training item, a validation and a test target
+# Users whose sequences a training run reads when the tables hold more (TrainConfig.max_users; 0 = all).
+# MovieLens-1M (6,040 users) and the demo (hundreds to 10^4) stay whole; at 10^6 users a run reads a
+# tenth: ~10^6 events at 10 per user, 417 MB peak to load them instead of 3.2 GB for every sequence
+# (bench/train_scale.py, 10^7 events over 10^6 users).
+DEFAULT_MAX_USERS = 100_000
+# blake2b personalisation of the sample key: a hash independent of `bucket_of`'s crc32, so the
+# sample is spread over every user bucket and uncorrelated with the bucket layout.
+SAMPLE_KEY_PERSON = b"streamrec-sample"
+# Columns of the sequences table a Corpus reads (not event_ids / types / n: the largest unused ones).
+CORPUS_SEQUENCE_COLUMNS = ["user_id", "item_ids", "ts", "scenes", "partitions", "offsets"]
+NO_SEQUENCES = "the feature tables hold no sequences yet: ingest events, then run `streamrec features`"
 GAP_BUCKETS = 16  # log2-second buckets of the time between consecutive interactions (0 = pad)
 
 
@@ -115,6 +137,9 @@ class Corpus:
     # Per user, int32 item indices shown to them and never clicked, most recent first (training/hard_negatives.py);
     # None: not read (TrainConfig.hard_negatives off).
     hard_negatives: list[np.ndarray] | None = None
+    # Users in the feature tables this corpus was read from (more than len(user_ids) when sampled); None:
+    # not from feature tables.
+    users_in_tables: int | None = None
 
     @property
     def n_events(self) -> int:
@@ -126,26 +151,56 @@ class Corpus:
     # --- builders -------------------------------------------------------------------------------
     @classmethod
     def from_feature_tables(cls, tables: Any, *, source: str = "features") -> "Corpus":
-        """From `streaming.features.load_feature_tables(settings)` (sequences + items tables)."""
-        catalog = Catalog.from_table(tables.items)
+        """From `streaming.features.load_feature_tables(settings)` (sequences + items tables, loaded whole;
+        `from_feature_parts` reads the sequences part by part and samples)."""
         seq = tables.sequences
         if seq.num_rows == 0:
-            raise NotEnoughData("the feature tables hold no sequences yet: ingest events, then run `streamrec features`")
-        users = seq.column("user_id").to_pylist()
-        item_lists = seq.column("item_ids").to_pylist()
-        known = catalog.index
-        unknown = sorted({i for lst in item_lists for i in lst if i not in known})
-        catalog = catalog.extended(unknown)
-        index = catalog.index
-        items = [np.fromiter((index[i] for i in lst), dtype=np.int32, count=len(lst)) for lst in item_lists]
-        ts = [np.asarray(t, dtype=np.int64) for t in seq.column("ts").to_pylist()]
-        parts = [np.asarray(p, dtype=np.int32) for p in seq.column("partitions").to_pylist()]
-        offs = [np.asarray(o, dtype=np.int64) for o in seq.column("offsets").to_pylist()]
-        scenes = [np.asarray(s, dtype=object) for s in seq.column("scenes").to_pylist()]
-        manifest = getattr(tables, "manifest", {}) or {}
-        return cls(catalog, [str(u) for u in users], items, ts, parts, offs, scenes,
-                   watermarks=manifest.get("watermarks", {}), source=source,
-                   forgotten=tuple(manifest.get("forgotten", ())))
+            raise NotEnoughData(NO_SEQUENCES)
+        catalog = Catalog.from_table(tables.items)
+        part = _SequencePart.convert(seq, pa.array(catalog.item_ids, pa.string()))
+        return _assemble(catalog, [part], getattr(tables, "manifest", {}) or {}, source=source,
+                         users_in_tables=seq.num_rows)
+
+    @classmethod
+    def from_feature_parts(cls, settings: Any, manifest: dict, *, max_users: int = DEFAULT_MAX_USERS,
+                           items: pa.Table | None = None, source: str = "features") -> "Corpus":
+        """From the feature tables of `manifest`, reading the sequences one part at a time
+        (`streaming.features.tables.iter_sequence_parts`) and keeping a deterministic sample of at most
+        `max_users` users (0 = all; see the module docstring). `items`: the items table when the caller
+        has it (else read here). With `max_users` at or above the users in the tables, equal to
+        `from_feature_tables` over the same version (same users, order, catalog and arrays).
+
+        Peak driver memory: the sampled users' events (as numpy arrays) plus one part's Arrow table, and
+        8 bytes per user of the tables for the sample keys -- not every sequence of the tables."""
+        from streaming.features.tables import ITEMS, iter_sequence_parts, load_tables
+
+        if max_users < 0:
+            raise CorpusError(f"max_users={max_users!r}: must be >= 0 (0 = every user)")
+        if items is None:
+            items = load_tables(settings, manifest, names=(ITEMS,)).items
+        catalog = Catalog.from_table(items)
+        threshold, n_users = None, None
+        if max_users:
+            # first pass, user ids only: the key of the max_users-th smallest is the sample's threshold
+            keys = [user_sample_keys(t.column("user_id")) for t in iter_sequence_parts(settings, manifest, ["user_id"])]
+            all_keys = np.concatenate(keys) if keys else np.empty(0, np.uint64)
+            n_users = len(all_keys)
+            if n_users > max_users:
+                threshold = np.partition(all_keys, max_users - 1)[max_users - 1]
+            del keys, all_keys
+        catalog_ids = pa.array(catalog.item_ids, pa.string())
+        parts, read = [], 0
+        for seq in iter_sequence_parts(settings, manifest, CORPUS_SEQUENCE_COLUMNS):
+            read += seq.num_rows
+            if threshold is not None:
+                # keys are 64-bit: a tie at the threshold (two users, one key) is ~never; both are kept then
+                seq = seq.filter(pa.array(user_sample_keys(seq.column("user_id")) <= threshold))
+            if seq.num_rows:
+                parts.append(_SequencePart.convert(seq, catalog_ids))
+            del seq  # the part's Arrow table: only its sampled users' arrays stay
+        if not parts:
+            raise NotEnoughData(NO_SEQUENCES)
+        return _assemble(catalog, parts, manifest, source=source, users_in_tables=n_users or read)
 
     @classmethod
     def from_dataset(cls, dataset: Any, *, source: str = "dataset") -> "Corpus":
@@ -186,6 +241,105 @@ class Corpus:
             if scene_np is not None:
                 scenes.append(scene_np[idx])
         return cls(catalog, users, items, tss, scenes=scenes if scene_np is not None else None, source=source)
+
+
+# --- reading the feature tables --------------------------------------------------------------
+
+
+def user_sample_keys(user_ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """The sample key (uint64) of each user id: blake2b-64 personalised with `SAMPLE_KEY_PERSON`; the same on
+    every host and Python run. A training run reads the users with the smallest keys (`from_feature_parts`).
+    One hash call per user (not per event): ~1 s per 10^6 users."""
+    digests = b"".join(hashlib.blake2b(u.encode("utf-8"), digest_size=8, person=SAMPLE_KEY_PERSON).digest()
+                       for u in user_ids.to_pylist())
+    return np.frombuffer(digests, dtype=">u8").astype(np.uint64)
+
+
+def load_corpus(settings: Any, *, max_users: int = DEFAULT_MAX_USERS, source: str = "features") -> Corpus:
+    """The live feature tables as a Corpus of at most `max_users` sampled users (`Corpus.from_feature_parts`):
+    what `streamrec train` reads."""
+    from streaming.features.tables import read_manifest
+
+    for attempt in range(2):
+        manifest = read_manifest(settings)
+        if manifest is None:
+            raise CorpusError("no feature tables yet: run `streamrec ingest` and `streamrec features` first")
+        try:
+            return Corpus.from_feature_parts(settings, manifest, max_users=max_users, source=source)
+        except FileNotFoundError:
+            # A feature run published twice more and collected our version while we read: read the new one.
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class _SequencePart:
+    """One part of the sequences table as flat numpy arrays (one element per event) and per-user lengths.
+    Item ids missing from the catalog are -1 in `items`; `unknown_at` / `unknown_ids` say where and which,
+    resolved once every part is read (`_assemble`: they extend the catalog in sorted order)."""
+
+    users: list[str]
+    lengths: np.ndarray  # int64 per user
+    items: np.ndarray  # int32 per event: catalog index, -1 = not in the catalog
+    ts: np.ndarray  # int64
+    partitions: np.ndarray  # int32
+    offsets: np.ndarray  # int64
+    scenes: np.ndarray  # object (str | None), sharing one Python object per distinct scene
+    unknown_at: np.ndarray  # int64 positions in `items` of the unknown item ids
+    unknown_ids: pa.Array  # their ids
+
+    @classmethod
+    def convert(cls, seq: pa.Table, catalog_ids: pa.Array) -> "_SequencePart":
+        """Vectorised: list columns flattened, item ids looked up with `pc.index_in` (no loop per event)."""
+        def flat(name: str) -> pa.Array:
+            col = seq.column(name).combine_chunks()
+            return pc.list_flatten(col)
+
+        lengths = pc.fill_null(pc.list_value_length(seq.column("item_ids").combine_chunks()), 0)
+        lengths = lengths.to_numpy(zero_copy_only=False).astype(np.int64)
+        item_col = flat("item_ids")
+        idx = pc.index_in(item_col, value_set=catalog_ids)
+        unknown = idx.is_null()
+        unknown_at = np.flatnonzero(unknown.to_numpy(zero_copy_only=False)) if idx.null_count else np.empty(0, np.int64)
+        items = pc.fill_null(idx, -1).to_numpy(zero_copy_only=False).astype(np.int32)
+        scenes = flat("scenes").dictionary_encode()
+        values = np.empty(len(scenes.dictionary) + 1, dtype=object)  # the last one: a null scene
+        values[:-1] = scenes.dictionary.to_pylist()
+        codes = pc.fill_null(scenes.indices, len(scenes.dictionary)).to_numpy(zero_copy_only=False)
+        return cls(
+            users=[str(u) for u in seq.column("user_id").to_pylist()], lengths=lengths, items=items,
+            # copies (astype): writable like from_events' arrays, and no view pins the part's Arrow buffers
+            ts=flat("ts").to_numpy(zero_copy_only=False).astype(np.int64),
+            partitions=flat("partitions").to_numpy(zero_copy_only=False).astype(np.int32),
+            offsets=flat("offsets").to_numpy(zero_copy_only=False).astype(np.int64),
+            scenes=values[codes], unknown_at=unknown_at,
+            unknown_ids=pc.filter(item_col, unknown) if len(unknown_at) else pa.array([], pa.string()))
+
+
+def _assemble(catalog: Catalog, parts: list[_SequencePart], manifest: dict, *, source: str,
+              users_in_tables: int) -> Corpus:
+    """The Corpus of `parts` (in order): unknown items appended to the catalog sorted by id (as
+    `Catalog.extended` expects), then each part's flat arrays split into per-user views."""
+    unknown = sorted(set().union(*(p.unknown_ids.to_pylist() for p in parts)))
+    if unknown:
+        n_known = len(catalog)
+        catalog = catalog.extended(unknown)
+        unknown_arr = pa.array(unknown, pa.string())
+        for p in parts:
+            if len(p.unknown_at):
+                rank = pc.index_in(p.unknown_ids, value_set=unknown_arr).to_numpy(zero_copy_only=False)
+                p.items[p.unknown_at] = (n_known + rank).astype(np.int32)
+    users: list[str] = []
+    cols: dict[str, list[np.ndarray]] = {"items": [], "ts": [], "partitions": [], "offsets": [], "scenes": []}
+    for p in parts:
+        users += p.users
+        cuts = np.cumsum(p.lengths)[:-1]
+        for name, out in cols.items():
+            out += np.split(getattr(p, name), cuts)  # views of the part's arrays: no copy
+    return Corpus(catalog, users, cols["items"], cols["ts"], cols["partitions"], cols["offsets"], cols["scenes"],
+                  watermarks=manifest.get("watermarks", {}), source=source,
+                  forgotten=tuple(manifest.get("forgotten", ())), users_in_tables=users_in_tables)
 
 
 # --- splits ----------------------------------------------------------------------------------
@@ -391,7 +545,7 @@ def describe(corpus: Corpus) -> str:
 
 
 __all__ = [
-    "Catalog", "Corpus", "CorpusError", "EvalSet", "Split", "GAP_BUCKETS", "MIN_EVAL_LEN", "cold_start_split",
-    "describe", "gap_bucket", "history_features", "item_text", "leave_one_out", "NotEnoughData", "popularity_log_q",
-    "training_windows",
+    "Catalog", "Corpus", "CorpusError", "DEFAULT_MAX_USERS", "EvalSet", "Split", "GAP_BUCKETS", "MIN_EVAL_LEN",
+    "cold_start_split", "describe", "gap_bucket", "history_features", "item_text", "leave_one_out", "load_corpus",
+    "NotEnoughData", "popularity_log_q", "training_windows", "user_sample_keys",
 ]

@@ -1,6 +1,9 @@
 """One training run end to end: from the feature tables to a published adapter (`run_training`).
 
-1. reads the live feature tables (`sequences`, `items`) into a `Corpus`; splits leave-one-out;
+1. reads the live feature tables (`sequences`, `items`) into a `Corpus` -- at most
+   `TrainConfig.max_users` users (default `training.corpus.DEFAULT_MAX_USERS`; `streamrec train
+   --max-users`), a deterministic sample by hash of user id when the tables hold more, read part by part
+   (`training.corpus.load_corpus`); splits leave-one-out;
 2. incremental: loads the scene's live adapter as the parent; targets are the events past the
    parent's data window (`training.adapter.new_event_masks`) plus `replay_fraction` of the older
    ones, so the adapter follows fresh data without forgetting the rest;
@@ -57,6 +60,7 @@ from training.corpus import (
     NotEnoughData,
     Split,
     leave_one_out,
+    load_corpus,
     popularity_log_q,
     training_windows,
 )
@@ -299,7 +303,6 @@ def new_run_dir(runs_dir: Path, scene: str) -> Path:
 
 
 def run_training(settings: Any, req: TrainRequest, corpus: Corpus | None = None) -> TrainOutcome:
-    from streaming.features import load_feature_tables
     from training.baselines import ItemKNNScorer, PopularScorer
     from training.evaluation import evaluate, save_report
     from training.canary import publish_candidate
@@ -307,10 +310,18 @@ def run_training(settings: Any, req: TrainRequest, corpus: Corpus | None = None)
     from training.registry import Registry
 
     if corpus is None:
-        tables = load_feature_tables(settings)
-        if tables is None:
-            raise CorpusError("no feature tables yet: run `streamrec ingest` and `streamrec features` first")
-        corpus = Corpus.from_feature_tables(tables)
+        # A sample of the users at scale (training/corpus.py): everything below -- windows, evaluation,
+        # baselines, incremental masks -- works on it. The data window recorded (`data_window`) keeps the
+        # tables' watermarks: the adapter saw every sampled user's events up to them, so a child run's
+        # `new_event_masks` (offsets past those watermarks) stays exact for whichever users it samples;
+        # a user new to the sample has only "old" events, trained on as replay. Its users/events counts
+        # are the sample's.
+        max_users = req.train_config.max_users
+        t0 = time.perf_counter()
+        corpus = load_corpus(settings, max_users=max_users)
+        logger.info("read %d of %d users (max_users %d; %d events) from the feature tables in %.1f s",
+                    len(corpus.user_ids), corpus.users_in_tables or 0, max_users, corpus.n_events,
+                    time.perf_counter() - t0)
     if req.train_config.hard_negatives and corpus.hard_negatives is None:
         from training.hard_negatives import with_hard_negatives
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from training.adapter import load_state
+from training.corpus import DEFAULT_MAX_USERS
 from training.model import ModelConfig, Recommender
 
 
@@ -38,11 +39,16 @@ class TrainConfig:
     hard_negatives: bool = field(default=False, metadata={"help": "also push down each user's shown-but-not-clicked items (impressions log, training/hard_negatives.py) at their training positions: an unlikelihood term -log(1 - p)"})
     hard_negative_weight: float = field(default=1.0, metadata={"help": "weight of the hard-negative term (1: each declined item pushed down twice as hard as by the softmax alone)"})
     hard_negative_max: int = field(default=20, metadata={"help": "hard negatives per user: the most recently shown ones"})
+    max_users: int = field(default=DEFAULT_MAX_USERS, metadata={
+        "help": "users whose sequences a run reads: a deterministic sample by hash of user id when the feature "
+                "tables hold more (training/corpus.py load_corpus); 0 = every user"})
 
     def __post_init__(self) -> None:
         if self.hard_negative_weight < 0 or self.hard_negative_max < 1:
             raise ValueError(f"hard_negative_weight={self.hard_negative_weight!r}, hard_negative_max="
                              f"{self.hard_negative_max!r}: need a weight >= 0 and at least 1 item")
+        if self.max_users < 0:
+            raise ValueError(f"max_users={self.max_users!r}: must be >= 0 (0 = every user)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -8,8 +8,9 @@ serving's fallback) never see half a version, and a crashed run changes nothing.
 
 Modules, in the order a reader needs them:
 
-* `tables` -- the tables' schemas and the readers (`load_feature_tables`, `read_manifest`,
-  `table_paths`): what training imports;
+* `tables` -- the tables' schemas, the layout (a user bucket: base + append segments, merged on
+  read) and the readers (`load_feature_tables`, `read_manifest`, `iter_sequence_parts` for the
+  sequences one bucket at a time, `table_paths` for the other tables): what training imports;
 * `job` -- one run (`run_features`): what is new, the Ray Data pipeline, the manifest it publishes;
 * `merge` -- the two Ray Data stages (user-bucket merge, co-visitation buckets);
 * `store` -- version directories, the manifest swap, garbage collection, the run locks;
@@ -38,6 +39,7 @@ from streaming.features.tables import (
     TABLE_SCHEMAS,
     FeatureTables,
     bucket_of,
+    iter_sequence_parts,
     load_feature_tables,
     read_manifest,
     table_paths,
@@ -66,5 +68,6 @@ __all__ = [
     "push_popularity_to_redis",
     "read_manifest",
     "run_features",
+    "iter_sequence_parts",
     "table_paths",
 ]

@@ -6,9 +6,11 @@ What is exact, and why:
 * Input: a file is new when its last offset is above its partition's watermark; rows at or
   below the watermark are dropped too (a file never overlaps another, so that is only a guard).
   Files appear whole, so a listed file is complete.
-* Sequences: each run merges, per touched user, the stored sequence with the new events
-  and re-sorts/dedups the union -- the result is the same as sorting the whole log, whatever
-  order files arrive in (late events included).
+* Sequences: per touched user, the new events are either a plain append (all sort after the
+  user's stored last event, no event id already stored: `streaming.features.merge`) or the stored
+  sequence and the new events are re-sorted/deduplicated together -- either way the result is the
+  same as sorting the whole log, whatever order files arrive in (late events included). A bucket is
+  stored as a base + segments merged on read (`streaming.features.tables`).
 * Popularity and co-visitation are updated from exact per-user differences
   (`streaming.features.merge`), so integer columns equal a full recompute exactly; trending
   equals it within float rounding (old * 2^(-(new_ref - old_ref)/half_life) + new
@@ -24,10 +26,19 @@ What is exact, and why:
   It reads two columns of the event log and the impression log: 0.02 s at 1.2M events without
   impressions (bench/features_scale.py), so still a recompute; incremental attribution is left for
   when impression volume makes it count.
-* Cost: a run rewrites every user bucket and co-visitation bucket its new events touch, in full.
-  New events spread over many users touch every bucket, so a run's cost has a part proportional to
-  the stored tables (read + write of the touched bucket files), besides the part proportional to
-  the new events; `last_run.stage_s` in the manifest says where a run's time went.
+* Cost (issue 18): a run writes, per user bucket its new events touch, one segment with only the
+  touched users' new rows and reads the bucket's per-user state and event-id hashes, not its
+  sequences (except for users with a late or duplicate event: `streaming.features.merge`). What
+  still grows with the stored data: the state file (rewritten, one row per stored user of a touched
+  bucket), the hash files (read, 8 bytes per stored event), compaction (`MAX_SEGMENTS`,
+  `COMPACT_WHEN_APPENDED_OVER_BASE`: a run that compacts rewrites those buckets, amortized a bounded
+  number of times per byte), and the co-visitation buckets (rewritten in full when touched; bounded by
+  items x neighbours, not by events) and the popularity file (one row per item).
+  `last_run.stage_s` in the manifest says where a run's time went, `last_run.compactions` how many
+  buckets it compacted. Measured (bench/features_scale.py, 100k users, 20k items, 2 shared cores):
+  the sequences stage per 100k new events is 1.4-1.5 s at 1M stored events and 2.6-2.8 s at 10M
+  (stage 1's own work per bucket, in process: ~0.045 CPU-s at both sizes, was 0.06-0.19 / 0.5); the
+  co-visitation stage is what still grows: 2.1-2.9 s at 1M (3.8M pairs), 8.4-10 s at 10M (30M pairs).
 * A corrupt or torn new log file stops the run with `CorruptLogFile` naming it (footers are checked
   before any work; when a Ray Data read fails, the new files are decoded to find the culprit): never
   tables silently missing its events. Chosen over quarantine; README "Chaos suite" says what to do.
@@ -48,6 +59,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import logging
 import sys
 import time
@@ -60,15 +72,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from streaming.events import ITEM_LOG_SCHEMA
+from streaming.features import merge as merge_stage
 from streaming.features import store
 from streaming.features.attribution import EVENT_SCHEMA_WITHOUT_ATTRIBUTION, attribution_is_stale, publish_attribution
+from streaming.features.covisit_merge import COVISIT_OUT_SCHEMA, merge_covisit_bucket
 from streaming.features.merge import (
-    COVISIT_OUT_SCHEMA,
     DELTA_SCHEMA,
     EVENT_COLUMNS_READ,
     MergeJob,
     above_watermarks,
-    merge_covisit_bucket,
     merge_user_bucket,
     only_kind,
     prepare_events,
@@ -176,6 +188,8 @@ class _Run:
     im_files: list[LogFile] = field(default_factory=list)  # new impression files (attribution reads them all)
     im_wm: dict[int, int] = field(default_factory=dict)
     attribution: dict = field(default_factory=dict)  # the manifest's `attribution` entry
+    # Sequence buckets compacted by this run: {"full": n, "segments": n} (manifest `last_run.compactions`).
+    compactions: dict[str, int] = field(default_factory=dict)
     # Wall seconds per stage (manifest `last_run.stage_s`: where a run's time goes; bench/features_scale.py).
     stage_s: dict[str, float] = field(default_factory=dict)
 
@@ -256,7 +270,8 @@ def _run_locked(settings: Settings, features_dir: Path, full: bool, rlock: Any, 
         root=str(features_dir), vdir=run.vdir, user_buckets=settings.user_buckets,
         covisit_buckets=covisit_buckets(settings), window=settings.covisit_window, topk=settings.covisit_topk,
         half_life_ms=float(settings.trending_half_life_s) * MS_PER_S,
-        old_sequences={b: e["path"] for b, e in _by_bucket(run.tables[SEQUENCES]).items()},
+        old_sequences=_by_bucket(run.tables[SEQUENCES]),
+        max_segments=merge_stage.MAX_SEGMENTS, compact_over_base=merge_stage.COMPACT_WHEN_APPENDED_OVER_BASE,
         old_counts={b: e["path"] for b, e in _by_bucket(run.tables[COVISIT_COUNTS]).items()},
         old_topk={b: e["path"] for b, e in _by_bucket(run.tables[COVISIT_TOPK]).items()},
     )
@@ -332,7 +347,8 @@ def _finish(run: _Run, rlock: Any) -> Path:
                     run.version],
         "last_run": {"full": run.base is None, "new_files": run.new_files, "new_events": run.new_events,
                      "users_touched": run.users_touched, "duration_s": round(time.monotonic() - run.started, 3),
-                     "pair_deltas": run.pair_deltas, "stage_s": dict(run.stage_s)},
+                     "pair_deltas": run.pair_deltas, "stage_s": dict(run.stage_s),
+                     "compactions": dict(run.compactions)},
     }
     # `store.` looked up at call time: the crash-safety test stands in for the publish step.
     path = store.publish_manifest(run.features_dir, manifest)
@@ -358,8 +374,11 @@ def _update_events(run: _Run, job: MergeJob, bar: Any) -> None:
         seq = small.filter(pc.equal(small["kind"], "seq"))
         seq_buckets = _by_bucket(tables[SEQUENCES])
         for row in seq.to_pylist():
-            seq_buckets[row["bucket"]] = {"bucket": row["bucket"], "path": row["key"], "rows": row["rows"],
-                                          "events": row["events"]}
+            entry = json.loads(row["key"])  # the bucket's new entry (merge_user_bucket)
+            compacted = entry.pop("compacted", None)
+            if compacted:
+                run.compactions[compacted] = run.compactions.get(compacted, 0) + 1
+            seq_buckets[row["bucket"]] = entry
         tables[SEQUENCES] = [seq_buckets[b] for b in sorted(seq_buckets)]
     bar.set_postfix(seq_buckets=seq.num_rows, covisit_buckets=0)
     if seq.num_rows == 0:

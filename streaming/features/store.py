@@ -10,7 +10,9 @@
   hosts exclude each other; it is re-checked right before publishing, and a run that lost it aborts.
 * Garbage collection: after publishing, version directories that none of the last
   ``KEEP_VERSIONS`` published manifests reference are deleted (a reader that loaded one of
-  them can still finish).
+  them can still finish). A sequence bucket's base and segments stay where the run that wrote
+  them put them, so an older directory can be referenced for those files alone: its other files
+  are deleted.
 """
 
 from __future__ import annotations
@@ -26,14 +28,16 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from streaming.features.tables import MANIFEST_NAME
+from streaming.features.tables import MANIFEST_NAME, entry_files
 from streaming.file_lock import flock_exclusive
 from streaming.settings import Settings
 from streaming.versioned_store import atomic_write_json, read_json, remove_unkept, version_name, version_number
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_FORMAT = 1
+# 2: sequence buckets as base + segments + state + event-id hashes (streaming.features.tables); a
+# manifest of another format is rebuilt from the log by the next run.
+MANIFEST_FORMAT = 2
 KEEP_VERSIONS = 3  # published versions whose files survive garbage collection
 LOCK_FILE_NAME = ".lock"
 LOCK_WAIT_S = 600.0  # how long a run waits for another run to finish before giving up
@@ -49,13 +53,28 @@ class FeaturesBusyError(RuntimeError):
     """Another feature run holds the lock for longer than `LOCK_WAIT_S`."""
 
 
-def write_parquet(table: pa.Table, path: str, *, use_dictionary: bool | list[str] = True) -> None:
+def write_parquet(table: pa.Table, path: str, *, use_dictionary: bool | list[str] = True,
+                  row_group_size: int | None = None) -> None:
     """Write one table file into a version directory (not yet referenced by any manifest).
-    `use_dictionary`: the Parquet column paths to dictionary-encode (all by default)."""
+    `use_dictionary`: the Parquet column paths to dictionary-encode (all by default); `row_group_size`: rows
+    per row group (pyarrow's default when None)."""
     # fsync'd: the manifest that will point at this file must never outlive it.
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as fh:
-        pq.write_table(table, fh, compression=PARQUET_COMPRESSION, use_dictionary=use_dictionary)
+        pq.write_table(table, fh, compression=PARQUET_COMPRESSION, use_dictionary=use_dictionary,
+                       row_group_size=row_group_size)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def write_array(values, path: str) -> None:
+    """Write one numpy array (`.npy`) into a version directory, fsync'd like `write_parquet`. The event-id
+    hashes of a sequence bucket: random 64-bit values that no codec compresses, so no Parquet around them."""
+    import numpy as np
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as fh:
+        np.save(fh, np.ascontiguousarray(values, dtype=np.uint64), allow_pickle=False)
         fh.flush()
         os.fsync(fh.fileno())
 
@@ -79,12 +98,27 @@ def collect_garbage(features_dir: Path, manifest: dict) -> list[str]:
     """Delete the version directories the last `KEEP_VERSIONS` published manifests do not
     reference, and leftover temporary files; returns the removed directory names."""
     keep: set[str] = set()
+    kept_versions: set[str] = set()
+    referenced: set[str] = set()
     for v in manifest["history"][-KEEP_VERSIONS:]:
         m = manifest if v == manifest["version"] else read_json(features_dir / version_name(v) / MANIFEST_NAME)
         keep.add(version_name(v))
-        for entries in (m or {}).get("tables", {}).values():
-            keep.update(e["path"].split("/", 1)[0] for e in entries)
-    return remove_unkept(features_dir, keep)
+        kept_versions.add(version_name(v))
+        for name, entries in (m or {}).get("tables", {}).items():
+            # (a sequences entry references files of older versions too: its base and segments)
+            files = [f for e in entries for f in entry_files(name, e)]
+            referenced.update(files)
+            keep.update(f.split("/", 1)[0] for f in files)
+    removed = remove_unkept(features_dir, keep)
+    # An older directory kept only for some sequence bases / segments: its other files (that version's
+    # co-visitation, popularity, ... copies) go, or disk would hold up to MAX_SEGMENTS + 1 extra versions.
+    for name in sorted(keep - kept_versions):
+        vdir = features_dir / name
+        for path in vdir.rglob("*"):
+            rel = path.relative_to(features_dir).as_posix()
+            if path.is_file() and rel not in referenced and path.name != MANIFEST_NAME:
+                path.unlink(missing_ok=True)
+    return removed
 
 
 @contextlib.contextmanager

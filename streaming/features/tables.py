@@ -11,8 +11,9 @@ Tables
   element per event) and ``n``. Events are ordered by (ts, partition, offset) and deduplicated
   by event_id within the user, keeping the first in that order. ``partitions``/``offsets``
   are the events' log positions: they make the merge of late events exact. Split into
-  ``user_buckets`` files by ``zlib.crc32(user_id) % user_buckets`` (`bucket_of`), rows sorted
-  by user_id.
+  ``user_buckets`` buckets by ``zlib.crc32(user_id) % user_buckets`` (`bucket_of`). Read it with
+  `iter_sequence_parts` / `load_tables` only (never the files): a bucket is stored as segments,
+  merged on read (below).
 * ``items`` -- the catalog: the latest record per item_id by (ts, partition, offset), with
   ``ITEM_LOG_SCHEMA`` columns; deleted items stay, flagged ``deleted=True`` (never null).
 * ``popularity`` -- ``item_id``, ``count`` (deduplicated interactions, all time) and
@@ -34,7 +35,11 @@ Layout::
     features_dir/manifest.json                     the only entry point (atomically replaced)
     features_dir/.lock                             fcntl lock of a run
     features_dir/v000007/manifest.json             copy of the manifest that published v7
-    features_dir/v000007/sequences/bucket-00003.parquet
+    features_dir/v000005/sequences/bucket-00003.parquet          a bucket's base (SEQUENCE_SCHEMA)
+    features_dir/v000005/sequences/bucket-00003.hashes.npy       its event-id hashes (sorted uint64)
+    features_dir/v000007/sequences/bucket-00003.seg.parquet      a segment (+ ``replace``), newer runs
+    features_dir/v000007/sequences/bucket-00003.seg.hashes.npy   the event-id hashes it added
+    features_dir/v000007/sequences/bucket-00003.state.parquet    per-user state (`SEQUENCE_STATE_SCHEMA`)
     features_dir/v000007/covisit_counts/bucket-00011.parquet
     features_dir/v000007/covisit_topk/bucket-00011.parquet
     features_dir/v000007/items.parquet, popularity.parquet
@@ -44,6 +49,23 @@ top-K, half-life, topics: a change forces a full rebuild), ``watermarks`` ({topi
 last offset processed}}), ``ref_ts``, ``tables`` ({name: [{"bucket", "path", "rows", ...}]},
 paths relative to features_dir; a bucket with no rows has no entry), ``counts`` (totals),
 ``history`` (the last published versions) and ``last_run``.
+
+Sequence segments (issue 18: a run's cost follows its new events, not the stored history)
+------------------------------------------------------------------------------------------
+A ``sequences`` entry is ``{"bucket", "path": base file, "hashes": base hash file, "segments":
+[{"path", "hashes", "bytes"}, ...] oldest first, "state": state file, "base_bytes", "rows", "events"}``
+(`sequence_entry_files` lists its files). The base holds one full row per user. A segment holds at
+most one row per user, with a ``replace`` flag: an *append* row (``replace`` false) carries only
+events that sort after everything stored for the user (its ``n`` counts them); a *replacement* row
+(true) carries the user's whole sequence (a late event or a duplicate event id took the exact merge).
+A reader takes, per user, the rows from its newest replacement (the base row counts as one) onward
+and concatenates their lists in segment order (`merge_sequence_rows`): the result is one row per
+user in `SEQUENCE_SCHEMA`, as a single file would give. The hash files hold 64-bit hashes of the
+bucket's event ids (`event_id_hashes`) and the state file holds, per user, ``n``, the sort key of
+the last stored event and the item ids of its last ``covisit_window`` events: what the job needs to
+decide that new events are plain appends and to compute their deltas without reading the sequences
+(`streaming.features.merge`). Segments are compacted by the job (`streaming.features.merge`:
+`MAX_SEGMENTS`, `COMPACT_WHEN_APPENDED_OVER_BASE`).
 """
 
 from __future__ import annotations
@@ -51,8 +73,11 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from streaming.events import ITEM_LOG_SCHEMA
@@ -82,6 +107,26 @@ SEQUENCE_SCHEMA = pa.schema(
         ("partitions", pa.list_(pa.int32())),
         ("offsets", pa.list_(pa.int64())),
         ("n", pa.int64()),
+    ]
+)
+# Rows (users) per Parquet row group of a sequence file: a read of a few users' rows (the job's exact path)
+# decodes only their row groups.
+SEQUENCE_ROW_GROUP_USERS = 1024
+# A sequence segment row: a SEQUENCE_SCHEMA row plus whether it replaces the user's stored sequence
+# (true) or appends to it (false; its `n` counts only the appended events).
+REPLACE = "replace"
+SEGMENT_SCHEMA = SEQUENCE_SCHEMA.append(pa.field(REPLACE, pa.bool_()))
+# Per-user state of a sequence bucket (one row per stored user, sorted by user_id): the stored length,
+# the (ts, partition, offset) key of the user's last event and the item ids of its last `covisit_window`
+# events (the only stored events a plain append pairs with).
+SEQUENCE_STATE_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.string()),
+        ("n", pa.int64()),
+        ("last_ts", pa.int64()),
+        ("last_partition", pa.int32()),
+        ("last_offset", pa.int64()),
+        ("tail", pa.list_(pa.string())),
     ]
 )
 POPULARITY_SCHEMA = pa.schema([("item_id", pa.string()), ("count", pa.int64()), ("trending", pa.float64())])
@@ -129,9 +174,139 @@ def read_manifest(settings: Settings) -> dict | None:
 
 
 def table_paths(settings: Settings, manifest: dict, name: str) -> list[str]:
-    """Absolute paths of the files of table `name` in `manifest` (e.g. for `ray.data.read_parquet`)."""
+    """Absolute paths of the files of table `name` in `manifest` (e.g. for `ray.data.read_parquet`).
+    Not for ``sequences``: its buckets are segments merged on read (`iter_sequence_parts`)."""
+    if name == SEQUENCES:
+        raise ValueError("table_paths: the sequences table is stored as segments merged on read; "
+                         "read it with iter_sequence_parts / load_tables")
     root = Path(settings.features_dir).absolute()
     return [str(root / e["path"]) for e in manifest["tables"].get(name, [])]
+
+
+def sequence_entry_files(entry: dict) -> list[str]:
+    """Every file (relative to features_dir) a ``sequences`` manifest entry references."""
+    files = [entry["path"]] if entry.get("path") else []
+    files += [entry[k] for k in ("hashes", "state") if entry.get(k)]
+    for seg in entry.get("segments", []):
+        files += [seg["path"], *([seg["hashes"]] if seg.get("hashes") else [])]
+    return files
+
+
+def entry_files(name: str, entry: dict) -> list[str]:
+    """Every file (relative to features_dir) a manifest entry of table `name` references."""
+    return sequence_entry_files(entry) if name == SEQUENCES else [entry["path"]]
+
+
+def event_id_hashes(col: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """64-bit hashes of event ids (uint64) and their null mask, vectorized over the Arrow buffers (no
+    Python call per id). A polynomial hash mod 2^64 with a splitmix64 finish: stable across hosts and runs.
+    The job treats a hash hit as "maybe a duplicate" and takes the exact path, so a collision costs time,
+    never a wrong table."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    arr = arr.cast(pa.large_string())
+    n = len(arr)
+    if n == 0:
+        return np.empty(0, np.uint64), np.empty(0, bool)
+    nulls = arr.is_null().to_numpy(zero_copy_only=False) if arr.null_count else np.zeros(n, bool)
+    bufs = arr.buffers()
+    offsets = np.frombuffer(bufs[1], dtype=np.int64, count=n + 1, offset=arr.offset * 8)
+    lengths = np.diff(offsets)
+    lo, hi = int(offsets[0]), int(offsets[-1])
+    data = np.frombuffer(bufs[2], dtype=np.uint8)[lo:hi] if bufs[2] is not None and hi > lo else np.empty(0, np.uint8)
+    max_len = int(lengths.max()) if n else 0
+    powers = np.cumprod(np.full(max(max_len, 1), _HASH_MULT, dtype=np.uint64), dtype=np.uint64)
+    within = np.arange(hi - lo, dtype=np.int64) - np.repeat(offsets[:-1] - lo, lengths)
+    with np.errstate(over="ignore"):
+        contrib = (data.astype(np.uint64) + np.uint64(1)) * powers[within]
+        prefix = np.concatenate([np.zeros(1, np.uint64), np.cumsum(contrib, dtype=np.uint64)])
+        h = prefix[offsets[1:] - lo] - prefix[offsets[:-1] - lo]
+        h ^= lengths.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        h ^= h >> np.uint64(30)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(27)
+        h *= np.uint64(0x94D049BB133111EB)
+        h ^= h >> np.uint64(31)
+    return h, nulls
+
+
+_HASH_MULT = 0x100000001B3  # FNV-1a's 64-bit prime, as the polynomial base of `event_id_hashes`
+
+
+def merge_sequence_rows(parts: list[pa.Table], columns: list[str] | None = None) -> pa.Table:
+    """One bucket's stored rows -> one row per user (`SEQUENCE_SCHEMA`, or `columns` of it).
+
+    `parts`: the base (`SEQUENCE_SCHEMA`) then the segments (`SEGMENT_SCHEMA`), oldest first, each with
+    ``user_id`` (and ``replace`` for segments; base rows replace). Per user: the rows from its newest
+    replacement onward, lists concatenated in segment order, ``n`` summed. Rows sorted by user_id."""
+    names = list(SEQUENCE_SCHEMA.names if columns is None else columns)
+    if len(parts) == 1 and REPLACE not in parts[0].column_names:
+        return parts[0].select(names)
+    tabs, seg_no, replace = [], [], []
+    want = ["user_id", *[c for c in names if c != "user_id"]]
+    for k, t in enumerate(parts):
+        tabs.append(t.select(want).cast(pa.schema([SEQUENCE_SCHEMA.field(c) for c in want])))
+        seg_no.append(np.full(t.num_rows, k, np.int64))
+        replace.append(t[REPLACE].to_numpy(zero_copy_only=False).astype(bool) if REPLACE in t.column_names
+                       else np.ones(t.num_rows, bool))
+    t = pa.concat_tables(tabs).combine_chunks()
+    if t.num_rows == 0:
+        return pa.schema([SEQUENCE_SCHEMA.field(c) for c in names]).empty_table()
+    seg = np.concatenate(seg_no)
+    rep = np.concatenate(replace)
+    order = pc.sort_indices(pa.table({"u": t["user_id"], "s": seg}),
+                            sort_keys=[("u", "ascending"), ("s", "ascending")]).to_numpy()
+    t, seg, rep = t.take(pa.array(order)), seg[order], rep[order]
+    users = t["user_id"].combine_chunks() if isinstance(t["user_id"], pa.ChunkedArray) else t["user_id"]
+    n_rows = t.num_rows
+    change = np.ones(n_rows, dtype=bool)
+    if n_rows > 1:
+        change[1:] = pc.not_equal(users.slice(1), users.slice(0, n_rows - 1)).to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(change)
+    uidx = np.cumsum(change) - 1
+    newest_rep = np.maximum.reduceat(np.where(rep, seg, -1), starts)
+    keep = seg >= newest_rep[uidx]
+    if not keep.all():
+        t, uidx = t.filter(pa.array(keep)), uidx[keep]
+        starts = np.flatnonzero(np.concatenate([[True], uidx[1:] != uidx[:-1]]))
+    n_users = len(starts)
+    out = {"user_id": t["user_id"].take(pa.array(starts))}
+    for c in names:
+        if c in ("user_id",):
+            continue
+        col = t[c].combine_chunks() if isinstance(t[c], pa.ChunkedArray) else t[c]
+        if c == "n":
+            out[c] = pa.array(np.add.reduceat(col.to_numpy(), starts) if n_users else np.empty(0, np.int64), pa.int64())
+            continue
+        lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False).astype(np.int64)
+        per_user = np.add.reduceat(lengths, starts) if n_users else np.empty(0, np.int64)
+        offsets = np.concatenate([[0], np.cumsum(per_user)]).astype(np.int32)
+        out[c] = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pc.list_flatten(col))
+    schema = pa.schema([SEQUENCE_SCHEMA.field(c) for c in names])
+    return pa.Table.from_arrays([out[c] for c in names], schema=schema)
+
+
+def read_sequence_bucket(root: Path | str, entry: dict, columns: list[str] | None = None,
+                         users: pa.Array | None = None) -> pa.Table:
+    """One ``sequences`` bucket (manifest `entry`), merged on read: one row per user. `users`: only these
+    (row groups of other users are skipped by their user_id statistics: files are sorted by user_id and
+    written in row groups of `SEQUENCE_ROW_GROUP_USERS`)."""
+    root = Path(root)
+    want = list(SEQUENCE_SCHEMA.names if columns is None else columns)
+    read_cols = ["user_id", *[c for c in want if c != "user_id"]]
+    base_schema = pa.schema([SEQUENCE_SCHEMA.field(c) for c in read_cols])
+    where = None if users is None else [("user_id", "in", users.to_pylist())]
+
+    def read(rel: str, schema: pa.Schema, cols: list[str]) -> pa.Table:
+        t = pq.read_table(root / rel, schema=schema, columns=cols, filters=where)
+        return t if users is None else t.filter(pc.is_in(t["user_id"], value_set=users))
+
+    parts = [read(entry["path"], base_schema, read_cols)] if entry.get("path") else []
+    seg_schema = base_schema.append(SEGMENT_SCHEMA.field(REPLACE))
+    for seg in entry.get("segments", []):
+        parts.append(read(seg["path"], seg_schema, [*read_cols, REPLACE]))
+    if not parts:
+        return pa.schema([SEQUENCE_SCHEMA.field(c) for c in want]).empty_table()
+    return merge_sequence_rows(parts, want)
 
 
 def read_parquet(path: str, schema: pa.Schema) -> pa.Table:
@@ -139,13 +314,25 @@ def read_parquet(path: str, schema: pa.Schema) -> pa.Table:
     return pq.read_table(path, schema=schema)
 
 
+def iter_sequence_parts(settings: Settings, manifest: dict, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """The `sequences` table of `manifest` one part at a time (one row per user, `SEQUENCE_SCHEMA`, each user in
+    exactly one part): what a reader that must not hold every sequence at once iterates (training at 10^6
+    users). `columns`: read only these (``user_id`` first is cheapest to filter on)."""
+    root = Path(settings.features_dir).absolute()
+    for entry in manifest["tables"].get(SEQUENCES, []):
+        yield read_sequence_bucket(root, entry, columns)  # one bucket: base + segments, merged
+
+
 def load_tables(settings: Settings, manifest: dict, names: tuple[str, ...] = TABLE_NAMES) -> FeatureTables:
     """The tables `names` of the version `manifest` published (the others empty)."""
     loaded = {}
     for name in TABLE_NAMES:
         schema = TABLE_SCHEMAS[name]
-        paths = table_paths(settings, manifest, name) if name in names else []
-        parts = [read_parquet(p, schema) for p in paths]
+        if name == SEQUENCES and name in names:
+            parts = list(iter_sequence_parts(settings, manifest))
+        else:
+            paths = table_paths(settings, manifest, name) if name in names else []
+            parts = [read_parquet(p, schema) for p in paths]
         loaded[name] = pa.concat_tables(parts) if parts else schema.empty_table()
     return FeatureTables(manifest=manifest, **loaded)
 

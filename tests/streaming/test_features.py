@@ -17,6 +17,7 @@ import pytest
 from streaming import features
 from streaming.events import EVENT_LOG_SCHEMA, ITEM_LOG_SCHEMA
 from streaming.features import load_feature_tables, push_popularity_to_redis, run_features, run_metrics, store
+from streaming.features.tables import entry_files
 from streaming.job_metrics import metrics_file, read_job_metrics
 from streaming.offline_log import OfflineLog
 from streaming.settings import Settings
@@ -215,7 +216,7 @@ def test_incremental_equals_full_and_reference(tmp_path, ray_local):
     used = {f"v{v:06d}" for v in a.manifest["history"]}
     for v in a.manifest["history"]:
         m = json.loads((inc.features_dir / f"v{v:06d}" / "manifest.json").read_text())
-        used |= {e["path"].split("/")[0] for es in m["tables"].values() for e in es}
+        used |= {f.split("/")[0] for name, es in m["tables"].items() for e in es for f in entry_files(name, e)}
     assert {p.name for p in inc.features_dir.glob("v*")} == used
 
     # A second run with no new files: a no-op that writes nothing.
@@ -304,7 +305,8 @@ def test_hand_checked_values(tmp_path, ray_local):
     assert m["watermarks"] == {"events": {"0": 4, "1": 1}, "items": {"0": 3, "1": 1}}
     assert m["counts"]["events"] == 6 and m["counts"]["users"] == 2 and m["counts"]["deleted_items"] == 1
     # Every path in the manifest exists; unchanged files are referenced, not copied.
-    assert all((s.features_dir / e["path"]).is_file() for es in m["tables"].values() for e in es)
+    assert all((s.features_dir / f).is_file() for name, es in m["tables"].items() for e in es
+               for f in entry_files(name, e))
 
 
 @pytest.mark.integration

@@ -15,7 +15,8 @@ import pytest
 
 from streaming.features import load_feature_tables, run_features
 from streaming.features.job import covisit_buckets
-from streaming.features.merge import MergeJob, topk_table, merge_covisit_bucket
+from streaming.features.covisit_merge import merge_covisit_bucket, topk_table
+from streaming.features.merge import MergeJob
 from streaming.features.tables import COVISIT_COUNTS_SCHEMA, COVISIT_TOPK_SCHEMA, bucket_of
 from streaming.settings import Settings
 from tests.streaming.test_features import EVENTS, ITEMS, assert_same_tables, chunks, make_settings, random_log, write

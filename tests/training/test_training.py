@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import signal
-import threading
-import time
 import zlib
 from pathlib import Path
 
@@ -26,11 +22,9 @@ from streaming.settings import Settings, settings_env
 from tests.streaming.test_features import write
 from training import train_metrics as tm
 from training.adapter import ADAPTER_FILE, EMBEDDINGS_FILE, load_adapter, read_embeddings
-from training.corpus import Corpus, NotEnoughData, leave_one_out, training_windows
-from training.fault_injection import FAULT_ENV, WORKER_PIDS, worker_pid_file
+from training.corpus import NotEnoughData
 from training.lm import resolve_base_model
 from training.model import ModelConfig
-from training.ray_trainer import PROGRESS_FILE, fit
 from training.registry import Registry
 from training.train_run import GATE_REFUSED, NOTHING_NEW, OUTCOME_FILE, TrainRequest, run_training
 from training.train_step import TrainConfig
@@ -137,41 +131,3 @@ def test_train_publish_incremental_and_gate(tmp_path, ray_local, synthetic, monk
     assert json.loads((third.run_dir / OUTCOME_FILE).read_text())["outcome"] == GATE_REFUSED
     assert registry.current("default").version == "v000002"
 
-
-def test_killed_worker_resumes_from_its_checkpoint(tmp_path, ray_local, synthetic, monkeypatch):
-    corpus = Corpus.from_dataset(synthetic)
-    split = leave_one_out(corpus)
-    cfg = ModelConfig(base_model=resolve_base_model(None), **SMALL_MODEL)
-    tcfg = dataclasses.replace(QUICK, epochs=5)
-    windows = training_windows(split.train_items, split.train_ts, cfg.max_len)
-    common = dict(windows=windows, item_ids=corpus.catalog.item_ids, item_texts=corpus.catalog.texts,
-                  warm=split.train_counts() > 0, model_config=cfg, train_config=tcfg, progress=False)
-
-    clean = fit(run_dir=tmp_path / "clean", **common)
-    killed_dir = tmp_path / "killed"
-    monkeypatch.setenv(FAULT_ENV, WORKER_PIDS)  # the workers write their pids, for the kill below
-    box: dict = {}
-    runner = threading.Thread(target=lambda: box.update(result=fit(run_dir=killed_dir, max_failures=2, **common)))
-    runner.start()
-    # Wait until epoch 2 has been checkpointed and epoch 3 is running, then SIGKILL the worker.
-    deadline = time.monotonic() + 300
-    pid = None
-    while time.monotonic() < deadline and runner.is_alive():
-        try:
-            progress = json.loads((killed_dir / PROGRESS_FILE).read_text())
-            if progress["epoch"] >= 2 and progress["steps"] > 0:
-                pid = int(worker_pid_file(killed_dir, 0).read_text())
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.05)
-    assert pid is not None, "the run never reached its third epoch"
-    os.kill(pid, signal.SIGKILL)
-    runner.join(timeout=600)
-    result = box["result"]
-    # Resumed from a reported checkpoint (Ray Train persists them asynchronously, so the newest one
-    # at the moment of the kill may be epoch 0 or 1), not from scratch:
-    assert result.restored_from_epoch is not None and 0 <= result.restored_from_epoch < 2
-    assert [h["epoch"] for h in result.history] == list(range(tcfg.epochs))
-    # Same data, same seeds: the resumed run ends where a clean run ends, within noise.
-    assert abs(result.history[-1]["loss"] - clean.history[-1]["loss"]) < 0.05 * clean.history[-1]["loss"]
