@@ -39,6 +39,7 @@ from starlette.responses import Response
 
 from services.api_answers import http_error_handler, validation_error_handler
 from services.api_schema import RecommendQuery, RecommendRequest, SimilarQuery
+from services.request_limits import headers_bytes, query_bytes
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -143,9 +144,10 @@ class HotRoutes:
 
     def _edge(self, scope: dict) -> tuple[int | None, bytes | None]:
         """What the edge middleware checks, looked at once: anything it would act on falls through."""
-        size, length, ctype = 0, None, None
+        if headers_bytes(scope) > self.max_headers or query_bytes(scope) > self.max_query:
+            raise FallThrough("limits")  # the edge answers 431 / 414
+        length, ctype = None, None
         for name, value in scope.get("headers") or ():
-            size += len(name) + len(value)
             if name == b"content-length":
                 if length is not None or not value.isdigit():
                     raise FallThrough("content-length")
@@ -154,8 +156,6 @@ class HotRoutes:
                 raise FallThrough("chunked")
             elif name == b"content-type":
                 ctype = value
-        if size > self.max_headers or len(scope.get("query_string") or b"") > self.max_query:
-            raise FallThrough("limits")
         return length, ctype
 
     @staticmethod

@@ -40,6 +40,16 @@ CORS_MAX_AGE_S = 600  # how long a browser may cache a preflight answer
 REFUSAL_REASON_OF = {413: "body_too_large", 414: "query_too_long", 431: "headers_too_large"}
 
 
+def headers_bytes(scope: Scope) -> int:
+    """What STREAMREC_MAX_HEADER_BYTES bounds: the request's header names and values, in bytes."""
+    return sum(len(name) + len(value) for name, value in scope.get("headers") or ())
+
+
+def query_bytes(scope: Scope) -> int:
+    """What STREAMREC_MAX_QUERY_BYTES bounds: the query string, in bytes."""
+    return len(scope.get("query_string") or b"")
+
+
 class RequestLimits:
     """Pure ASGI middleware enforcing the three size limits (bytes) on HTTP requests."""
 
@@ -54,12 +64,12 @@ class RequestLimits:
             await self.app(scope, receive, send)
             return
         headers = scope.get("headers") or []
-        size = sum(len(name) + len(value) for name, value in headers)
+        size = headers_bytes(scope)
         if size > self.max_headers:
             await self._refuse(scope, receive, send, 431, f"request headers too large: {size} bytes "
                                                           f"(at most {self.max_headers}; STREAMREC_MAX_HEADER_BYTES)")
             return
-        query = len(scope.get("query_string") or b"")
+        query = query_bytes(scope)
         if query > self.max_query:
             await self._refuse(scope, receive, send, 414, f"query string too long: {query} bytes "
                                                           f"(at most {self.max_query}; STREAMREC_MAX_QUERY_BYTES)")
@@ -157,4 +167,4 @@ class ApiEdge:
 
 
 __all__ = ["ApiEdge", "BODY_METHODS", "CORS_HEADERS", "CORS_MAX_AGE_S", "CORS_METHODS", "REFUSAL_REASON_OF",
-           "RequestLimits", "replay"]
+           "RequestLimits", "headers_bytes", "query_bytes", "replay"]
