@@ -30,7 +30,8 @@ tests/fixtures/synthetic_adapter.py's size, trending snapshot; `--no-ranker`: th
    vector), `publish_s`, `swap_s` (publish -> first answer from the new version) and
    `swap_failed_requests`. Targets: recall >= 0.95, p99 at half load <= 50 ms, swap <= 30 s with
    0 failed, bytes_per_item <= 1.5 x the raw vector. Every run also reports the replica's RSS
-   (`replica_rss_mb_serving`, `replica_rss_mb_after_swap`: its process_resident_memory_bytes).
+   (`replica_rss_mb_serving`, `replica_rss_mb_after_swap`: its process_resident_memory_bytes;
+   `replica_rss_mb_after_unload` once the replica dropped the replaced version, `adapters_loaded_after_swap`).
 6. with `--new-items M`: M new catalog items written to the online store at once (as ingest
    writes them) under load; `new_items_servable_s`: seconds until the replica's index holds all of
    them (its `streamrec_index_items`). Target at M = 10,000: <= 5 s.
@@ -42,7 +43,13 @@ rps_ratio_vs_asgi_noop (the same FastAPI no-op run in a plain deployment's proce
 non-hot routes run on). `noop_cpu_ms_per_request`, `rec_cpu_ms_per_request` and `cpu_ratio` (noop / rec):
 CPU of this run's own processes (load generator, Ray, proxy, replicas, Redis: `own_cpu_s`) per request
 at concurrency >= 8 -- the rate ratio a machine with nothing else running would show, and steady when
-other jobs share the cores (the rates are not). Targets: rps_ratio >= 0.6, rec_p99_ms_at_half_load <= 50,
+other jobs share the cores (the rates are not). `rec_model_cpu_ms_per_request`: the recommendation's own
+work (`LoadedAdapter.recommend` in batches of 8, in this process, before Ray starts), and
+`*_idle_cpu_cores`: the processes' CPU with no load (measured `IDLE_CPU_S` before each load), and
+`*_cpu_ms_per_request_net` / `cpu_ratio_net`: CPU per request less that idle CPU spread over the requests (a
+per-second cost -- the API's followers, Serve's controller -- weighs more per request at a lower rate);
+`cpu_ratio_without_model` = noop net / (rec net - model): what the serving path around the model costs against the
+no-op (the framework's share; the model's CPU is the recommendation itself). Targets: rps_ratio >= 0.6, rec_p99_ms_at_half_load <= 50,
 swap_s_100k <= 10, swap_failed_requests = 0. With `--impressions-compare`, `impressions`: {off, on (each
 max_rps, p50_ms, p99_ms_at_max, p99_ms_at_half_load), rps_ratio_on_off, p99_half_load_ratio_on_off,
 written, dropped}; target rps_ratio_on_off >= 0.9.
@@ -75,6 +82,10 @@ CONCURRENCY = (1, 2, 4, 8, 16, 32)
 READY_TIMEOUT_S = 180.0
 SCALE_DIM = 64  # vector size of --items catalogs: ModelConfig.dim's default
 NEW_ITEMS_TIMEOUT_S = 120.0
+UNLOAD_TIMEOUT_S = 60.0  # the longest the bench waits for the replica to drop the swapped-out version
+IDLE_CPU_S = 3.0  # seconds of no load before each max_rps, to measure the processes' idle CPU
+MODEL_BATCH = 8  # requests per user-tower call in `model_cpu_ms_per_request`: the replica's batch at ~8 in flight
+MODEL_WARMUP_BATCHES = 5
 IMPRESSIONS_PREFIX = "/imp"  # route prefix of the API with impressions on (--impressions-compare)
 
 
@@ -159,7 +170,12 @@ def max_rps(url: str, duration_s: float, params_of, label: str, concurrency=CONC
     `own_cpu_s` over that step per request; `cpu_ms_per_request_min`: the lowest of the steps at
     concurrency >= 8 (where batching and queueing settle)."""
     best = {"rps": 0.0}
-    cpu_min = None
+    cpu_min = net_min = None
+    # What the processes burn with no request at all (Serve's controller and metrics pushes, the API's
+    # followers, Redis): a per-second cost that a lower request rate spreads over fewer requests.
+    cpu0 = own_cpu_s()
+    time.sleep(IDLE_CPU_S)
+    idle_cores = (own_cpu_s() - cpu0) / IDLE_CPU_S
     for c in concurrency:
         cpu0 = own_cpu_s()
         rps, lat, errors = asyncio.run(closed_loop(url, c, duration_s, params_of))
@@ -168,12 +184,18 @@ def max_rps(url: str, duration_s: float, params_of, label: str, concurrency=CONC
               f"p99 {1e3 * np.percentile(lat, 99):6.1f} ms  errors {errors}  CPU {cpu_ms:.2f} ms/request", flush=True)
         if c >= 8:
             cpu_min = cpu_ms if cpu_min is None else min(cpu_min, cpu_ms)
+            net = cpu_ms - 1e3 * idle_cores / max(rps, 1e-9)
+            net_min = net if net_min is None else min(net_min, net)
         if rps > best["rps"]:
             best = {"rps": rps, "concurrency": c, "p50_ms": 1e3 * np.percentile(lat, 50),
                     "p99_ms": 1e3 * np.percentile(lat, 99), "errors": errors, "cpu_ms_per_request": cpu_ms}
         elif rps < 0.9 * best["rps"]:
             break  # past the knee
     best["cpu_ms_per_request_min"] = cpu_min if cpu_min is not None else best.get("cpu_ms_per_request")
+    best["idle_cpu_cores"] = idle_cores
+    best["cpu_ms_per_request_net_min"] = net_min if net_min is not None else best["cpu_ms_per_request_min"]
+    print(f"  {label}: idle {idle_cores:.3f} cores; CPU per request at >= 8 in flight {best['cpu_ms_per_request_min']:.2f} "
+          f"ms, {best['cpu_ms_per_request_net_min']:.2f} ms net of idle", flush=True)
     return best
 
 
@@ -220,6 +242,34 @@ def compare_impressions(api: str, duration_s: float, params_of, off: dict, half:
           f"x{side['p99_half_load_ratio_on_off']:.3f}; impressions written {written:.0f}, dropped {dropped}",
           flush=True)
     return side
+
+
+def model_cpu_ms_per_request(registry, version: str, histories: list[list[str]], batch: int = MODEL_BATCH) -> float:
+    """CPU ms per request of the recommendation's own work -- `LoadedAdapter.recommend` (user tower,
+    retrieval, candidate features, ranker) on `batch` requests at a time, in this process, one thread, as
+    the replica runs it -- measured before Ray starts. `rec_cpu_ms_per_request` less this is what serving
+    a request costs around the model (proxy, Serve, the hot route, Redis, the load generator):
+    `cpu_ratio_without_model` compares that with the no-op."""
+    import faiss
+    import torch
+
+    from services.loaded_adapter import LoadedAdapter
+
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    adapter = LoadedAdapter.load(registry, "default", version)
+    groups = [histories[lo:lo + batch] for lo in range(0, len(histories) - batch + 1, batch)]
+
+    def run(group: list[list[str]]) -> None:
+        adapter.recommend(group, [[1_000 * (k + 1) for k in range(len(h))] for h in group], [None] * len(group), 10,
+                          [set(h) for h in group])
+
+    for group in groups[:MODEL_WARMUP_BATCHES]:
+        run(group)
+    t0 = time.process_time()
+    for group in groups:
+        run(group)
+    return 1e3 * (time.process_time() - t0) / (len(groups) * batch)
 
 
 def scale_figures(registry, version: str, items: int, publish_s: float) -> dict:
@@ -341,9 +391,11 @@ def main() -> int:
         ids, titles, texts = synthetic_catalog(CATALOG_ITEMS)
         rng = np.random.default_rng(0)
         pipe = r.pipeline(transaction=False)
+        histories = []
         pseudonymize = Pseudonymizer.from_settings(settings)  # what ingest would have stored for user u<n>
         for u in range(USERS):
             items = rng.choice(CATALOG_ITEMS, size=HISTORY, replace=False)
+            histories.append([ids[i] for i in items])
             pipe.zadd(f"{settings.redis_prefix}u:{pseudonymize(f'u{u}')}:recent", {ids[i]: 1_000 * (k + 1) for k, i in enumerate(items)})
         pipe.execute()
         if args.items is None:
@@ -355,6 +407,10 @@ def main() -> int:
             v1 = publish_synthetic_adapter(registry, tmp / "staging", n_items=args.items, seed=1, dim=SCALE_DIM,
                                            random_embeddings=True, ranker=not args.no_ranker)
             out.update(scale_figures(registry, v1, args.items, time.perf_counter() - t0))
+        if args.items is None:
+            out["rec_model_cpu_ms_per_request"] = model_cpu_ms_per_request(registry, v1, histories)
+            print(f"the recommendation's own work, in process: {out['rec_model_cpu_ms_per_request']:.2f} ms CPU per "
+                  f"request (batches of {MODEL_BATCH})", flush=True)
 
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -475,6 +531,16 @@ def main() -> int:
         for t in threads:
             t.join()
         out["replica_rss_mb_after_swap"] = replica_rss_mb(base)
+        # The replaced version leaves once the replica's sweep sees it unwanted (services/adapter_cache.py):
+        # the RSS then is what one version of the new catalog holds (--replicas 1: one replica answers).
+        unload_deadline = time.time() + UNLOAD_TIMEOUT_S
+        while replica_sample(base, "streamrec_adapters_loaded") > 1 and time.time() < unload_deadline:
+            time.sleep(0.5)
+        out["adapters_loaded_after_swap"] = replica_sample(base, "streamrec_adapters_loaded")
+        out["replica_rss_mb_after_unload"] = replica_rss_mb(base)
+        print(f"  replica RSS: {out['replica_rss_mb_serving']:.0f} MB serving v1, {out['replica_rss_mb_after_swap']:.0f} "
+              f"MB after the swap, {out['replica_rss_mb_after_unload']:.0f} MB once v1 was dropped "
+              f"({out['adapters_loaded_after_swap']:.0f} version(s) held)", flush=True)
         failed = sum(1 for ts, code, _ in log if code != 200 and ts >= staged_at)
         print(f"  publish -> first response from {v2}: {swap_s} s; failed requests meanwhile: {failed} "
               f"(of {sum(1 for ts, _, _ in log if ts >= staged_at)})", flush=True)
@@ -485,6 +551,13 @@ def main() -> int:
         "noop_max_rps": noop["rps"], "rec_max_rps": rec["rps"], "rps_ratio": rec["rps"] / noop["rps"],
         "noop_cpu_ms_per_request": noop["cpu_ms_per_request_min"], "rec_cpu_ms_per_request": rec["cpu_ms_per_request_min"],
         "cpu_ratio": noop["cpu_ms_per_request_min"] / rec["cpu_ms_per_request_min"],
+        "noop_idle_cpu_cores": noop["idle_cpu_cores"], "rec_idle_cpu_cores": rec["idle_cpu_cores"],
+        "noop_cpu_ms_per_request_net": noop["cpu_ms_per_request_net_min"],
+        "rec_cpu_ms_per_request_net": rec["cpu_ms_per_request_net_min"],
+        "cpu_ratio_net": noop["cpu_ms_per_request_net_min"] / rec["cpu_ms_per_request_net_min"],
+        **({"cpu_ratio_without_model": noop["cpu_ms_per_request_net_min"]
+            / (rec["cpu_ms_per_request_net_min"] - out["rec_model_cpu_ms_per_request"])}
+           if "rec_model_cpu_ms_per_request" in out else {}),
         "noop_fastapi_max_rps": noop_fastapi["rps"], "rps_ratio_vs_fastapi_noop": rec["rps"] / noop_fastapi["rps"],
         "noop_asgi_max_rps": noop_asgi["rps"], "rps_ratio_vs_asgi_noop": rec["rps"] / noop_asgi["rps"],
         "replicas": args.replicas, "rec_p99_ms": rec["p99_ms"],

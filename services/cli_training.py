@@ -220,6 +220,11 @@ def train_loop(
         typer.echo(f"trainer stopped after {st.runs} run(s), {st.published} published; live: {st.live_version}")
 
 
+# Users `streamrec eval` reads from the feature tables by default: the training run's default sample
+# (training/corpus.py DEFAULT_MAX_USERS), so an evaluation sees the users a training run trains on.
+DEFAULT_EVAL_MAX_USERS = 100_000
+
+
 def evaluate(
     dataset: Optional[str] = typer.Option(None, help="Dataset spec (ml-100k, synthetic:..., a MovieLens dir); "
                                           "default: the live feature tables."),
@@ -228,6 +233,9 @@ def evaluate(
     gpu: bool = typer.Option(False, "--gpu", help="Train on GPUs."),
     cold_share: float = typer.Option(0.2, min=0.01, max=0.9, help="Share of items held out for the cold-start protocol."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results JSON here."),
+    max_users: int = typer.Option(DEFAULT_EVAL_MAX_USERS, min=0, help="Users read from the feature tables: the "
+                                  "same deterministic sample by hash of user id that `streamrec train` reads "
+                                  "(0 = all; ignored with --dataset)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """The evaluation table: fine-tuned LM, zero-shot LM, SASRec (IDs), ItemKNN, popular; test + cold start."""
@@ -244,13 +252,11 @@ def evaluate(
 
             corpus = Corpus.from_dataset(load_dataset(dataset, settings.datasets_dir), source=dataset)
         else:
-            from streaming.features import load_feature_tables
-            from training.corpus import CorpusError
+            from training.corpus import load_corpus
 
-            tables = load_feature_tables(settings)
-            if tables is None:
-                raise CorpusError("no feature tables yet: run `streamrec features` first, or pass --dataset")
-            corpus = Corpus.from_feature_tables(tables)
+            # A sample, read bucket by bucket (training/corpus.py): at 10^6 users the whole tables in
+            # the driver cost gigabytes for an evaluation that needs a fraction of them.
+            corpus = load_corpus(settings, max_users=max_users)
         return run_harness(corpus, settings=settings, epochs=epochs, workers=workers, use_gpu=gpu,
                            cold_share=cold_share, progress=progress)
 

@@ -62,6 +62,9 @@ class ServeMetrics:
                                        registry=r)
         self.fallbacks = Counter("streamrec_fallbacks_total", "answers not from the model", ["kind"], registry=r)
         self.index_size = Gauge("streamrec_index_items", "items in the active index", ["scene"], registry=r)
+        self.adapters_loaded = Gauge("streamrec_adapters_loaded", "adapter versions this replica holds in memory "
+                                     "(live, loading, experiment candidates; a replaced one until the sweep drops it)",
+                                     registry=r)
         self.catalog_items_added = Counter("streamrec_catalog_items_added_total",
                                            "new catalog items added to the active indexes", registry=r)
         self.catalog_upsert_seconds = Counter(

@@ -8,8 +8,9 @@ errors and `/docs` are the app's.
 `Api` is the whole request path in one replica: validate -> the user's recent items from Redis
 (async client) -> user embeddings (`@serve.batch` under load) -> the two stages, per request through
 `training.two_stage.rank_request` as in evaluation (retrieval, LightGBM ranker, query blend with the
-request's `query_weight`, new-item calibration; services/loaded_adapter.py) -> top-k. Adapters are held per replica with `@serve.multiplexed`, keyed "scene@version" (a new
-version is a new id: requests already holding the old one finish on it), loaded from their
+request's `query_weight`, new-item calibration; services/loaded_adapter.py) -> top-k. Adapters are held per replica in `services/adapter_cache.py`, keyed "scene@version" (a new
+version is a new id: requests already holding the old one finish on it; one no follower wants any more
+is dropped by the sweep, `ADAPTER_SWEEP_S`), loaded from their
 precomputed item embeddings (checksums verified, no catalog re-encoding).
 
 Why one deployment and not an ingress in front of a model deployment: the hop between two
@@ -29,8 +30,9 @@ because a route returns the serialized `Response`). Every error is its `ErrorBod
 Each replica runs five followers: the registry (`services/registry_follower.py`: which version
 each scene serves), the experiments (`services/experiment_follower.py`: which variant answers whom),
 the catalog (`services/catalog_follower.py`: new and deleted items into the active indexes), the
-popularity snapshot (`POPULAR_REFRESH_S`, served with `fallback: "popular"` when Redis is down) and
-a heartbeat (`services/replica_heartbeat.py`: this replica's view for `GET /v1/models`). Every
+popularity snapshot (`POPULAR_REFRESH_S`, served with `fallback: "popular"` when Redis is down),
+a heartbeat (`services/replica_heartbeat.py`: this replica's view for `GET /v1/models`), and a sweep
+drops the adapters none of them wants (`ADAPTER_SWEEP_S`). Every
 recommendation answer carries a `request_id` and its `variant`, and is written as an impression
 (`services/impressions.py`: asynchronous, bounded, dropped and counted rather than ever delaying
 a request).
@@ -63,6 +65,7 @@ from ray.serve.exceptions import RayServeException
 
 from ray.serve._private.http_util import make_fastapi_class_based_view  # what @serve.ingress runs on the class
 
+from services.adapter_cache import AdapterCache
 from services.api_answers import count_refusal, error_answer, install_error_handlers, json_answer
 from services.asgi_call import run_asgi
 from services.hot_routes import HotRoutes
@@ -86,7 +89,7 @@ POPULAR_REFRESH_S = 5.0  # how often a replica refreshes its popularity snapshot
 REDIS_TIMEOUT_S = 0.25  # a slower Redis counts as down for this request
 BATCH_MAX = 32
 BATCH_WAIT_S = 0.002  # the user tower costs ~0.7 ms alone and ~0.15 ms/request in a batch of 16
-MAX_MODELS_PER_REPLICA = 6  # scenes x (live + previous version); the least recently used is unloaded
+ADAPTER_SWEEP_S = 5.0  # how often a replica drops the adapters no follower wants (services/adapter_cache.py)
 GENRE_FETCH_FACTOR = 4  # candidates fetched per requested item when a genre filter may drop some
 # A new replica's first reconfigure waits this long at most for the live set to load (an adapter
 # loads in ~15 s; a registry of a few scenes fits with room to spare); past it the replica starts
@@ -179,6 +182,7 @@ class ApiReplica:
         self.versions = RegistryFollower(self.registry, self._load, self.metrics)
         self.catalog = CatalogFollower(self.store, self.metrics, get_model=self.get_model,
                                        active=lambda: [f"{s}@{v}" for s, v in self.versions.active.items()])
+        self.adapters = AdapterCache(self._load_model)  # what get_model serves from
         self.popular: list[tuple[str, float]] = []
         self.guard = ApiGuard(self.settings, self.aredis, self.metrics, STORE_ERRORS)  # API keys, rate limit
         self.hot = HotRoutes(api, self, self.settings)  # the hot routes without the framework around them
@@ -197,7 +201,8 @@ class ApiReplica:
         loop = asyncio.get_event_loop()
         self._followers = {name: loop.create_task(coro, name=f"follower-{name}") for name, coro in (
             ("catalog", self.catalog.run()), ("popularity", self._follow_popularity()),
-            ("heartbeat", self.heartbeat.run()), ("experiments", self.experiments.run()))}
+            ("heartbeat", self.heartbeat.run()), ("experiments", self.experiments.run()),
+            ("adapters", self._sweep_adapters()))}
 
     async def _warm_up(self) -> None:
         """Wait until the registry follower is ready, a follower stopped, or WARMUP_WAIT_S passed."""
@@ -253,9 +258,11 @@ class ApiReplica:
             self.impressions.close(IMPRESSIONS_CLOSE_S)
 
     # adapters -----------------------------------------------------------------------------------
-    @serve.multiplexed(max_num_models_per_replica=MAX_MODELS_PER_REPLICA)
     async def get_model(self, model_id: str):
-        """Load "scene@version" (raises AdapterLoadError for a version that cannot serve)."""
+        """The adapter "scene@version", loaded on first use (raises AdapterLoadError for a version that cannot serve)."""
+        return await self.adapters.get(model_id)
+
+    async def _load_model(self, model_id: str):
         from services.catalog_follower import CATCH_UP_ERRORS
         from services.loaded_adapter import LoadedAdapter
 
@@ -268,6 +275,19 @@ class ApiReplica:
             self.metrics.survived("catalog", exc, f"catalog sync of {model_id} failed; serving its trained catalog")
         logger.info("loaded %s in %.2f s (%d items)", model_id, adapter.loaded_s, adapter.index.size)
         return adapter
+
+    async def _sweep_adapters(self) -> None:
+        """Drop the adapters no follower wants any more (the version a swap replaced, an ended experiment's)."""
+        while True:
+            await asyncio.sleep(ADAPTER_SWEEP_S)
+            v, exps = self.versions, self.experiments.experiments
+            wanted = {f"{s}@{x}" for s, x in (*v.active.items(), *v.wanted.items())}
+            wanted |= {f"{s}@{c}" for s, exp in exps.items() for c in exp.candidates}
+            dropped = self.adapters.retain(wanted)
+            self.metrics.adapters_loaded.set(len(self.adapters.loaded()))
+            if dropped:
+                self.experiments.ready -= {tuple(m.split("@", 1)) for m in dropped}  # loads again if wanted again
+                logger.info("replica %s unloaded %s (no longer wanted)", self.replica, ", ".join(dropped))
 
     async def _load(self, scene: str, version: str):
         """The registry follower's loader: the follower makes the version active as soon as this returns."""

@@ -3,8 +3,7 @@ and invalid requests, and stateful runs that follow the schema's links (a recomm
 their similar items). Each answer must not be a 5xx, must match the status codes, content types and
 response models the schema documents for that route, and must come within CASE_TIMEOUT_S (no hang).
 
-The API under test is real: an `Api` replica built in this process (tests/fixtures/replica.py;
-Serve's model multiplexing, which needs a Serve replica context, replaced by the loader it wraps)
+The API under test is real: an `Api` replica built in this process (tests/fixtures/replica.py)
 with a real redis-server (seeded with a catalog, a user's history, popularity and trending), a real
 published adapter (MiniLM + LoRA, FAISS index), served over HTTP by uvicorn on localhost with the
 middleware and error handlers of the deployment. Only Ray Serve's proxy is left out
@@ -78,7 +77,7 @@ def live_api(tmp_path_factory):
 
     from services.processes import free_port
     from tests.fixtures.redis_server import redis_server
-    from tests.fixtures.replica import in_process_replica, replica_class
+    from tests.fixtures.replica import in_process_replica
     from tests.fixtures.synthetic_adapter import publish_synthetic_adapter
     from training.registry import Registry
 
@@ -92,15 +91,6 @@ def live_api(tmp_path_factory):
         env = {"REDIS_URL": url, "STREAMREC_REDIS_PREFIX": prefix, "STREAMREC_API_KEYS": API_KEY,
                "STREAMREC_RATE_LIMIT_RPS": "100000", "STREAMREC_RATE_LIMIT_BURST": "100000",
                **{f"STREAMREC_{name.upper()}": str(value) for name, value in EDGE_LIMITS.items()}}
-        # Serve's model multiplexing needs a real replica context: the loader it wraps, with a cache, stands in
-        loader, loaded = replica_class().get_model.__wrapped__, {}
-
-        async def get_model(self, model_id: str):
-            if model_id not in loaded:
-                loaded[model_id] = await loader(self, model_id)
-            return loaded[model_id]
-
-        mp.setattr(replica_class(), "get_model", get_model)
         with in_process_replica(mp, tmp, env=env) as rep:
             from services.serve_app import api
 

@@ -143,3 +143,41 @@ def test_the_run_directory_holds_the_outcome_record_too(tmp_path):
     assert train_run.outcome_line(record) == f"outcome: gate refused ({REFUSAL})"
     with pytest.raises(ValueError, match="'exploded'"):
         train_run.outcome_record("exploded", "", scene="default")
+
+
+def test_evaluate_without_feature_tables_says_what_to_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("STREAMREC_DATA_DIR", str(tmp_path))
+    result = runner.invoke(app, ["evaluate", "--no-progress"])
+    assert result.exit_code == 1
+    assert "no feature tables yet" in result.output and "streamrec features" in result.output
+
+
+@pytest.mark.parametrize("argv, expected", [([], 100_000), (["--max-users", "0"], 0), (["--max-users", "500"], 500)])
+def test_evaluate_reads_the_training_runs_user_sample(argv, expected, tmp_path, monkeypatch):
+    import training.corpus as corpus
+    import training.eval_harness as harness
+    from services.cli_training import DEFAULT_EVAL_MAX_USERS
+
+    assert DEFAULT_EVAL_MAX_USERS == corpus.DEFAULT_MAX_USERS  # the default sample is the training run's
+    monkeypatch.setenv("STREAMREC_DATA_DIR", str(tmp_path))
+    seen = {}
+
+    def fake_load(settings, *, max_users, source="features"):
+        seen["max_users"] = max_users
+        return "corpus"
+
+    def fake_harness(c, **kwargs):
+        seen["corpus"] = c
+        return SimpleNamespace(markdown="| table |", paths={"json": tmp_path / "r.json"})
+
+    monkeypatch.setattr(corpus, "load_corpus", fake_load)
+    monkeypatch.setattr(harness, "run_harness", fake_harness)
+    result = runner.invoke(app, ["evaluate", "--no-progress", *argv])
+    assert result.exit_code == 0, result.output
+    assert seen == {"max_users": expected, "corpus": "corpus"}
+
+
+def test_evaluate_refuses_a_negative_max_users(tmp_path, monkeypatch):
+    monkeypatch.setenv("STREAMREC_DATA_DIR", str(tmp_path))
+    result = runner.invoke(app, ["evaluate", "--max-users", "-1"])
+    assert result.exit_code == 2 and "--max-users" in result.output
