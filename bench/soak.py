@@ -2,7 +2,7 @@
 events and continuous training flowing, for a long steady state; does anything grow, fail or slow down?
 
     python bench/soak.py --json bench/results/soak.json      # 10 minutes of steady state (the run)
-    python bench/soak.py --duration-s 60                     # a short run (tests/test_soak.py: 45 s)
+    python bench/soak.py --duration-s 60                     # a short run (tests/test_soak.py: 15 s)
 
 1. start: `streamrec up --preset quick` in a temporary data dir (the embedded broker and Redis, a local
    Ray head, ingest with its periodic feature job, the continuous trainer, the Serve API), a generated

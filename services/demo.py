@@ -118,8 +118,10 @@ ML_PLAN = Plan(
     query="a light-hearted romantic comedy", theme_of=_genres,
 )
 
+# --quick: about 40 events per user as before, on fewer users and items -- each training step, evaluation
+# and embedding pass is proportionally shorter, and the tour shows the same things
 QUICK_PLAN = Plan(
-    dataset="synthetic:n_users=300,n_items=480,n_events=12000,n_topics=6,seed=11,p_follow=0.6",
+    dataset="synthetic:n_users=200,n_items=320,n_events=8000,n_topics=6,seed=11,p_follow=0.6",
     preset="quick", first_share=0.6, themes=("space", "cooking"),
     new_items=(
         NewItem("new-1", "Nebula Starship", "Nebula Starship: all about galaxy, rocket, astronaut, orbit and comet.",

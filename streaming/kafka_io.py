@@ -107,7 +107,7 @@ def _unreachable(settings: Settings, exc: Exception) -> KafkaUnavailable:
 def make_admin(settings: Settings, **overrides) -> KafkaAdminClient:
     """An admin client of the configured cluster (close it after use)."""
     config = dict(bootstrap_servers=_bootstrap(settings), request_timeout_ms=REQUEST_TIMEOUT_MS,
-                  **security_config(settings))
+                  bootstrap_timeout_ms=settings.kafka_connect_timeout_ms, **security_config(settings))
     config.update(overrides)
     try:
         return KafkaAdminClient(**config)
@@ -150,6 +150,7 @@ def make_producer(settings: Settings, **overrides) -> KafkaProducer:
         linger_ms=PRODUCER_LINGER_MS,
         batch_size=PRODUCER_BATCH_BYTES,
         request_timeout_ms=REQUEST_TIMEOUT_MS,
+        bootstrap_timeout_ms=settings.kafka_connect_timeout_ms,
         retries=5,
         **security_config(settings),
     )
@@ -188,6 +189,7 @@ def make_consumer(settings: Settings, *topics: str, **overrides) -> KafkaConsume
         fetch_max_bytes=FETCH_MAX_BYTES,
         max_partition_fetch_bytes=PARTITION_FETCH_MAX_BYTES,
         request_timeout_ms=REQUEST_TIMEOUT_MS,
+        bootstrap_timeout_ms=settings.kafka_connect_timeout_ms,
         **security_config(settings),
     )
     config.update(overrides)

@@ -152,6 +152,10 @@ class Settings(BaseSettings):
         "member's first assignment by a fraction of it.",
     )
     session_timeout_ms: int = Field(default=6000, ge=1000, le=300_000, description="Kafka group session timeout.")
+    kafka_connect_timeout_ms: int = Field(
+        default=30_000, ge=1000, le=300_000,
+        description="How long a Kafka client waits for its first broker connection before giving up (refused "
+                    "credentials are only reported then).")
     log_flush_records: int = Field(
         default=50_000, ge=1, le=10_000_000,
         description="Write a partition's buffered events to the offline log at this many records...",

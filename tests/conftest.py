@@ -6,6 +6,9 @@ import os
 
 import pytest
 
+# Session fixtures defined beside their helpers, imported here so that every module shares one instance.
+from tests.fixtures.trained_adapter import first_adapter  # noqa: F401
+
 # Keep Ray quiet and local in tests; never reach out for anything.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -65,7 +65,7 @@ from training.corpus import (
     training_windows,
 )
 from training.covis import MAX_NEIGHBORS, CovisPrior, tune_beta
-from training.embed import embed_catalog
+from training.embed import IN_PROCESS_MAX_ITEMS, embed_catalog
 from training.forget_retrain import honoured, honoured_by_run, retire_remembering
 from training.inference import ModelScorer
 from training.lm import resolve_base_model
@@ -413,7 +413,8 @@ def run_training(settings: Any, req: TrainRequest, corpus: Corpus | None = None)
                 emb = embed_catalog(staged / ADAPTER_FILE, corpus.catalog.item_ids, corpus.catalog.texts,
                                     adapter["warm"], actors=req.embed_actors, use_gpu=req.use_gpu)
                 write_embeddings(staged / EMBEDDINGS_FILE, corpus.catalog.item_ids, adapter["warm"], emb)
-                logger.info("embedded %d items in %.1f s (Ray Data)", len(emb), time.perf_counter() - t0)
+                logger.info("embedded %d items in %.1f s (%s)", len(emb), time.perf_counter() - t0,
+                            "in process" if len(emb) <= IN_PROCESS_MAX_ITEMS and not req.use_gpu else "Ray Data")
                 # a large catalog's index is built here, once, not by every replica that loads it
                 write_index(staged, emb)
                 window = data_window(corpus)  # an incremental run remembers what its parent saw:

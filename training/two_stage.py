@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -289,7 +289,7 @@ def fit_two_stage(split: Split, base: ModelScorer, *, sizes: RetrievalSizes, hal
     ranker = fit_ranker(data, seed=seed)
     cat.ranker = ranker
     if base.model.text is not None:
-        ranker.query_weight, record = choose_query_weight(lambda w: moved_share(scorer, split, w, seed))
+        ranker.query_weight, record = choose_query_weight(moved_share_at(scorer, split, seed))
         ranker.tuning["query_weight_moved_share"] = record
     logger.info("ranker trained on %d validation groups; validation candidate recall %s; query weight %.2f",
                 len(data.groups), {k: round(v, 3) for k, v in valid_recall.items()}, ranker.query_weight)
@@ -313,15 +313,26 @@ def ranker_payload(scorer: TwoStageScorer, corpus: Any) -> dict[str, Any]:
 def moved_share(scorer: TwoStageScorer, split: Split, weight: float, seed: int = 0) -> float:
     """Mean share of the top 10 that a foreign query (the text of an item from outside the user's
     history, far from it by the towers) replaces at `weight`, on held-out validation histories."""
+    return moved_share_at(scorer, split, seed)(weight)
+
+
+def moved_share_at(scorer: TwoStageScorer, split: Split, seed: int = 0) -> Callable[[float], float]:
+    """`moved_share` as a function of the weight: the requests, their queries (an LM pass) and the top 10
+    without a query are computed once, so a sweep over the weights ranks only (what
+    `choose_query_weight` calls, up to len(QUERY_WEIGHT_GRID) times)."""
     reqs, queries = _foreign_query_requests(scorer, split, seed)
     before = [set(rows[np.argsort(-s, kind="stable")[:TOP_K]].tolist()) for rows, s in rank_requests(scorer.cat, reqs)]
-    for r, q in zip(reqs, queries):
-        r.query, r.query_weight = q, weight
-    shares = []
-    for b, (rows, s) in zip(before, rank_requests(scorer.cat, reqs)):
-        after = set(rows[np.argsort(-s, kind="stable")[:TOP_K]].tolist())
-        shares.append(len(after - b) / max(len(after), 1))
-    return float(np.mean(shares)) if shares else 0.0
+
+    def share(weight: float) -> float:
+        for r, q in zip(reqs, queries):
+            r.query, r.query_weight = q, weight
+        shares = []
+        for b, (rows, s) in zip(before, rank_requests(scorer.cat, reqs)):
+            after = set(rows[np.argsort(-s, kind="stable")[:TOP_K]].tolist())
+            shares.append(len(after - b) / max(len(after), 1))
+        return float(np.mean(shares)) if shares else 0.0
+
+    return share
 
 
 def _foreign_query_requests(scorer: TwoStageScorer, split: Split, seed: int) -> tuple[list[RankInputs], np.ndarray]:
@@ -341,5 +352,5 @@ def _foreign_query_requests(scorer: TwoStageScorer, split: Split, seed: int) -> 
 
 
 __all__ = ["QUERY_WEIGHT_USERS", "RankCatalog", "RankInputs", "TwoStageScorer", "calibrated", "fit_two_stage",
-           "first_stage_scores", "moved_share", "ranker_payload", "rank_request", "rank_requests", "request_features", "retrieve",
+           "first_stage_scores", "moved_share", "moved_share_at", "ranker_payload", "rank_request", "rank_requests", "request_features", "retrieve",
            "trend_order", "trending_rows"]

@@ -318,7 +318,8 @@ def scenario_data(nodes: TwoNodes, work: Path) -> dict:
 
     embed_module.ACTOR_CPUS = 1.0
     emb = embed_catalog(registry.open("default") / ADAPTER_FILE, ids, texts, np.ones(EMBED_ITEMS, dtype=bool),
-                        actors=EMBED_ACTORS, batch_rows=EMBED_ITEMS // (2 * EMBED_ACTORS))
+                        actors=EMBED_ACTORS, batch_rows=EMBED_ITEMS // (2 * EMBED_ACTORS),
+                        in_process_max_items=0)  # the pool, not the small-catalog path: the point is the two nodes
     embed_s = time.perf_counter() - t1
     # the same catalog embedded in one process when the adapter was published (the fixture's item table)
     _, _, published = read_embeddings(registry.open("default") / EMBEDDINGS_FILE)

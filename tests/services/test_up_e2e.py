@@ -36,9 +36,10 @@ from tests.streaming.helpers import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1200)]
 
-SPEC = "synthetic:n_users=150,n_items=60,n_events=7000,n_topics=4,seed=5,p_follow=0.6"
-FIRST_EVENTS = 4000  # published before the first adapter; the rest triggers the continuous trainer
-TRAIN_EVERY_EVENTS = 2000
+# ~47 events per user on 100 users: every training run (three of them) and evaluation is proportionally short
+SPEC = "synthetic:n_users=100,n_items=60,n_events=4700,n_topics=4,seed=5,p_follow=0.6"
+FIRST_EVENTS = 2700  # published before the first adapter; the rest triggers the continuous trainer
+TRAIN_EVERY_EVENTS = 1300
 LOAD_INTERVAL_S = 0.1
 INGEST_METRICS_PORT = free_port()
 API_KEY = f"e2e-key-{uuid.uuid4().hex}"  # must appear in no log

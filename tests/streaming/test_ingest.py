@@ -1,38 +1,29 @@
-"""Ingestion against the real embedded broker and Redis: round trip, bad input, crashes."""
+"""Ingestion against the real embedded broker and Redis: round trip, bad input (crashes: tests/test_chaos.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
-import threading
-from collections import Counter, defaultdict
+from collections import Counter
 
 import pytest
 import redis
 
-from streaming.datasets import SyntheticConfig, synthetic_dataset
 from streaming.dlq import read_dlq
 from streaming.ingest import Ingestor
 from streaming.online_store import OnlineStore
-from streaming.producer import EventProducer, replay
-from streaming.settings import settings_env
+from streaming.producer import EventProducer
 from tests.streaming.helpers import (
     assert_no_overlap,
     isolated_settings,
     popularity_total,
     pseudonym,
     read_log,
-    wait_for,
 )
 
 pytestmark = pytest.mark.integration
 
 IDLE_EXIT_S = 2.0
-PRODUCE_RATE = 800  # events/s in the crash test: ~37 s of traffic, room for 5+ kills when restarts are slow
 
 
 def _store(settings) -> OnlineStore:
@@ -150,82 +141,6 @@ def test_bad_records_go_to_dlq_and_the_stream_goes_on(embedded_stack, tmp_path):
     assert read_log(settings).num_rows == n_good
 
 
-def _spawn_ingest(settings, tmp_path, n: int):
-    env = {**os.environ, **settings_env(settings), "PYTHONUNBUFFERED": "1"}
-    path = tmp_path / f"ingest-{n}.log"
-    cmd = [sys.executable, "-m", "services.cli", "ingest", "--no-progress", "--features-every", "0"]
-    with open(path, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-    proc.stdout_path = path
-    return proc
-
-
-@pytest.mark.slow
-def test_sigkill_restarts_count_every_event_exactly_once(embedded_stack, tmp_path):
-    """Two consumers of one group split the partitions; one of them is SIGKILLed at random
-    points at least 5 times and restarted. Afterwards every event is counted once."""
-    settings = isolated_settings(
-        embedded_stack, tmp_path, max_poll_records=400, log_flush_records=1500, log_flush_interval_s=0.3
-    )
-    ds = synthetic_dataset(SyntheticConfig(n_users=300, n_items=200, n_events=30_000, seed=11))
-    events = list(ds.event_dicts())
-    n = len(events)
-    store = _store(settings)
-
-    def applied() -> int:
-        return sum(max(store.watermark(settings.events_topic, p) + 1, 0) for p in range(settings.topic_partitions))
-
-    # Events keep arriving while the consumers die and come back (about 37 s of traffic).
-    producer = EventProducer(settings, validate=False)
-    feeder = threading.Thread(
-        target=replay, args=(producer, ds.item_dicts(), events), kwargs=dict(rate=PRODUCE_RATE, progress=False)
-    )
-    feeder.start()
-    rng = random.Random(3)
-    survivor = _spawn_ingest(settings, tmp_path, 0)
-    victim = _spawn_ingest(settings, tmp_path, 1)
-    kills = 0
-    try:
-        for k in range(6):
-            # The victim must own partitions and be mid-stream when it dies: wait for its
-            # assignment, then kill at a random point of progress (the watermarks are the
-            # consumers' own Redis writes).
-            log_path = tmp_path / f"ingest-{k + 1}.log"
-            wait_for(lambda: "assigned" in log_path.read_text(), 90, f"consumer {k + 1} to get partitions")
-            target = applied() + rng.randint(200, 1500)
-            if target >= n - 300:
-                break
-            wait_for(lambda: applied() >= target, 90, f"ingestion to pass {target} events")
-            victim.send_signal(signal.SIGKILL)
-            victim.wait(10)
-            kills += 1
-            victim = _spawn_ingest(settings, tmp_path, k + 2)
-        assert kills >= 5, f"only {kills} kills happened mid-stream; slow the consumers down"
-        feeder.join()
-        producer.close()
-        # Both run until everything is in Redis and the log holds every event.
-        wait_for(lambda: popularity_total(settings) >= n and read_log(settings).num_rows >= n, 180, "all events")
-    finally:
-        for proc in (survivor, victim):
-            proc.send_signal(signal.SIGTERM)
-        for proc in (survivor, victim):
-            rc = proc.wait(30)
-            assert rc == 0, f"{proc.args} exited {rc}:\n" + open(proc.stdout_path).read()[-3000:]
-
-    assert popularity_total(settings) == n
-    latest = defaultdict(dict)  # user -> item -> last ts
-    for ev in events:
-        seen = latest[ev["user_id"]]
-        seen[ev["item_id"]] = max(ev["ts"], seen.get(ev["item_id"], 0))
-    for user in rng.sample(sorted(latest), 60):
-        newest = sorted(latest[user], key=lambda item: -latest[user][item])[: settings.recent_items_max]
-        assert store.recent_items(pseudonym(settings, user)) == newest, user
-    expected_pop = Counter(ev["item_id"] for ev in events)
-    assert store.popularity(sorted(expected_pop)) == dict(expected_pop)
-    log = read_log(settings)
-    ids = log.column("event_id").to_pylist()
-    assert len(ids) == n and len(set(ids)) == n
-    assert set(ids) == {ev["event_id"] for ev in events}
-    assert_no_overlap(settings, settings.events_topic)
-    # The survivor got partitions too: the group really split the work.
-    assert "assigned" in (tmp_path / "ingest-0.log").read_text()
+# Consumers SIGKILLed mid-stream and restarted (every event counted once, popularity and recent items exact,
+# no overlapping log files): the chaos scenario bench/chaos_scenarios/ingest_kill.py, run by
+# tests/test_chaos.py::test_ingest_sigkilled_five_times_loses_and_duplicates_nothing.

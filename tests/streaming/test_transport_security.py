@@ -481,7 +481,9 @@ def test_refused_kafka_credentials_are_one_clear_line(embedded_stack, authentica
     done = _ingest_cli({"KAFKA_BOOTSTRAP_SERVERS": authenticating_broker, "REDIS_URL": embedded_stack.redis_url,
                         "STREAMREC_DATA_DIR": str(tmp_path), "STREAMREC_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
                         "STREAMREC_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512", "STREAMREC_KAFKA_SASL_USERNAME": "streamrec",
-                        "STREAMREC_KAFKA_SASL_PASSWORD": SECRET})
+                        "STREAMREC_KAFKA_SASL_PASSWORD": SECRET,
+                        # the refusal is reported when the first connection gives up: not after the default 30 s
+                        "STREAMREC_KAFKA_CONNECT_TIMEOUT_MS": "3000"})
     assert done.returncode == 1, done.stderr[-2000:]
     assert (f"cannot reach Kafka at KAFKA_BOOTSTRAP_SERVERS='{authenticating_broker}' over SASL_PLAINTEXT, "
             "SCRAM-SHA-512 as 'streamrec'") in done.stderr

@@ -303,30 +303,29 @@ def test_a_running_canary_is_reviewed_at_most_every_canary_review_s(world, monke
 # --- a real training run ---------------------------------------------------------------------------
 @pytest.mark.integration
 @pytest.mark.slow
-def test_a_training_run_with_canaries_on_publishes_the_next_adapter_as_a_canary(tmp_path, ray_local):
+def test_a_training_run_with_canaries_on_publishes_the_next_adapter_as_a_canary(tmp_path, first_adapter):
     """The first adapter goes live; the next one, which passes the gate, is published not live as a
-    canary, and the run's outcome says so -- real local Ray, the real feature job and registry."""
+    canary, and the run's outcome says so -- real local Ray, the real feature job and registry.
+    The first run (canaries on) is shared with test_training.py (tests/fixtures/trained_adapter.py):
+    this test continues on a copy of the data directory it left."""
     import dataclasses
 
     from streaming.datasets import load_dataset
-    from tests.training.test_training import PARTITIONS, QUICK, SMALL_MODEL, SPEC, ingest
-    from training.lm import resolve_base_model
-    from training.model import ModelConfig
-    from training.train_run import OUTCOME_FILE, PUBLISHED, TrainRequest, outcome_line, run_training
+    from tests.fixtures.trained_adapter import CANARY_PERCENT, FIRST_EVENTS
+    from tests.training.test_training import QUICK, SPEC, ingest
+    from training.train_run import OUTCOME_FILE, PUBLISHED, outcome_line, run_training
 
-    settings = Settings(data_dir=tmp_path, user_buckets=2, features_interval_s=0, canary_percent=10)
-    ds = load_dataset(SPEC, tmp_path / "datasets")
-    offsets = {p: 0 for p in range(PARTITIONS)}
-    ingest(settings, ds, 0, 9000, offsets, with_items=True)
-    req = TrainRequest(model_config=ModelConfig(base_model=resolve_base_model(None), **SMALL_MODEL),
-                       train_config=QUICK, progress=False, embed_actors=1)
-    first = run_training(settings, req)
+    data_dir, offsets = first_adapter.copy_to(tmp_path / "data")
+    settings = Settings(data_dir=data_dir, user_buckets=2, features_interval_s=0, canary_percent=CANARY_PERCENT)
+    first = first_adapter.outcome
     assert first.kind == PUBLISHED and first.published.version == "v000001", first.gate_message
     reg = Registry(settings.registry_uri)
+    assert reg.current("default").version == "v000001"
     assert experiments.active(reg, "default") is None  # the first version is always live
 
-    ingest(settings, ds, 9000, 12000, offsets, with_items=False)
-    second = run_training(settings, dataclasses.replace(req, incremental=True,
+    ds = load_dataset(SPEC, tmp_path / "datasets")
+    ingest(settings, ds, FIRST_EVENTS, 12000, offsets, with_items=False)
+    second = run_training(settings, dataclasses.replace(first_adapter.request, incremental=True,
                                                         train_config=dataclasses.replace(QUICK, epochs=2)))
     assert second.kind == CANARY and second.published.version == "v000002", second.gate_message
     assert reg.current("default").version == "v000001"

@@ -19,6 +19,7 @@ from streaming.datasets import load_dataset
 from streaming.features import run_features
 from streaming.job_metrics import metrics_file, read_job_metrics
 from streaming.settings import Settings, settings_env
+from tests.fixtures.trained_adapter import FIRST_EVENTS
 from tests.streaming.test_features import write
 from training import train_metrics as tm
 from training.adapter import ADAPTER_FILE, EMBEDDINGS_FILE, load_adapter, read_embeddings
@@ -26,7 +27,7 @@ from training.corpus import NotEnoughData
 from training.lm import resolve_base_model
 from training.model import ModelConfig
 from training.registry import Registry
-from training.train_run import GATE_REFUSED, NOTHING_NEW, OUTCOME_FILE, TrainRequest, run_training
+from training.train_run import GATE_REFUSED, NOTHING_NEW, OUTCOME_FILE, run_training
 from training.train_step import TrainConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -65,14 +66,15 @@ def ingest(settings: Settings, ds, start: int, stop: int, offsets: dict[int, int
     run_features(settings, progress=False)
 
 
-def test_train_publish_incremental_and_gate(tmp_path, ray_local, synthetic, monkeypatch):
-    settings = settings_for(tmp_path)
-    offsets = {p: 0 for p in range(PARTITIONS)}
-    ingest(settings, synthetic, 0, 9000, offsets, with_items=True)
-    model_cfg = ModelConfig(base_model=resolve_base_model(None), **SMALL_MODEL)
-    req = TrainRequest(model_config=model_cfg, train_config=QUICK, progress=False, embed_actors=1)
-
-    first = run_training(settings, req)
+def test_train_publish_incremental_and_gate(tmp_path, ray_local, synthetic, first_adapter, monkeypatch):
+    # The first run (the first 9,000 events, from scratch) is shared with test_canary.py: it is trained
+    # once per session (tests/fixtures/trained_adapter.py) and this test continues on a copy of its data.
+    data_dir, offsets = first_adapter.copy_to(tmp_path / "data")
+    settings = settings_for(data_dir)
+    req = first_adapter.request
+    first = first_adapter.outcome
+    assert req.model_config == ModelConfig(base_model=resolve_base_model(None), **SMALL_MODEL)
+    assert req.train_config == QUICK and not req.incremental
     assert first.published is not None and first.published.version == "v000001", first.gate_message
     report = json.loads((first.run_dir / "evaluation.json").read_text())["results"]
     popular = report["popular"]["test"]["ndcg10"]
@@ -90,7 +92,7 @@ def test_train_publish_incremental_and_gate(tmp_path, ray_local, synthetic, monk
     assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
 
     # Incremental: new events arrive; the next run starts from v1 and trains on what is new.
-    ingest(settings, synthetic, 9000, 12000, offsets, with_items=False)
+    ingest(settings, synthetic, FIRST_EVENTS, 12000, offsets, with_items=False)
     inc_req = dataclasses.replace(req, incremental=True, train_config=dataclasses.replace(QUICK, epochs=2))
     second = run_training(settings, inc_req)
     assert second.published is not None, second.gate_message
