@@ -20,10 +20,13 @@ What it does (all under `<data_dir>/features-scale/`, emptied first, removed aft
 
 Returns / prints (JSON): `features_full_s`, `features_incremental_s_per_100k` ({str(total events before the
 increment): seconds per 100k new events}), `covisit_rows` (pair rows, both directions), `covisit_bytes`
-(Parquet bytes of `covisit_counts`), `covisit_build_s` (the full run's co-visitation stage, from the
-job's own `last_run.stage_s`), and `features_details` (every run's wall and CPU seconds, stage timings,
-sizes -- the sequences' rows apart from their index, `sequences_state` + `sequences_hashes` --, the
-buckets each run compacted and the most segments a bucket holds, settings; `incremental_cpu_s_per_100k`:
+(bytes of the `covisit_counts` files after the full run: per bucket its id file and the base's int64 pair
+keys and counts, 16 bytes a pair, uncompressed so that they can be memory-mapped), `covisit_build_s`
+(the full run's co-visitation stage, from the job's own `last_run.stage_s`), and `features_details`
+(every run's wall and CPU seconds, stage timings, sizes -- the sequences' rows apart from their index,
+`sequences_state` + `sequences_hashes`; `covisit_counts` with the delta segments an incremental run
+left --, the buckets each run compacted and the most segments a bucket holds, for the sequences
+(`segments_max`) and the co-visitation counts (`covisit_segments_max`), settings; `incremental_cpu_s_per_100k`:
 the same map in CPU seconds of this process and the local Ray it started -- steadier than wall seconds on a
 shared machine; psutil, when installed; `incremental_spread_per_100k`: mean and max over the repeats, wall
 and CPU, since a run that compacts sequence segments costs more than one that only appends -- the mean over
@@ -193,6 +196,8 @@ def _run(settings: Settings, *, full: bool = False) -> dict[str, Any]:
             "users_touched": result.users_touched, "pair_deltas": last.get("pair_deltas"),
             "stage_s": last.get("stage_s", {}), "compactions": last.get("compactions", {}),
             "segments_max": max((len(e.get("segments", [])) for e in seq), default=0),
+            "covisit_segments_max": max((len(e.get("segments", [])) for e in tables.get("covisit_counts", [])),
+                                        default=0),
             "counts": manifest.get("counts", {}), "bytes": size}
 
 

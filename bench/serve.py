@@ -1,6 +1,6 @@
 """Serving benchmark: the recommendation API against a no-op Ray Serve deployment, one run.
 
-    python bench/serve.py --json bench/results/serve.json [--duration-s 10] [--swap-items 100000] [--no-ranker]
+    python bench/serve.py --json bench/results/serve.json [--duration-s 10] [--swap-items 100000] [--no-ranker] [--pairs 2]
                           [--impressions-compare]
     python bench/serve.py --items 1000000 --new-items 10000 --json bench/results/serve-1m.json
 
@@ -37,7 +37,9 @@ tests/fixtures/synthetic_adapter.py's size, trending snapshot; `--no-ranker`: th
    them (its `streamrec_index_items`). Target at M = 10,000: <= 5 s.
 
 Keys: noop_max_rps, rec_max_rps, rps_ratio, rec_p50_ms, rec_p99_ms_at_half_load, swap_s_100k,
-swap_failed_requests; for context noop_fastapi_max_rps and rps_ratio_vs_fastapi_noop (the same no-op
+swap_failed_requests (`rps_ratio`: the median over the first (no-op, recommendations) pair and `--pairs` more
+measured back to back, each in `pairs`; `rps_ratio_first_pair`, `cpu_ratio_pairs_median`; `noop_p99_ms_at_half_load`: the plain no-op's p99 at half its
+rate, open loop -- the framework's own tail on this machine, beside `rec_p99_ms_at_half_load`); for context noop_fastapi_max_rps and rps_ratio_vs_fastapi_noop (the same no-op
 as a FastAPI ingress: what the framework under the API costs by itself) and noop_asgi_max_rps /
 rps_ratio_vs_asgi_noop (the same FastAPI no-op run in a plain deployment's process: what the API's
 non-hot routes run on). `noop_cpu_ms_per_request`, `rec_cpu_ms_per_request` and `cpu_ratio` (noop / rec):
@@ -78,11 +80,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 CATALOG_ITEMS = 2_000
 USERS = 1_000
 HISTORY = 20
-CONCURRENCY = (1, 2, 4, 8, 16, 32)
+CONCURRENCY = (1, 2, 4, 8, 16, 32, 64)  # rising until a step falls 10% below the best (`max_rps`)
 READY_TIMEOUT_S = 180.0
 SCALE_DIM = 64  # vector size of --items catalogs: ModelConfig.dim's default
 NEW_ITEMS_TIMEOUT_S = 120.0
 UNLOAD_TIMEOUT_S = 60.0  # the longest the bench waits for the replica to drop the swapped-out version
+PAIRS = 2  # extra back-to-back (no-op, recommendations) measures after the first (--pairs)
 IDLE_CPU_S = 3.0  # seconds of no load before each max_rps, to measure the processes' idle CPU
 MODEL_BATCH = 8  # requests per user-tower call in `model_cpu_ms_per_request`: the replica's batch at ~8 in flight
 MODEL_WARMUP_BATCHES = 5
@@ -350,6 +353,9 @@ def main() -> int:
     ap.add_argument("--new-items", type=int, default=0, help="after the swap, add this many new catalog items at "
                     "once and time until the replica serves them all")
     ap.add_argument("--replicas", type=int, default=1, help="replicas of the API deployment")
+    ap.add_argument("--pairs", type=int, default=PAIRS, help="after the first measures, this many more (no-op, "
+                    "recommendations) max-rate measures back to back; `rps_ratio` is the median over all pairs "
+                    "(other jobs on a shared machine move the rates between minutes, less within a pair)")
     ap.add_argument("--no-ranker", action="store_true", help="adapters without the second stage (first stage only)")
     ap.add_argument("--impressions-compare", action="store_true",
                     help="also serve with impressions on (to the embedded broker) and print both side by side "
@@ -458,7 +464,9 @@ def main() -> int:
         noop = max_rps(f"{base}/noop", args.duration_s, lambda i: None, "noop")
         noop_fastapi = max_rps(f"{base}/noop-fastapi", args.duration_s, lambda i: None, "noop (FastAPI ingress)")
         noop_asgi = max_rps(f"{base}/noop-asgi", args.duration_s, lambda i: None, "noop (FastAPI in process)")
-        for name in ("noop", "noop-fastapi", "noop-asgi"):  # their CPUs go to the API's replicas (--replicas 2)
+        # their CPUs go to the API's replicas (--replicas 2); the plain no-op stays for the pairs (an idle
+        # replica costs nothing measurable) and goes before the swap
+        for name in ("noop-fastapi", "noop-asgi") if args.pairs else ("noop", "noop-fastapi", "noop-asgi"):
             serve.delete(name)
         serve.run(build_app(settings_env(settings), replicas=args.replicas), name="streamrec",
                   route_prefix="/")
@@ -480,6 +488,22 @@ def main() -> int:
         out["replica_rss_mb_serving"] = replica_rss_mb(base)  # one version loaded (one replica: --replicas 1)
 
         rec = max_rps(f"{base}/v1/recommendations", args.duration_s, rec_params, "recommendations")
+        pairs = [(noop, rec)]
+        for _ in range(args.pairs):
+            pairs.append((max_rps(f"{base}/noop", args.duration_s, lambda i: None, "noop"),
+                          max_rps(f"{base}/v1/recommendations", args.duration_s, rec_params, "recommendations")))
+        if args.pairs:
+            # the framework's own tail on this machine: the plain no-op at half its rate, open loop
+            noop_lat, _ = asyncio.run(open_loop(f"{base}/noop", noop["rps"] / 2, args.duration_s * 2, lambda i: None))
+            out["noop_p99_ms_at_half_load"] = 1e3 * float(np.percentile(noop_lat, 99))
+            print(f"  no-op at half its rate ({noop['rps'] / 2:.1f} req/s): p99 {out['noop_p99_ms_at_half_load']:.1f} ms",
+                  flush=True)
+            serve.delete("noop")
+        out["pairs"] = [{"noop_max_rps": n["rps"], "rec_max_rps": r["rps"], "rps_ratio": r["rps"] / n["rps"],
+                         "cpu_ratio": n["cpu_ms_per_request_min"] / r["cpu_ms_per_request_min"]} for n, r in pairs]
+        print("  pairs (no-op, recommendations): " + "; ".join(
+            f"{p['noop_max_rps']:.0f} / {p['rec_max_rps']:.0f} req/s = {p['rps_ratio']:.2f} (CPU {p['cpu_ratio']:.2f})"
+            for p in out["pairs"]), flush=True)
         half = rec["rps"] / 2
         lat, errors = asyncio.run(open_loop(f"{base}/v1/recommendations", half, args.duration_s * 2, rec_params))
         p99_half = 1e3 * float(np.percentile(lat, 99))
@@ -548,7 +572,10 @@ def main() -> int:
         ray.shutdown()
 
     out.update({
-        "noop_max_rps": noop["rps"], "rec_max_rps": rec["rps"], "rps_ratio": rec["rps"] / noop["rps"],
+        "noop_max_rps": noop["rps"], "rec_max_rps": rec["rps"],
+        "rps_ratio": float(np.median([p["rps_ratio"] for p in out["pairs"]])),
+        "cpu_ratio_pairs_median": float(np.median([p["cpu_ratio"] for p in out["pairs"]])),
+        "rps_ratio_first_pair": rec["rps"] / noop["rps"],
         "noop_cpu_ms_per_request": noop["cpu_ms_per_request_min"], "rec_cpu_ms_per_request": rec["cpu_ms_per_request_min"],
         "cpu_ratio": noop["cpu_ms_per_request_min"] / rec["cpu_ms_per_request_min"],
         "noop_idle_cpu_cores": noop["idle_cpu_cores"], "rec_idle_cpu_cores": rec["idle_cpu_cores"],

@@ -8,11 +8,14 @@ serving's fallback) never see half a version, and a crashed run changes nothing.
 
 Modules, in the order a reader needs them:
 
-* `tables` -- the tables' schemas, the layout (a user bucket: base + append segments, merged on
-  read) and the readers (`load_feature_tables`, `read_manifest`, `iter_sequence_parts` for the
-  sequences one bucket at a time, `table_paths` for the other tables): what training imports;
+* `tables` -- the tables' schemas, the layout (a user bucket: base + append segments; a co-visitation
+  bucket: integer pair keys, base + delta segments; both merged on read) and the readers
+  (`load_feature_tables`, `read_manifest`, `iter_sequence_parts` for the sequences one bucket at a
+  time, `read_covisit_counts` for a co-visitation bucket, `table_paths` for the other tables): what
+  training imports;
 * `job` -- one run (`run_features`): what is new, the Ray Data pipeline, the manifest it publishes;
-* `merge` -- the two Ray Data stages (user-bucket merge, co-visitation buckets);
+* `merge` -- the first Ray Data stage (user-bucket merge: sequences, popularity and pair deltas);
+* `covisit_merge` -- the second (co-visitation buckets: delta segments, compaction, top-K);
 * `store` -- version directories, the manifest swap, garbage collection, the run locks;
 * `redis_push` -- popular/trending items pushed to Redis for serving's fallback;
 * `run_metrics` -- the outcome metrics every run writes (`<data_dir>/metrics/features.prom`);
@@ -41,6 +44,7 @@ from streaming.features.tables import (
     bucket_of,
     iter_sequence_parts,
     load_feature_tables,
+    read_covisit_counts,
     read_manifest,
     table_paths,
 )
@@ -66,6 +70,7 @@ __all__ = [
     "bucket_of",
     "load_feature_tables",
     "push_popularity_to_redis",
+    "read_covisit_counts",
     "read_manifest",
     "run_features",
     "iter_sequence_parts",

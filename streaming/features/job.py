@@ -16,6 +16,8 @@ What is exact, and why:
   equals it within float rounding (old * 2^(-(new_ref - old_ref)/half_life) + new
   contributions; ref_ts only grows).
 * Idempotence: with no new log files a run is a no-op (no table or manifest written) and says so.
+* Format: a live manifest whose ``format`` is not `MANIFEST_FORMAT` (3 since the co-visitation counts
+  became segments) is not built on: the run rebuilds every table from the whole log, logged.
 * Parameters (`_params`: bucket counts, window, top-K, half-life, topics) are in the manifest; a run
   whose parameters differ from the live version's rebuilds every table from the whole log. That
   includes `STREAMREC_COVISIT_BUCKETS` (`covisit_buckets`): the co-visitation files are split by item
@@ -28,17 +30,23 @@ What is exact, and why:
   when impression volume makes it count.
 * Cost (issue 18): a run writes, per user bucket its new events touch, one segment with only the
   touched users' new rows and reads the bucket's per-user state and event-id hashes, not its
-  sequences (except for users with a late or duplicate event: `streaming.features.merge`). What
-  still grows with the stored data: the state file (rewritten, one row per stored user of a touched
-  bucket), the hash files (read, 8 bytes per stored event), compaction (`MAX_SEGMENTS`,
-  `COMPACT_WHEN_APPENDED_OVER_BASE`: a run that compacts rewrites those buckets, amortized a bounded
-  number of times per byte), and the co-visitation buckets (rewritten in full when touched; bounded by
-  items x neighbours, not by events) and the popularity file (one row per item).
+  sequences (except for users with a late or duplicate event: `streaming.features.merge`); per item
+  bucket its pair deltas touch, one delta segment of integer pair keys, after looking up the stored
+  counts of those pairs by binary search in memory-mapped arrays, and a new top-K file
+  (`streaming.features.covisit_merge`), not the stored pairs. What still grows with the stored data:
+  the state file (rewritten, one row per stored user of a touched bucket), the hash files (read, 8
+  bytes per stored event), compaction of either kind of segment (`MAX_SEGMENTS`,
+  `COMPACT_WHEN_APPENDED_OVER_BASE`, `MAX_COVISIT_SEGMENTS`, `COMPACT_WHEN_SEGMENT_ROWS_OVER_BASE_ROWS`:
+  a run that compacts rewrites those buckets, amortized a bounded number of times per byte), and
+  files bounded by the catalog, not the events: the co-visitation id and top-K files (items x
+  neighbours) and the popularity file (one row per item).
   `last_run.stage_s` in the manifest says where a run's time went, `last_run.compactions` how many
-  buckets it compacted. Measured (bench/features_scale.py, 100k users, 20k items, 2 shared cores):
-  the sequences stage per 100k new events is 1.4-1.5 s at 1M stored events and 2.6-2.8 s at 10M
-  (stage 1's own work per bucket, in process: ~0.045 CPU-s at both sizes, was 0.06-0.19 / 0.5); the
-  co-visitation stage is what still grows: 2.1-2.9 s at 1M (3.8M pairs), 8.4-10 s at 10M (30M pairs).
+  buckets it compacted (``full`` / ``segments``: sequences; ``covisit_full`` / ``covisit_segments``).
+  Measured (bench/features_scale.py, 100k users, 20k items, 2 shared cores): the sequences stage per
+  100k new events is 1.4-1.5 s at 1M stored events and 2.6-2.8 s at 10M (stage 1's own work per
+  bucket, in process: ~0.045 CPU-s at both sizes, was 0.06-0.19 / 0.5). The co-visitation stage,
+  which read and rewrote every touched bucket whole before (2.1-2.9 s at 1M, 3.8M pairs; 8.4-10 s at
+  10M, 30M pairs): see `streaming.features.covisit_merge` for its figures now.
 * A corrupt or torn new log file stops the run with `CorruptLogFile` naming it (footers are checked
   before any work; when a Ray Data read fails, the new files are decoded to find the culprit): never
   tables silently missing its events. Chosen over quarantine; README "Chaos suite" says what to do.
@@ -75,7 +83,8 @@ from streaming.events import ITEM_LOG_SCHEMA
 from streaming.features import merge as merge_stage
 from streaming.features import store
 from streaming.features.attribution import EVENT_SCHEMA_WITHOUT_ATTRIBUTION, attribution_is_stale, publish_attribution
-from streaming.features.covisit_merge import COVISIT_OUT_SCHEMA, merge_covisit_bucket
+from streaming.features import covisit_merge as covisit_stage
+from streaming.features.covisit_merge import COVISIT_OUT_SCHEMA
 from streaming.features.merge import (
     DELTA_SCHEMA,
     EVENT_COLUMNS_READ,
@@ -188,7 +197,8 @@ class _Run:
     im_files: list[LogFile] = field(default_factory=list)  # new impression files (attribution reads them all)
     im_wm: dict[int, int] = field(default_factory=dict)
     attribution: dict = field(default_factory=dict)  # the manifest's `attribution` entry
-    # Sequence buckets compacted by this run: {"full": n, "segments": n} (manifest `last_run.compactions`).
+    # Buckets compacted by this run: {"full": n, "segments": n} for sequence buckets, {"covisit_full": n,
+    # "covisit_segments": n} for co-visitation buckets (manifest `last_run.compactions`).
     compactions: dict[str, int] = field(default_factory=dict)
     # Wall seconds per stage (manifest `last_run.stage_s`: where a run's time goes; bench/features_scale.py).
     stage_s: dict[str, float] = field(default_factory=dict)
@@ -272,7 +282,7 @@ def _run_locked(settings: Settings, features_dir: Path, full: bool, rlock: Any, 
         half_life_ms=float(settings.trending_half_life_s) * MS_PER_S,
         old_sequences=_by_bucket(run.tables[SEQUENCES]),
         max_segments=merge_stage.MAX_SEGMENTS, compact_over_base=merge_stage.COMPACT_WHEN_APPENDED_OVER_BASE,
-        old_counts={b: e["path"] for b, e in _by_bucket(run.tables[COVISIT_COUNTS]).items()},
+        old_counts=_by_bucket(run.tables[COVISIT_COUNTS]),  # the entries (streaming.features.tables)
         old_topk={b: e["path"] for b, e in _by_bucket(run.tables[COVISIT_TOPK]).items()},
     )
     # A corrupt log file stops the run, named, before anything is built (never a silent wrong table;
@@ -394,15 +404,22 @@ def _update_events(run: _Run, job: MergeJob, bar: Any) -> None:
         with run.stage("covisit"):
             pairs = deltas.map_batches(only_kind, batch_format="pyarrow", batch_size=None,
                                        fn_kwargs={"kinds": ("pair",)})
-            out = _collect(pairs.groupby("bucket").map_groups(merge_covisit_bucket, batch_format="pyarrow",
-                                                                fn_kwargs={"job": job}), COVISIT_OUT_SCHEMA)
+            # The compaction thresholds as they are now (read here, so a test that lowers them reaches the workers).
+            kwargs = {"job": job, "max_segments": covisit_stage.MAX_COVISIT_SEGMENTS,
+                      "compact_over_base": covisit_stage.COMPACT_WHEN_SEGMENT_ROWS_OVER_BASE_ROWS}
+            out = _collect(pairs.groupby("bucket").map_groups(covisit_stage.merge_covisit_bucket,
+                                                                batch_format="pyarrow", fn_kwargs=kwargs),
+                           COVISIT_OUT_SCHEMA)
             counts, topk = _by_bucket(tables[COVISIT_COUNTS]), _by_bucket(tables[COVISIT_TOPK])
             for row in out.to_pylist():
                 b = row["bucket"]
                 counts.pop(b, None)
                 topk.pop(b, None)
-                if row["counts_path"]:
-                    counts[b] = {"bucket": b, "path": row["counts_path"], "rows": row["counts_rows"]}
+                if row["compacted"]:
+                    key = f"covisit_{row['compacted']}"
+                    run.compactions[key] = run.compactions.get(key, 0) + 1
+                if row["counts_entry"]:
+                    counts[b] = json.loads(row["counts_entry"])  # base + segments + ids, exact `rows`
                     topk[b] = {"bucket": b, "path": row["topk_path"], "rows": row["topk_rows"]}
             tables[COVISIT_COUNTS] = [counts[b] for b in sorted(counts)]
             tables[COVISIT_TOPK] = [topk[b] for b in sorted(topk)]

@@ -136,7 +136,7 @@ class MergeJob:
     topk: int
     half_life_ms: float
     old_sequences: dict[int, dict] = field(default_factory=dict)  # bucket -> its manifest entry (tables.py)
-    old_counts: dict[int, str] = field(default_factory=dict)
+    old_counts: dict[int, dict] = field(default_factory=dict)  # item bucket -> its covisit_counts manifest entry (tables.py)
     old_topk: dict[int, str] = field(default_factory=dict)
     # Compaction of sequence segments (the job passes `MAX_SEGMENTS` / `COMPACT_WHEN_APPENDED_OVER_BASE`
     # as they are when the run starts: a test can lower them for the workers too).

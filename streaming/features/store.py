@@ -10,9 +10,9 @@
   hosts exclude each other; it is re-checked right before publishing, and a run that lost it aborts.
 * Garbage collection: after publishing, version directories that none of the last
   ``KEEP_VERSIONS`` published manifests reference are deleted (a reader that loaded one of
-  them can still finish). A sequence bucket's base and segments stay where the run that wrote
-  them put them, so an older directory can be referenced for those files alone: its other files
-  are deleted.
+  them can still finish). A sequence bucket's base and segments, and a co-visitation bucket's id file,
+  base and segments, stay where the run that wrote them put them (`entry_files` lists an entry's
+  files), so an older directory can be referenced for those files alone: its other files are deleted.
 """
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ from streaming.versioned_store import atomic_write_json, read_json, remove_unkep
 
 logger = logging.getLogger(__name__)
 
-# 2: sequence buckets as base + segments + state + event-id hashes (streaming.features.tables); a
-# manifest of another format is rebuilt from the log by the next run.
-MANIFEST_FORMAT = 2
+# 2: sequence buckets as base + segments + state + event-id hashes (streaming.features.tables);
+# 3: co-visitation counts as integer pair keys, base + delta segments + id file (same module). A manifest
+# of another format is rebuilt from the log by the next run (logged).
+MANIFEST_FORMAT = 3
 KEEP_VERSIONS = 3  # published versions whose files survive garbage collection
 LOCK_FILE_NAME = ".lock"
 LOCK_WAIT_S = 600.0  # how long a run waits for another run to finish before giving up
@@ -67,14 +68,16 @@ def write_parquet(table: pa.Table, path: str, *, use_dictionary: bool | list[str
         os.fsync(fh.fileno())
 
 
-def write_array(values, path: str) -> None:
-    """Write one numpy array (`.npy`) into a version directory, fsync'd like `write_parquet`. The event-id
-    hashes of a sequence bucket: random 64-bit values that no codec compresses, so no Parquet around them."""
+def write_array(values, path: str, dtype: str = "uint64") -> None:
+    """Write one numpy array (`.npy`) of `dtype` into a version directory, fsync'd like `write_parquet` (the
+    manifest that will point at it must never outlive it). The event-id hashes of a sequence bucket (random
+    64-bit values that no codec compresses, so no Parquet around them) and the co-visitation counts' int64
+    keys and counts (memory-mapped on read)."""
     import numpy as np
 
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as fh:
-        np.save(fh, np.ascontiguousarray(values, dtype=np.uint64), allow_pickle=False)
+        np.save(fh, np.ascontiguousarray(values, dtype=dtype), allow_pickle=False)
         fh.flush()
         os.fsync(fh.fileno())
 
@@ -110,8 +113,8 @@ def collect_garbage(features_dir: Path, manifest: dict) -> list[str]:
             referenced.update(files)
             keep.update(f.split("/", 1)[0] for f in files)
     removed = remove_unkept(features_dir, keep)
-    # An older directory kept only for some sequence bases / segments: its other files (that version's
-    # co-visitation, popularity, ... copies) go, or disk would hold up to MAX_SEGMENTS + 1 extra versions.
+    # An older directory kept only for some bases / segments: its other files (that version's top-K,
+    # popularity, ... copies) go, or disk would hold up to MAX_SEGMENTS + 1 extra versions.
     for name in sorted(keep - kept_versions):
         vdir = features_dir / name
         for path in vdir.rglob("*"):

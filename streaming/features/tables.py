@@ -22,11 +22,13 @@ Tables
   Deleted items keep their counts here; readers filter them with the ``items`` table.
 * ``covisit_counts`` -- ``item_a``, ``item_b``, ``count``: how often the two items sit at most
   ``covisit_window`` positions apart in a user's deduplicated sequence, summed over users;
-  symmetric (both directions stored), an item never pairs with itself.
+  symmetric (both directions stored), an item never pairs with itself. Stored as integer pair keys,
+  a base + delta segments merged on read (below): read it with `read_covisit_counts` / `load_tables`
+  only, never the files.
 * ``covisit_topk`` -- ``item_id``, ``neighbors``, ``scores``: the ``covisit_topk`` strongest
   neighbours by count desc, then item id asc. Both co-visitation tables are split into
   ``covisit_buckets`` files (`STREAMREC_COVISIT_BUCKETS`, default ``COVISIT_BUCKETS``) by
-  ``crc32(item_a) % covisit_buckets``, rows sorted by (item_a, item_b) / item_id, so a run rewrites only
+  ``crc32(item_a) % covisit_buckets``, rows sorted by (item_a, item_b) / item_id, so a run writes only
   the buckets it touches. A changed bucket count is a changed parameter: the next run rebuilds every
   table in the new layout (`streaming.features.job`), never mixing two layouts in one version.
 
@@ -40,7 +42,11 @@ Layout::
     features_dir/v000007/sequences/bucket-00003.seg.parquet      a segment (+ ``replace``), newer runs
     features_dir/v000007/sequences/bucket-00003.seg.hashes.npy   the event-id hashes it added
     features_dir/v000007/sequences/bucket-00003.state.parquet    per-user state (`SEQUENCE_STATE_SCHEMA`)
-    features_dir/v000007/covisit_counts/bucket-00011.parquet
+    features_dir/v000004/covisit_counts/bucket-00011.ids.parquet      the bucket's item ids (code = row)
+    features_dir/v000004/covisit_counts/bucket-00011.base.keys.npy    sorted int64 pair keys (a << 32 | b)
+    features_dir/v000004/covisit_counts/bucket-00011.base.counts.npy  their int64 counts
+    features_dir/v000007/covisit_counts/bucket-00011.seg.keys.npy     a delta segment: one run's summed
+    features_dir/v000007/covisit_counts/bucket-00011.seg.counts.npy   pair deltas (signed), newer runs
     features_dir/v000007/covisit_topk/bucket-00011.parquet
     features_dir/v000007/items.parquet, popularity.parquet
 
@@ -66,6 +72,26 @@ the last stored event and the item ids of its last ``covisit_window`` events: wh
 decide that new events are plain appends and to compute their deltas without reading the sequences
 (`streaming.features.merge`). Segments are compacted by the job (`streaming.features.merge`:
 `MAX_SEGMENTS`, `COMPACT_WHEN_APPENDED_OVER_BASE`).
+
+Co-visitation count segments (issue 18: the co-visitation stage's cost follows the new pairs)
+---------------------------------------------------------------------------------------------
+A ``covisit_counts`` entry (manifest format 3) is ``{"bucket", "ids": id file, "n_ids", "path": base keys,
+"counts": base counts, "base_rows", "segments": [{"keys", "counts", "rows"}, ...] oldest first, "rows"}``
+(`covisit_entry_files` lists its files). The id file (Parquet, one ``item_id`` column) holds every item id
+that appears as item_a or item_b in the bucket; an id's *code* is its row, ids are only ever appended (a
+run that meets new ids writes a longer copy: its size follows the catalog, not the history). A pair is
+the int64 key ``code_a << COVISIT_CODE_BITS | code_b``. The base is two ``.npy`` arrays, sorted unique keys
+and their counts; a segment is the same for one run's summed pair deltas (signed: an event replaced by an
+earlier duplicate subtracts; no zero deltas). The count of a pair is the base count plus the segments'
+deltas; ``rows`` is the exact number of pairs whose count is not zero (`counts.covisit_pairs` sums it).
+The arrays are memory-mapped (`covisit_parts`), so the job looks up the counts of its delta pairs by
+binary search (sorted needles, `covisit_lookup`) without reading or decoding the bucket, and
+`read_covisit_counts` sums all parts into ``COVISIT_COUNTS_SCHEMA`` rows sorted by (item_a, item_b), zero
+counts dropped: what a single file gave. A file that is missing raises `FileNotFoundError` and one that
+does not hold what its entry says `CovisitFileError`, naming the file. Segments are compacted by the job
+(`streaming.features.covisit_merge`: `MAX_COVISIT_SEGMENTS`, `COMPACT_WHEN_SEGMENT_ROWS_OVER_BASE_ROWS`).
+A ``covisit_counts`` entry without ``ids`` (format 2: one Parquet of strings) is still read by
+`read_covisit_counts`, for a reader of a store that the next run has not rebuilt yet.
 """
 
 from __future__ import annotations
@@ -134,6 +160,11 @@ COVISIT_COUNTS_SCHEMA = pa.schema([("item_a", pa.string()), ("item_b", pa.string
 COVISIT_TOPK_SCHEMA = pa.schema(
     [("item_id", pa.string()), ("neighbors", pa.list_(pa.string())), ("scores", pa.list_(pa.int64()))]
 )
+# A co-visitation bucket's id file (module docstring): one row per item id, the row is the id's code.
+COVISIT_IDS_SCHEMA = pa.schema([("item_id", pa.string())])
+# Bits of item_b's code in a pair key (code_a << this | code_b): up to 2^31 ids per bucket, keys stay int64.
+COVISIT_CODE_BITS = 32
+COVISIT_CODE_MASK = (1 << COVISIT_CODE_BITS) - 1
 TABLE_SCHEMAS = {
     SEQUENCES: SEQUENCE_SCHEMA,
     ITEMS: ITEM_LOG_SCHEMA,
@@ -175,10 +206,14 @@ def read_manifest(settings: Settings) -> dict | None:
 
 def table_paths(settings: Settings, manifest: dict, name: str) -> list[str]:
     """Absolute paths of the files of table `name` in `manifest` (e.g. for `ray.data.read_parquet`).
-    Not for ``sequences``: its buckets are segments merged on read (`iter_sequence_parts`)."""
+    Not for ``sequences`` or ``covisit_counts``: their buckets are segments merged on read
+    (`iter_sequence_parts`, `read_covisit_counts`)."""
     if name == SEQUENCES:
         raise ValueError("table_paths: the sequences table is stored as segments merged on read; "
                          "read it with iter_sequence_parts / load_tables")
+    if name == COVISIT_COUNTS:
+        raise ValueError("table_paths: the covisit_counts table is stored as integer-key segments merged on "
+                         "read; read it with read_covisit_counts / load_tables")
     root = Path(settings.features_dir).absolute()
     return [str(root / e["path"]) for e in manifest["tables"].get(name, [])]
 
@@ -192,9 +227,126 @@ def sequence_entry_files(entry: dict) -> list[str]:
     return files
 
 
+def covisit_entry_files(entry: dict) -> list[str]:
+    """Every file (relative to features_dir) a ``covisit_counts`` manifest entry references (ids, base,
+    segments; a format-2 entry: its one Parquet file)."""
+    files = [entry[k] for k in ("ids", "path", "counts") if entry.get(k)]
+    for seg in entry.get("segments", []):
+        files += [seg["keys"], seg["counts"]]
+    return files
+
+
 def entry_files(name: str, entry: dict) -> list[str]:
     """Every file (relative to features_dir) a manifest entry of table `name` references."""
-    return sequence_entry_files(entry) if name == SEQUENCES else [entry["path"]]
+    if name == SEQUENCES:
+        return sequence_entry_files(entry)
+    return covisit_entry_files(entry) if name == COVISIT_COUNTS else [entry["path"]]
+
+
+class CovisitFileError(RuntimeError):
+    """A co-visitation counts file that does not hold what its manifest entry says (torn, overwritten, of
+    another table): the message names the file. A missing file is a `FileNotFoundError` instead."""
+
+
+def read_covisit_ids(root: Path | str, entry: dict) -> pa.Array:
+    """A co-visitation bucket's item ids in code order (`entry["ids"]`, `n_ids` of them)."""
+    path = Path(root) / entry["ids"]
+    try:
+        ids = pq.read_table(path, schema=COVISIT_IDS_SCHEMA)["item_id"].combine_chunks()
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise CovisitFileError(f"co-visitation id file {path} is unreadable: {exc}") from exc
+    if len(ids) != int(entry["n_ids"]) or ids.null_count:
+        raise CovisitFileError(f"co-visitation id file {path} holds {len(ids)} ids ({ids.null_count} null), "
+                               f"its manifest entry says {entry['n_ids']}")
+    return ids
+
+
+def load_covisit_array(path: Path | str, rows: int) -> np.ndarray:
+    """One int64 array of a co-visitation bucket, memory-mapped (read only where indexed), checked against
+    the `rows` its manifest entry records."""
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise
+    except (ValueError, OSError, EOFError) as exc:
+        raise CovisitFileError(f"co-visitation file {path} is unreadable: {exc}") from exc
+    if arr.dtype != np.int64 or arr.ndim != 1 or len(arr) != rows:
+        raise CovisitFileError(f"co-visitation file {path} holds {arr.dtype} {arr.shape}, its manifest entry "
+                               f"says int64 ({rows},)")
+    return arr
+
+
+def covisit_parts(root: Path | str, entry: dict) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A format-3 ``covisit_counts`` entry's (keys, counts) arrays, memory-mapped: the base, then the
+    segments oldest first."""
+    root = Path(root)
+    parts = [(entry["path"], entry["counts"], int(entry["base_rows"]))]
+    parts += [(g["keys"], g["counts"], int(g["rows"])) for g in entry.get("segments", [])]
+    return [(load_covisit_array(root / k, n), load_covisit_array(root / c, n)) for k, c, n in parts]
+
+
+def covisit_lookup(parts: list[tuple[np.ndarray, np.ndarray]], needles: np.ndarray) -> np.ndarray:
+    """The stored counts (base + segments) of the pair keys `needles` (sorted, unique; 0 for an absent
+    pair): a binary search per part, which reads only the pages it lands on."""
+    out = np.zeros(len(needles), np.int64)
+    for keys, counts in parts:
+        if not len(keys) or not len(needles):
+            continue
+        pos = np.minimum(np.searchsorted(keys, needles), len(keys) - 1)
+        hit = np.asarray(keys[pos]) == needles
+        out[hit] += np.asarray(counts[pos[hit]])
+    return out
+
+
+def sum_covisit_parts(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted-unique (keys, counts) parts -> one: keys sorted unique, counts summed, zero counts dropped.
+    The parts are sorted runs, so the stable sort (timsort) merges them in linear time."""
+    parts = [(np.asarray(k), np.asarray(c)) for k, c in parts if len(k)]
+    if not parts:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    keys = np.concatenate([k for k, _ in parts]).astype(np.int64, copy=False)
+    counts = np.concatenate([c for _, c in parts]).astype(np.int64, copy=False)
+    if len(parts) > 1:
+        order = np.argsort(keys, kind="stable")
+        keys, counts = keys[order], counts[order]
+        first = np.ones(len(keys), dtype=bool)
+        first[1:] = keys[1:] != keys[:-1]
+        starts = np.flatnonzero(first)
+        keys, counts = keys[starts], np.add.reduceat(counts, starts)
+    nz = counts != 0
+    return keys[nz], counts[nz]
+
+
+def string_ranks(ids: pa.Array) -> np.ndarray:
+    """Each id's position in bytewise order (the order `sort_by` gives strings): codes -> sort order."""
+    order = pc.sort_indices(ids).to_numpy()
+    ranks = np.empty(len(ids), np.int64)
+    ranks[order] = np.arange(len(ids), dtype=np.int64)
+    return ranks
+
+
+def read_covisit_counts(root: Path | str, entry: dict) -> pa.Table:
+    """One ``covisit_counts`` bucket (manifest `entry`), merged on read: ``COVISIT_COUNTS_SCHEMA`` rows sorted
+    by (item_a, item_b), zero counts dropped -- the table one file gave before (module docstring)."""
+    root = Path(root)
+    if not entry.get("ids"):  # format 2: one Parquet of strings
+        return pq.read_table(root / entry["path"], schema=COVISIT_COUNTS_SCHEMA)
+    ids = read_covisit_ids(root, entry)
+    keys, counts = sum_covisit_parts(covisit_parts(root, entry))
+    if len(counts) and counts.min() < 0:
+        raise CovisitFileError(f"co-visitation bucket {entry['bucket']}: a negative pair count in {entry['path']} "
+                               "and its segments (the files are inconsistent)")
+    a, b = keys >> COVISIT_CODE_BITS, keys & COVISIT_CODE_MASK
+    if len(keys) and max(int(a.max()), int(b.max())) >= len(ids):
+        raise CovisitFileError(f"co-visitation bucket {entry['bucket']}: a pair code beyond the "
+                               f"{len(ids)} ids of {entry['ids']}")
+    ranks = string_ranks(ids)
+    order = np.argsort((ranks[a] << COVISIT_CODE_BITS) | ranks[b])
+    a, b, counts = a[order], b[order], counts[order]
+    return pa.Table.from_arrays([ids.take(pa.array(a)), ids.take(pa.array(b)), pa.array(counts, pa.int64())],
+                                schema=COVISIT_COUNTS_SCHEMA)
 
 
 def event_id_hashes(col: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
@@ -330,6 +482,9 @@ def load_tables(settings: Settings, manifest: dict, names: tuple[str, ...] = TAB
         schema = TABLE_SCHEMAS[name]
         if name == SEQUENCES and name in names:
             parts = list(iter_sequence_parts(settings, manifest))
+        elif name == COVISIT_COUNTS and name in names:
+            root = Path(settings.features_dir).absolute()
+            parts = [read_covisit_counts(root, e) for e in manifest["tables"].get(name, [])]
         else:
             paths = table_paths(settings, manifest, name) if name in names else []
             parts = [read_parquet(p, schema) for p in paths]

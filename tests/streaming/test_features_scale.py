@@ -1,9 +1,11 @@
 """Issue 18, the feature job at scale: the co-visitation bucket count as a setting (a change rebuilds in
-the new layout, never mixes two), the linear co-visitation merge (exact against a plain recompute,
-negative deltas included), and bench/features_scale.py's entry on a tiny log (figures, not speed)."""
+the new layout, never mixes two), the co-visitation merge (exact against a plain recompute, negative
+deltas included; the many-run and compaction cases are in test_covisit_segments.py), and
+bench/features_scale.py's entry on a tiny log (figures, not speed)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from pathlib import Path
@@ -17,7 +19,7 @@ from streaming.features import load_feature_tables, run_features
 from streaming.features.job import covisit_buckets
 from streaming.features.covisit_merge import merge_covisit_bucket, topk_table
 from streaming.features.merge import MergeJob
-from streaming.features.tables import COVISIT_COUNTS_SCHEMA, COVISIT_TOPK_SCHEMA, bucket_of
+from streaming.features.tables import COVISIT_COUNTS_SCHEMA, COVISIT_TOPK_SCHEMA, bucket_of, read_covisit_counts
 from streaming.settings import Settings
 from tests.streaming.test_features import EVENTS, ITEMS, assert_same_tables, chunks, make_settings, random_log, write
 
@@ -36,7 +38,8 @@ def assert_layout(settings: Settings, n: int) -> None:
         entries = t.manifest["tables"][name]
         assert entries and all(0 <= e["bucket"] < n for e in entries)
         for e in entries:
-            ids = pq.read_table(root / e["path"], columns=[key])[key].to_pylist()
+            rows = read_covisit_counts(root, e) if name == "covisit_counts" else pq.read_table(root / e["path"])
+            ids = rows[key].to_pylist()
             assert {bucket_of(i, n) for i in ids} == {e["bucket"]}, (name, e["path"])
 
 
@@ -106,9 +109,10 @@ def _counts_table(counts: dict) -> pa.Table:
 
 @pytest.mark.parametrize("seed", range(20))
 def test_covisit_merge_equals_a_recompute(tmp_path, seed):
-    """The linear merge (binary search, sorted-run merge, top-K from stored top-K + deltas) against a
-    dict sum and a full top-K; with negative deltas (an event replaced by an earlier duplicate),
-    pairs that fall to zero, new pairs and items, and an empty stored bucket."""
+    """One run of the merge on a stored bucket (written by a first run; a base of integer pair keys,
+    tests/streaming/test_covisit_segments.py has the many-run cases) against a dict sum and a full top-K;
+    with negative deltas (an event replaced by an earlier duplicate), pairs that fall to zero, new pairs
+    and items, and an empty stored bucket."""
     rng = random.Random(seed)
     items = [f"i{n}" for n in range(rng.choice([3, 12, 40]))]
     k = rng.choice([1, 2, 3, 5])
@@ -126,48 +130,30 @@ def test_covisit_merge_equals_a_recompute(tmp_path, seed):
             a, b = rng.sample(items + ["new1", "new2"], 2)
             deltas.append((a, b, rng.randint(1, 3)))
     root = tmp_path / "features"
-    (root / "v1").mkdir(parents=True)
+
+    def run(vdir: str, rows: list[tuple[str, str, int]], old_counts: dict, old_topk: dict) -> dict:
+        job = MergeJob(root=str(root), vdir=vdir, user_buckets=1, covisit_buckets=1, window=2, topk=k,
+                       half_life_ms=1.0, old_counts=old_counts, old_topk=old_topk)
+        group = pa.table({"bucket": pa.array([0] * len(rows), pa.int32()), "key": [r[0] for r in rows],
+                          "item_b": [r[1] for r in rows], "count": pa.array([r[2] for r in rows], pa.int64())})
+        return merge_covisit_bucket(group, job=job).to_pylist()[0]
+
     old_counts, old_topk = {}, {}
     if old:
-        counts_t = _counts_table(old)
-        pq.write_table(counts_t, root / "v1" / "counts.parquet")
-        pq.write_table(topk_table(counts_t, k), root / "v1" / "topk.parquet")
-        old_counts, old_topk = {0: "v1/counts.parquet"}, {0: "v1/topk.parquet"}
-    job = MergeJob(root=str(root), vdir="v2", user_buckets=1, covisit_buckets=1, window=2, topk=k,
-                   half_life_ms=1.0, old_counts=old_counts, old_topk=old_topk)
+        first = run("v1", [(a, b, c) for (a, b), c in sorted(old.items())], {}, {})
+        old_counts, old_topk = {0: json.loads(first["counts_entry"])}, {0: first["topk_path"]}
     order = list(range(len(deltas)))
     rng.shuffle(order)  # the stage gets deltas in any order, a pair several times
-    group = pa.table({"bucket": pa.array([0] * len(deltas), pa.int32()),
-                      "key": [deltas[i][0] for i in order], "item_b": [deltas[i][1] for i in order],
-                      "count": pa.array([deltas[i][2] for i in order], pa.int64())})
-    out = merge_covisit_bucket(group, job=job).to_pylist()[0]
+    out = run("v2", [deltas[i] for i in order], old_counts, old_topk)
     want = _reference(old, deltas)
     if not want:
-        assert out["counts_path"] is None and out["counts_rows"] == 0
+        assert out["counts_entry"] is None and out["counts_rows"] == 0
         return
-    got = pq.read_table(root / out["counts_path"], schema=COVISIT_COUNTS_SCHEMA)
+    got = read_covisit_counts(root, json.loads(out["counts_entry"]))
     assert got.equals(_counts_table(want))  # sorted by (item_a, item_b), no zero rows
     got_topk = pq.read_table(root / out["topk_path"], schema=COVISIT_TOPK_SCHEMA)
     assert got_topk.to_pylist() == topk_table(_counts_table(want), k).to_pylist()
     assert out["counts_rows"] == len(want) and out["topk_rows"] == got_topk.num_rows
-
-
-def test_covisit_merge_negative_delta_lets_an_outsider_into_top_k(tmp_path):
-    """a's top-2 is b, c; b falls below d, which is neither in the stored top-K nor in the delta: the
-    positive-delta shortcut would miss it, so an item with a negative delta is recomputed from all pairs."""
-    root = tmp_path / "features"
-    (root / "v1").mkdir(parents=True)
-    old = {("a", "b"): 5, ("a", "c"): 4, ("a", "d"): 3, ("b", "a"): 5, ("c", "a"): 4, ("d", "a"): 3}
-    pq.write_table(_counts_table(old), root / "v1" / "counts.parquet")
-    pq.write_table(topk_table(_counts_table(old), 2), root / "v1" / "topk.parquet")
-    job = MergeJob(root=str(root), vdir="v2", user_buckets=1, covisit_buckets=1, window=2, topk=2, half_life_ms=1.0,
-                   old_counts={0: "v1/counts.parquet"}, old_topk={0: "v1/topk.parquet"})
-    group = pa.table({"bucket": pa.array([0, 0], pa.int32()), "key": ["a", "b"], "item_b": ["b", "a"],
-                      "count": pa.array([-4, -4], pa.int64())})
-    out = merge_covisit_bucket(group, job=job).to_pylist()[0]
-    topk = {r["item_id"]: (r["neighbors"], r["scores"])
-            for r in pq.read_table(root / out["topk_path"], schema=COVISIT_TOPK_SCHEMA).to_pylist()}
-    assert topk == {"a": (["c", "d"], [4, 3]), "b": (["a"], [1]), "c": (["a"], [4]), "d": (["a"], [3])}
 
 
 @pytest.mark.integration
