@@ -142,6 +142,12 @@ SEQUENCE_ROW_GROUP_USERS = 1024
 # (true) or appends to it (false; its `n` counts only the appended events).
 REPLACE = "replace"
 SEGMENT_SCHEMA = SEQUENCE_SCHEMA.append(pa.field(REPLACE, pa.bool_()))
+
+
+def sequence_schema(columns) -> pa.Schema:
+    """The `SEQUENCE_SCHEMA` fields named by `columns`, in that order (what a read of some columns returns)."""
+    return pa.schema([SEQUENCE_SCHEMA.field(c) for c in columns])
+
 # Per-user state of a sequence bucket (one row per stored user, sorted by user_id): the stored length,
 # the (ts, partition, offset) key of the user's last event and the item ids of its last `covisit_window`
 # events (the only stored events a plain append pairs with).
@@ -300,6 +306,22 @@ def covisit_lookup(parts: list[tuple[np.ndarray, np.ndarray]], needles: np.ndarr
     return out
 
 
+def sum_by_key(keys: np.ndarray, counts: np.ndarray, sort_kind: str | None = "stable"
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(keys, counts) -> keys sorted unique with their counts summed, zero counts dropped. `sort_kind`:
+    numpy's argsort kind -- "stable" (timsort: linear time on concatenated sorted runs), "quicksort" (the
+    fastest for keys in any order) -- or None when `keys` are already sorted unique."""
+    if sort_kind is not None and len(keys):
+        order = np.argsort(keys, kind=sort_kind)
+        keys, counts = keys[order], counts[order]
+        first = np.ones(len(keys), dtype=bool)
+        first[1:] = keys[1:] != keys[:-1]
+        starts = np.flatnonzero(first)
+        keys, counts = keys[starts], np.add.reduceat(counts, starts)
+    nz = counts != 0
+    return keys[nz], counts[nz]
+
+
 def sum_covisit_parts(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
     """Sorted-unique (keys, counts) parts -> one: keys sorted unique, counts summed, zero counts dropped.
     The parts are sorted runs, so the stable sort (timsort) merges them in linear time."""
@@ -308,15 +330,7 @@ def sum_covisit_parts(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.nd
         return np.empty(0, np.int64), np.empty(0, np.int64)
     keys = np.concatenate([k for k, _ in parts]).astype(np.int64, copy=False)
     counts = np.concatenate([c for _, c in parts]).astype(np.int64, copy=False)
-    if len(parts) > 1:
-        order = np.argsort(keys, kind="stable")
-        keys, counts = keys[order], counts[order]
-        first = np.ones(len(keys), dtype=bool)
-        first[1:] = keys[1:] != keys[:-1]
-        starts = np.flatnonzero(first)
-        keys, counts = keys[starts], np.add.reduceat(counts, starts)
-    nz = counts != 0
-    return keys[nz], counts[nz]
+    return sum_by_key(keys, counts, "stable" if len(parts) > 1 else None)
 
 
 def string_ranks(ids: pa.Array) -> np.ndarray:
@@ -396,13 +410,13 @@ def merge_sequence_rows(parts: list[pa.Table], columns: list[str] | None = None)
     tabs, seg_no, replace = [], [], []
     want = ["user_id", *[c for c in names if c != "user_id"]]
     for k, t in enumerate(parts):
-        tabs.append(t.select(want).cast(pa.schema([SEQUENCE_SCHEMA.field(c) for c in want])))
+        tabs.append(t.select(want).cast(sequence_schema(want)))
         seg_no.append(np.full(t.num_rows, k, np.int64))
         replace.append(t[REPLACE].to_numpy(zero_copy_only=False).astype(bool) if REPLACE in t.column_names
                        else np.ones(t.num_rows, bool))
     t = pa.concat_tables(tabs).combine_chunks()
     if t.num_rows == 0:
-        return pa.schema([SEQUENCE_SCHEMA.field(c) for c in names]).empty_table()
+        return sequence_schema(names).empty_table()
     seg = np.concatenate(seg_no)
     rep = np.concatenate(replace)
     order = pc.sort_indices(pa.table({"u": t["user_id"], "s": seg}),
@@ -433,7 +447,7 @@ def merge_sequence_rows(parts: list[pa.Table], columns: list[str] | None = None)
         per_user = np.add.reduceat(lengths, starts) if n_users else np.empty(0, np.int64)
         offsets = np.concatenate([[0], np.cumsum(per_user)]).astype(np.int32)
         out[c] = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pc.list_flatten(col))
-    schema = pa.schema([SEQUENCE_SCHEMA.field(c) for c in names])
+    schema = sequence_schema(names)
     return pa.Table.from_arrays([out[c] for c in names], schema=schema)
 
 
@@ -445,7 +459,7 @@ def read_sequence_bucket(root: Path | str, entry: dict, columns: list[str] | Non
     root = Path(root)
     want = list(SEQUENCE_SCHEMA.names if columns is None else columns)
     read_cols = ["user_id", *[c for c in want if c != "user_id"]]
-    base_schema = pa.schema([SEQUENCE_SCHEMA.field(c) for c in read_cols])
+    base_schema = sequence_schema(read_cols)
     where = None if users is None else [("user_id", "in", users.to_pylist())]
 
     def read(rel: str, schema: pa.Schema, cols: list[str]) -> pa.Table:
@@ -457,7 +471,7 @@ def read_sequence_bucket(root: Path | str, entry: dict, columns: list[str] | Non
     for seg in entry.get("segments", []):
         parts.append(read(seg["path"], seg_schema, [*read_cols, REPLACE]))
     if not parts:
-        return pa.schema([SEQUENCE_SCHEMA.field(c) for c in want]).empty_table()
+        return sequence_schema(want).empty_table()
     return merge_sequence_rows(parts, want)
 
 
